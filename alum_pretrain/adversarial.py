@@ -1,0 +1,490 @@
+"""ALUM: the virtual-adversarial regulariser of Liu et al. (2020), engine-independent (torch only).
+
+Method card
+===========
+
+**What.** ALUM (Adversarial training for large neural LangUage Models, Liu et al. 2020, Eq. 3 and
+Algorithm 1) adds to the task loss ``L`` (MLM cross-entropy on the masked tokens, + NSP) a virtual
+adversarial smoothness term::
+
+    loss = L(f(e), y) + alpha * max_{||delta|| <= eps} SymKL(f(e + delta), f(e))
+
+where ``e`` is the sub-word embedding of the input, ``f`` the rest of the model and SymKL the symmetric
+KL divergence between the clean and the perturbed output distributions (over the *masked-token* MLM
+distributions, plus the NSP distribution when NSP is on).  The inner max is approximated by ``K``
+projected normalised-gradient-ascent steps from a small random start (Algorithm 1, lines 3-7):
+
+1. clean pass (done by the caller): ``z = f(e)``, task loss ``L``;
+2. ``delta ~ N(0, sigma^2)`` with the shape of ``e``, zero at padding            -> :func:`init_delta`;
+3. ``K`` times: ``z_adv = f(e.detach() + delta)``;
+   ``g = grad_delta SymKL(z_adv, z.detach())`` (an *input-only* gradient);
+   ``delta <- Proj_eps(delta + eta * g / ||g||_inf,token)``                      -> :func:`ascent_step`;
+4. adversarial pass ``z_adv = f(e + delta.detach())``, ``R = SymKL(z_adv, z)`` -> :func:`alum_regularizer`;
+5. ``loss = L + alpha * R``; one backward; one optimizer step                    -> :func:`alum_loss`.
+
+**Defaults (the paper, Sec. 4.2).** ``epsilon`` = 1e-5, ``step_size`` (eta) = 1e-3, ``noise_std``
+(sigma) = 1e-5, ``k_steps`` (K) = 1, ``alpha`` = 10 for pre-training and 1 for fine-tuning.  The paper's
+"curriculum": train with the standard objective first and switch ALUM on later (``start_step``; the
+paper used the last 500K of 1M BERT steps, and ALUM from step 0 for continual pre-training of RoBERTa).
+
+**alpha = 0.** ``alpha == 0`` (or ``step < start_step``) means *do not call the regulariser*: the engine
+runs a standard step with no extra forward or backward pass.  :func:`alum_loss` implements exactly that
+(it returns the task loss unchanged and never calls ``forward_fn``), so the training loop has no branch.
+
+**Cost per step (K = 1).** Three forwards (clean, noisy start, adversarial), one input-only backward
+for the ascent (no weight gradients) and one backward through two graphs (clean + adversarial).  Counting
+a forward as 1 unit and a full backward as 2 (input grads 1 + weight grads 1): standard = 1 + 2 = 3;
+ALUM = 3 forwards + 1 (input-only ascent backward) + 2 * 2 (full backward through two graphs) = 8, so the
+floor is 8/3 ~= 2.67x a standard step.  Each extra ascent step adds one forward and one input-only
+backward (+2/3).  Staying at the floor is the caller's job: run the LM head on masked positions only in
+every forward, and keep the ascent free of parameter gradients and DDP synchronisation (this module
+uses ``torch.autograd.grad(loss, delta)`` only, so no ``AccumulateGrad`` hook - hence no DDP all-reduce
+hook - fires during the ascent; with DDP, call the *unwrapped* module (``ddp.module``) in ``forward_fn``
+so DDP's forward bookkeeping runs only for the clean pass, whose prepared reducer then reduces the
+summed clean + adversarial gradients in the single final backward).
+
+**Where delta is applied.** ``embeds`` is whatever the caller perturbs; with ``perturb_at: word``
+(default, FreeLB's choice) it is the output of the word-embedding lookup, *before* position/segment
+embeddings and the embedding LayerNorm - for HuggingFace models: ``inputs_embeds =
+model.get_input_embeddings()(input_ids)`` and ``forward_fn = lambda e: model(inputs_embeds=e, ...)``.
+``perturb_at: embedding_output`` is mt-dnn's placement (after the embedding LayerNorm), to be wired by
+the engine with a forward hook on the embeddings module.  This module does not care which: the
+projection and normalisation are per token over the last (hidden) dimension in both cases.
+
+**Differences from the authors' code (namisan/mt-dnn, v0.2 ``alum/``; see
+shared/papers/implementations-adversarial.md).**
+
+* The epsilon-ball projection of Algorithm 1 line 6 is kept (``projection: linf``, the paper).
+  mt-dnn has no projection: it normalises ``delta + eta*g`` to unit per-token L_inf norm, so its
+  perturbation has max-abs ~= 1 per token whatever sigma, eta, epsilon are (mt-dnn issue #224).
+  ``projection: none`` here means *no projection at all*: ``delta <- delta + eta * g/||g||_inf``, an
+  unconstrained normalised ascent step of size eta per token (so ``||delta||_inf <= sigma-ish + K*eta``).
+  It is NOT mt-dnn's rule ``delta <- (delta + eta*g) / ||delta + eta*g||_inf`` (unit max-abs per token,
+  i.e. a perturbation ~1e5 times the paper's epsilon), which is deliberately not offered.
+* The gradient is normalised per token by its max-abs *before* it is added (paper/issue #214), with a
+  scale-free zero guard (mt-dnn adds 1e-6 to the norm, which shrinks the step when gradients are tiny).
+* Padding positions of delta are zero at init and after every step (mt-dnn ignores its mask).
+* A non-finite ascent gradient does not silently drop the adversarial term (mt-dnn ``return 0``):
+  the ascent update of that step is skipped (delta keeps its previous value), the final term is still
+  computed, and ``metrics["ascent_nonfinite"]`` counts the skipped steps (no host sync needed).
+* Gradients of R reach the word-embedding parameters (``embeds`` is not detached in the final pass),
+  as in mt-dnn fine-tuning; the v0.2 pre-training criterion detached them.
+
+**SymKL and its stop-gradients.** ``symmetric_kl(p, q) = KL(p || sg(q)) + KL(q || sg(p))`` in float32
+via ``log_softmax``, averaged over rows (masked tokens for MLM, batch items for NSP).  Its value is
+KL(p||q) + KL(q||p); the gradient reaches ``p`` through the first term and ``q`` through the second, so
+the final term trains both the adversarial and the clean graph.  In the ascent ``clean`` is detached,
+so only the first term drives delta.  (mt-dnn, SiFT and fairseq's R-Drop put the gradient on the other
+argument, ``KL(sg(q) || p)``, the cross-entropy form.  The value is the same, and at ``p ~= q`` - the
+regime of eps = 1e-5 without dropout - both gradients equal the Fisher metric times ``(p - q)`` to first
+order; they differ when dropout makes the two passes far apart.  ``divergence=`` accepts any other
+choice.)
+
+**Mixed precision.** sigma = epsilon = 1e-5 is below the resolution of fp16/bf16 for O(0.01-1)
+activations (bf16 has 8 mantissa bits: one ulp at 0.05 is ~2e-4), so a half-precision ``delta`` or a
+half-precision ``embeds + delta`` would round the perturbation away before the model sees it.  Hence:
+``delta`` is created, updated and projected in float32, the sum ``embeds + delta`` is formed in float32
+(:func:`perturb`) and only then cast to ``embeds.dtype``.  Under autocast with float32 parameters the
+embedding lookup returns float32, the cast is a no-op and the perturbed embeddings enter the model in
+float32 (the embedding sum and LayerNorm also run in float32 under autocast); later low-precision matmuls
+quantise what they receive, which is inherent to 16-bit training.  If the whole model is in bf16/fp16
+(``model.half()``), the perturbed input is necessarily rounded to that dtype - prefer autocast.
+Divergences are always computed in float32 (:func:`symmetric_kl` upcasts).  Note that with the paper's
+sigma = eps = 1e-5 and no dropout (eval mode) the SymKL between the clean and the perturbed pass is
+~1e-10, at the float32 rounding floor of log-softmax, so the ascent direction is partly rounding noise;
+in training mode the independent dropout masks of the passes make them differ far more and dominate the
+ascent direction, as in every public implementation.  "float32" in this module
+means "at least float32": float64 inputs are kept in float64 (the tests compare against a float64
+reference).
+
+**Sharing with fine-tuning (FreeLB, SMART).** The building blocks are public and separate:
+:func:`init_delta` (Gaussian start, padding zeroed), :func:`normalize_grad` (per-token or per-sequence
+L_inf/L2 normalisation), :func:`project` (per-token L_inf/L2 ball), :func:`perturb` (float32 add), and
+:func:`ascent_step` (ALUM's update = normalise + step + project + re-zero padding).
+
+``pad_mask`` convention everywhere in this module: a ``(B, T)`` bool (or 0/1) tensor, **True/1 = real
+token**, False/0 = padding (the HF ``attention_mask`` convention).  ``None`` = no padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "ALUMConfig",
+    "PROJECTIONS",
+    "PERTURB_AT",
+    "symmetric_kl",
+    "init_delta",
+    "normalize_grad",
+    "project",
+    "perturb",
+    "ascent_step",
+    "alum_regularizer",
+    "alum_loss",
+]
+
+PROJECTIONS = ("linf", "l2", "none")
+PERTURB_AT = ("word", "embedding_output")
+
+Logits = Optional[torch.Tensor]
+LogitsTuple = Union[torch.Tensor, Sequence[Logits]]
+ForwardFn = Callable[[torch.Tensor], LogitsTuple]
+Divergence = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """At least float32: float16/bfloat16 -> float32, float64 stays float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _opt(default, help_text: str):
+    """A dataclass field carrying its help text (read by the CLI config parser for ``--help``)."""
+    return field(default=default, metadata={"help": help_text})
+
+
+@dataclass
+class ALUMConfig:
+    """ALUM knobs (paper defaults for pre-training; use ``alpha=1`` for fine-tuning)."""
+
+    alpha: float = _opt(10.0, "weight of the adversarial SymKL term (paper: 10 pre-training, 1 fine-tuning); "
+                              "0 disables ALUM with no extra passes")
+    epsilon: float = _opt(1e-5, "radius of the per-token perturbation ball (Algorithm 1 line 6); "
+                                "unused with projection=none")
+    step_size: float = _opt(1e-3, "ascent step size eta: delta += eta * g / max|g| per token")
+    noise_std: float = _opt(1e-5, "std sigma of the Gaussian initial perturbation delta ~ N(0, sigma^2)")
+    k_steps: int = _opt(1, "number K of projected ascent steps (paper: 1); 0 = random perturbation only")
+    projection: str = _opt("linf", "projection after each ascent step: linf (paper: clamp to [-eps, eps]), "
+                                   "l2 (per-token L2 ball), none (no projection)")
+    perturb_at: str = _opt("word", "where delta is added: word (word-embedding output, before position/"
+                                   "segment embeddings and LayerNorm) or embedding_output (after the "
+                                   "embedding LayerNorm, mt-dnn's placement)")
+    start_step: int = _opt(0, "optimizer step at which ALUM switches on (the paper's curriculum: "
+                              "standard training first)")
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"alum.{name}={getattr(self, name)!r}: {why}")
+
+        for name in ("alpha", "epsilon", "step_size", "noise_std"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise bad(name, "must be a number")
+            v = float(v)
+            if v != v or v in (float("inf"), float("-inf")) or v < 0:
+                raise bad(name, "must be a finite number >= 0")
+            setattr(self, name, v)
+        if self.projection != "none" and self.epsilon <= 0:
+            raise bad("epsilon", f"must be > 0 with projection={self.projection!r} "
+                                 "(use projection=none for an unconstrained step)")
+        for name in ("k_steps", "start_step"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise bad(name, "must be an integer >= 0")
+        if self.projection not in PROJECTIONS:
+            raise bad("projection", f"must be one of {', '.join(PROJECTIONS)}")
+        if self.perturb_at not in PERTURB_AT:
+            raise bad("perturb_at", f"must be one of {', '.join(PERTURB_AT)}")
+
+    def active(self, step: int) -> bool:
+        """True when the adversarial term is on at optimizer step ``step`` (alpha > 0 and step >= start_step)."""
+        return self.alpha > 0 and step >= self.start_step
+
+
+# --------------------------------------------------------------------------------------------------
+# Divergence
+# --------------------------------------------------------------------------------------------------
+
+
+def symmetric_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """SymKL(p, q) = KL(p || sg(q)) + KL(q || sg(p)), in float32, averaged over rows.
+
+    ``p_logits``, ``q_logits``: ``(..., C)`` unnormalised logits of the same shape; every leading index
+    is a row (a masked token for MLM, a batch item for NSP).  Returns a float32 scalar (float64 for float64
+inputs).  The value is
+    ``KL(p||q) + KL(q||p)``; the gradient reaches ``p`` only through the first term and ``q`` only
+    through the second (``sg`` = stop-gradient), so with ``q`` detached only ``KL(p||q)`` drives ``p``.
+    With zero rows (e.g. no masked token) the result is a differentiable 0, not NaN.
+    """
+    if p_logits.shape != q_logits.shape:
+        raise ValueError(f"symmetric_kl: shapes differ: p {tuple(p_logits.shape)} vs q {tuple(q_logits.shape)}")
+    if p_logits.dim() == 0:
+        raise ValueError("symmetric_kl: logits need a class dimension (..., C)")
+    c = p_logits.shape[-1]
+    dt = _work_dtype(torch.promote_types(p_logits.dtype, q_logits.dtype))
+    logp = F.log_softmax(p_logits.to(dt).reshape(-1, c), dim=-1)  # (N, C)
+    logq = F.log_softmax(q_logits.to(dt).reshape(-1, c), dim=-1)  # (N, C)
+    n = logp.shape[0]
+    if n == 0:
+        return (logp.sum() + logq.sum()) * 0.0
+    lp_sg, lq_sg = logp.detach(), logq.detach()
+    # KL(p || sg q) = sum_c p_c (log p_c - log q_c): gradient into p only.
+    kl_pq = (logp.exp() * (logp - lq_sg)).sum(-1)  # (N,)
+    # KL(q || sg p): gradient into q only.
+    kl_qp = (logq.exp() * (logq - lp_sg)).sum(-1)  # (N,)
+    return (kl_pq + kl_qp).sum() / n
+
+
+# --------------------------------------------------------------------------------------------------
+# Perturbation building blocks (shared with fine-tuning methods)
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_pad_mask(pad_mask: Optional[torch.Tensor], token_shape: torch.Size, who: str) -> Optional[torch.Tensor]:
+    """Validate ``pad_mask`` ((B, T), True/1 = real token) and return it as a bool tensor (or None)."""
+    if pad_mask is None:
+        return None
+    if tuple(pad_mask.shape) != tuple(token_shape):
+        raise ValueError(f"{who}: pad_mask shape {tuple(pad_mask.shape)} must equal the token shape "
+                         f"{tuple(token_shape)} (embeds without the hidden dim); True/1 = real token")
+    return pad_mask.bool()
+
+
+def _zero_padding(t: torch.Tensor, pad_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    if pad_mask is None:
+        return t
+    return t * pad_mask.to(device=t.device).unsqueeze(-1).to(t.dtype)
+
+
+GeneratorArg = Union[None, torch.Generator, Sequence[torch.Generator]]  # one, or one per sample (dim 0)
+
+
+def init_delta(
+    embeds: torch.Tensor,
+    pad_mask: Optional[torch.Tensor],
+    noise_std: float,
+    generator: GeneratorArg = None,
+) -> torch.Tensor:
+    """Initial perturbation delta ~ N(0, noise_std^2) (Algorithm 1 line 3), zero at padding.
+
+    ``embeds``: ``(B, T, H)`` (or any ``(..., H)``); only its shape and device are used.
+    ``pad_mask``: ``(B, T)`` bool/0-1, **True/1 = real token**, or None for no padding.
+    ``generator``: drawn from (on the generator's own device, then moved to ``embeds.device``, so a CPU
+    generator gives the same delta on any device); None = the global RNG; a list of B generators draws
+    row b from generator b (per-sample noise, independent of how the batch is split).
+    Returns a float32 tensor of ``embeds.shape`` that does not require grad (float32 regardless of
+    ``embeds.dtype``: sigma = 1e-5 would be rounded away in fp16/bf16, see the module docstring).
+    """
+    mask = _check_pad_mask(pad_mask, embeds.shape[:-1], "init_delta")
+    if isinstance(generator, (list, tuple)):
+        # One generator per batch row (per-sample streams): a sample's noise then does not depend on how a
+        # global batch is split over processes / micro-batches (the engine's DDP == 1-process property).
+        if len(generator) != embeds.shape[0]:
+            raise ValueError(f"init_delta: {len(generator)} generators for a batch of {embeds.shape[0]} rows")
+        delta = torch.stack([torch.randn(embeds.shape[1:], generator=g, dtype=_work_dtype(embeds.dtype),
+                                         device=g.device).to(embeds.device) for g in generator])
+        return _zero_padding(delta * float(noise_std), mask)  # (B, T, H)
+    gen_device = generator.device if generator is not None else embeds.device
+    delta = torch.randn(embeds.shape, generator=generator, dtype=_work_dtype(embeds.dtype), device=gen_device)
+    delta = (delta * float(noise_std)).to(embeds.device)  # (B, T, H)
+    return _zero_padding(delta, mask)
+
+
+def normalize_grad(grad: torch.Tensor, norm: str = "linf", level: str = "token") -> torch.Tensor:
+    """``grad / ||grad||`` with the norm taken per token (last dim) or per sequence (last two dims).
+
+    ``norm``: ``linf`` (max-abs, ALUM/mt-dnn/SiFT) or ``l2``.  ``level``: ``token`` (ALUM) or ``sequence``
+    (FreeLB normalises per example).  All-zero slices (e.g. padding) stay zero: the guard is the
+    smallest normal float, so the direction is scale-free (no mt-dnn-style +1e-6 that shrinks tiny
+    gradients).  Computed in float32.
+    """
+    g = grad.to(_work_dtype(grad.dtype))
+    if level == "token":
+        dims: tuple[int, ...] = (-1,)
+    elif level == "sequence":
+        if g.dim() < 2:
+            raise ValueError("normalize_grad: level='sequence' needs (..., T, H)")
+        dims = (-2, -1)
+    else:
+        raise ValueError(f"normalize_grad: level={level!r} must be 'token' or 'sequence'")
+    if norm == "linf":
+        n = g.abs().amax(dim=dims, keepdim=True)
+    elif norm == "l2":
+        n = g.pow(2).sum(dim=dims, keepdim=True).sqrt()
+    else:
+        raise ValueError(f"normalize_grad: norm={norm!r} must be 'linf' or 'l2'")
+    return g / n.clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def project(delta: torch.Tensor, epsilon: float, kind: str) -> torch.Tensor:
+    """Per-token projection onto the epsilon ball (Algorithm 1 line 6: Pi_{||delta|| <= eps}).
+
+    ``linf``: clamp every coordinate to [-eps, eps] (the Euclidean projection onto the L_inf ball).
+    ``l2``: rescale each token vector (last dim) whose L2 norm exceeds eps onto the sphere of radius eps.
+    ``none``: identity.
+    """
+    if kind == "linf":
+        return delta.clamp(-epsilon, epsilon)
+    if kind == "l2":
+        norm = delta.pow(2).sum(-1, keepdim=True).sqrt()  # (B, T, 1)
+        scale = (epsilon / norm.clamp_min(torch.finfo(torch.float32).tiny)).clamp(max=1.0)
+        return delta * scale
+    if kind == "none":
+        return delta
+    raise ValueError(f"project: kind={kind!r} must be one of {', '.join(PROJECTIONS)}")
+
+
+def perturb(embeds: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``embeds + delta`` formed in float32, returned in ``embeds.dtype`` (differentiable in both)."""
+    dt = _work_dtype(torch.promote_types(embeds.dtype, delta.dtype))
+    return (embeds.to(dt) + delta.to(dt)).to(embeds.dtype)
+
+
+def ascent_step(
+    delta: torch.Tensor,
+    grad: torch.Tensor,
+    cfg: ALUMConfig,
+    pad_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """One ALUM ascent update: ``Proj_eps(delta + eta * g / ||g||_inf,token)``, padding re-zeroed.
+
+    ``delta``, ``grad``: ``(B, T, H)``; ``pad_mask``: ``(B, T)``, True/1 = real token (None = none).
+    Returns a float32 tensor (float64 for float64 inputs); callers detach it before the next step.
+    """
+    mask = _check_pad_mask(pad_mask, delta.shape[:-1], "ascent_step")
+    if grad.shape != delta.shape:
+        raise ValueError(f"ascent_step: grad shape {tuple(grad.shape)} != delta shape {tuple(delta.shape)}")
+    new = delta.to(_work_dtype(delta.dtype)) + cfg.step_size * normalize_grad(grad, "linf", "token")  # (B, T, H)
+    new = project(new, cfg.epsilon, cfg.projection)
+    return _zero_padding(new, mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# The regulariser
+# --------------------------------------------------------------------------------------------------
+
+
+def _as_tuple(x: LogitsTuple) -> tuple[Logits, ...]:
+    if isinstance(x, torch.Tensor):
+        return (x,)
+    if isinstance(x, (list, tuple)):
+        return tuple(x)
+    raise TypeError(f"logits must be a tensor or a tuple/list of tensors (or None), got {type(x).__name__}")
+
+
+def _sum_divergence(adv: LogitsTuple, clean: tuple[Logits, ...], divergence: Divergence,
+                    detach_clean: bool) -> torch.Tensor:
+    """Sum over heads of divergence(adv_h, clean_h), skipping heads whose clean logits are None."""
+    adv_t = _as_tuple(adv)
+    if len(adv_t) != len(clean):
+        raise ValueError(f"forward_fn returned {len(adv_t)} logits tensors but clean_logits has {len(clean)}; "
+                         "forward_fn must return the same structure as clean_logits")
+    total: Optional[torch.Tensor] = None
+    for h, (a, c) in enumerate(zip(adv_t, clean)):
+        if c is None:
+            continue
+        if a is None:
+            raise ValueError(f"forward_fn returned None for head {h} whose clean logits are a tensor")
+        d = divergence(a, c.detach() if detach_clean else c)
+        total = d if total is None else total + d
+    assert total is not None  # checked by the caller: at least one head
+    return total
+
+
+def alum_regularizer(
+    forward_fn: ForwardFn,
+    embeds: torch.Tensor,
+    clean_logits: LogitsTuple,
+    cfg: ALUMConfig,
+    pad_mask: Optional[torch.Tensor] = None,
+    generator: GeneratorArg = None,
+    divergence: Divergence = symmetric_kl,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The ALUM term R (Algorithm 1 lines 3-8), to be added as ``task_loss + cfg.alpha * R``.
+
+    ``forward_fn(perturbed_embeds) -> logits``: runs the model from the perturbation point with the same
+    batch as the clean pass and returns logits with the same structure as ``clean_logits`` - a tensor or
+    a tuple whose entries may be None (e.g. ``(mlm_logits_at_masked (N, V), nsp_logits (B, 2) or None)``).
+    It is called ``cfg.k_steps + 1`` times.  ``embeds``: ``(B, T, H)`` the clean embeddings at the
+    perturbation point, still attached to the graph of the embedding parameters (the final pass uses
+    them undetached so R trains the embeddings).  ``clean_logits``: from the clean pass, attached to its
+    graph (R back-propagates into them).  ``pad_mask``: ``(B, T)``, True/1 = real token.  ``generator``:
+    for the random start (pass a per-step generator for exact resume, e.g. from ``masking.step_generator``
+    with its own stream), or a list of one generator per sample (see :func:`init_delta`).  ``divergence(adv_logits, clean_logits)``: per head, default :func:`symmetric_kl`.
+
+    Returns ``(R, metrics)``; R is a float32 scalar differentiable w.r.t. the parameters through both the
+    adversarial forward and ``clean_logits``.  The ascent uses ``torch.autograd.grad(loss, delta)`` only:
+    no parameter ``.grad`` is written and no DDP hook fires.  ``metrics`` (0-dim tensors, no host sync):
+    ``adv`` (R detached), ``delta_linf`` / ``delta_l2`` (mean over real tokens of the per-token L_inf /
+    L2 norm of the final delta), ``ascent_grad_norm`` (L2 norm of the last ascent gradient; 0 if K=0, inf/nan if it was skipped),
+    ``ascent_nonfinite`` (number of ascent steps skipped because their gradient was not finite).
+
+    Do not call this with ``cfg.alpha == 0``: alpha=0 means "standard training, no extra passes" and the
+    caller (or :func:`alum_loss`) skips the call.
+    """
+    clean = _as_tuple(clean_logits)
+    if all(c is None for c in clean):
+        raise ValueError("alum_regularizer: every clean_logits entry is None; nothing to regularise")
+    if embeds.dim() < 2:
+        raise ValueError(f"alum_regularizer: embeds must be (B, T, H) (or (..., H)), got {tuple(embeds.shape)}")
+    mask = _check_pad_mask(pad_mask, embeds.shape[:-1], "alum_regularizer")
+
+    delta = init_delta(embeds, mask, cfg.noise_std, generator)  # (B, T, H) float32
+    base = embeds.detach()  # the ascent must not build parameter gradients through the embedding lookup
+    grad_norm = torch.zeros((), device=embeds.device)
+    nonfinite = torch.zeros((), device=embeds.device)
+    for _ in range(cfg.k_steps):
+        delta.requires_grad_(True)
+        adv = forward_fn(perturb(base, delta))
+        # Line 5: g = grad_delta l(f(x), f(x + delta)) against the *detached* clean logits.
+        loss = _sum_divergence(adv, clean, divergence, detach_clean=True)
+        (g,) = torch.autograd.grad(loss, delta)  # input-only: no param .grad, no DDP sync
+        finite = torch.isfinite(g).all()  # 0-dim bool tensor; no host sync
+        # Line 6; a non-finite gradient skips this update (delta keeps its value) and is counted.
+        stepped = ascent_step(delta.detach(), torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0), cfg, mask)
+        delta = torch.where(finite, stepped, delta.detach()).detach()
+        grad_norm = g.norm()  # inf/nan when the step was skipped
+        nonfinite = nonfinite + (~finite).float()
+
+    # Lines 8: the adversarial pass on embeds + delta with embeds NOT detached, and R against the clean
+    # logits NOT detached: gradients flow into both graphs.
+    adv = forward_fn(perturb(embeds, delta.detach()))
+    r = _sum_divergence(adv, clean, divergence, detach_clean=False)
+
+    with torch.no_grad():
+        d = delta.detach()
+        tok_linf = d.abs().amax(-1)  # (B, T)
+        tok_l2 = d.pow(2).sum(-1).sqrt()  # (B, T)
+        if mask is not None:
+            w = mask.to(device=d.device, dtype=d.dtype)
+            denom = w.sum().clamp_min(1.0)
+            delta_linf = (tok_linf * w).sum() / denom
+            delta_l2 = (tok_l2 * w).sum() / denom
+        else:
+            delta_linf, delta_l2 = tok_linf.mean(), tok_l2.mean()
+    metrics = {
+        "adv": r.detach(),
+        "delta_linf": delta_linf,
+        "delta_l2": delta_l2,
+        "ascent_grad_norm": grad_norm,
+        "ascent_nonfinite": nonfinite,
+    }
+    return r, metrics
+
+
+def alum_loss(
+    task_loss: torch.Tensor,
+    forward_fn: ForwardFn,
+    embeds: torch.Tensor,
+    clean_logits: LogitsTuple,
+    cfg: ALUMConfig,
+    step: int,
+    pad_mask: Optional[torch.Tensor] = None,
+    generator: GeneratorArg = None,
+    divergence: Divergence = symmetric_kl,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``task_loss + cfg.alpha * R`` when ``cfg.active(step)``, else ``task_loss`` unchanged.
+
+    When inactive (alpha == 0 or step < start_step) ``forward_fn`` is never called - a standard step
+    with zero extra passes - and the metrics dict is empty.  Otherwise returns the metrics of
+    :func:`alum_regularizer` (``adv`` is the unweighted R).
+    """
+    if not cfg.active(step):
+        return task_loss, {}
+    r, metrics = alum_regularizer(forward_fn, embeds, clean_logits, cfg, pad_mask=pad_mask,
+                                  generator=generator, divergence=divergence)
+    return task_loss + cfg.alpha * r, metrics
