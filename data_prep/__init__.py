@@ -1,0 +1,15 @@
+"""Corpus preparation for alum-pretrain: raw Wikipedia / OpenWebText / text -> sharded binarized data-bin.
+
+Python API::
+
+    from data_prep import prepare
+    manifest = prepare(["wiki.test.raw"], "wikitext", "data-bin", vocab="vocab.txt", shards=2, workers=2)
+
+Command line: ``alum-prep`` (:mod:`data_prep.cli`).  Design and layout: :mod:`data_prep.pipeline`,
+:mod:`alum_pretrain.data.databin`.
+"""
+
+from .config import PrepConfig
+from .pipeline import EmptyCorpusError, prepare
+
+__all__ = ["prepare", "PrepConfig", "EmptyCorpusError"]

@@ -102,6 +102,22 @@ class IndexedDatasetBuilder:
         self._bin.write(arr.astype(self.dtype.newbyteorder("<"), copy=False).tobytes(order="C"))
         self.sizes.append(int(arr.size))
 
+    def add_items(self, tokens: np.ndarray, sizes: Sequence[int] | np.ndarray) -> None:
+        """Append several items at once: ``tokens`` is their concatenation, ``sizes`` their lengths.
+
+        The fast path for writers that receive a whole document as one flat array (no per-item Python loop).
+        """
+        arr = np.asarray(tokens)
+        sizes = np.asarray(sizes, dtype=np.int64)
+        if arr.ndim != 1:
+            raise ValueError(f"tokens must be 1-D, got shape {arr.shape}")
+        if int(sizes.sum()) != arr.size or (sizes.size and sizes.min() < 0):
+            raise ValueError(f"sizes sum to {int(sizes.sum())} but there are {arr.size} tokens")
+        if self._max is not None and arr.size and arr.dtype != self.dtype and (arr.min() < 0 or arr.max() > self._max):
+            raise ValueError(f"token id out of range for {self.dtype}: min {arr.min()}, max {arr.max()}")
+        self._bin.write(arr.astype(self.dtype.newbyteorder("<"), copy=False).tobytes(order="C"))
+        self.sizes.extend(sizes.tolist())
+
     def add_document(self, items: Iterable[Sequence[int]]) -> None:
         for item in items:
             self.add_item(item)
@@ -224,6 +240,57 @@ class MMapIndexedDataset:
         if self.doc_starts is None:
             raise ValueError(f"{self.prefix}: no document index ({self.prefix}.doc.npy missing)")
         return [self[i] for i in range(int(self.doc_starts[d]), int(self.doc_starts[d + 1]))]
+
+
+def merge(prefixes: Sequence[str | os.PathLike], out_prefix: str | os.PathLike) -> None:
+    """Concatenate datasets (same dtype) into ``out_prefix``, documents kept; written atomically.
+
+    Items keep their order (all of ``prefixes[0]``, then ``prefixes[1]``, ...); each part's document index
+    is shifted by the number of items before it.  Parts without a ``.doc.npy`` count as one document.
+    """
+    out_prefix = Path(out_prefix)
+    parts = [MMapIndexedDataset(p) for p in prefixes]
+    if not parts:
+        raise ValueError(f"merge into {out_prefix}: no input datasets")
+    dtype = parts[0].dtype
+    for p in parts:
+        if p.dtype != dtype:
+            raise ValueError(f"merge into {out_prefix}: {p.prefix} has dtype {p.dtype}, {parts[0].prefix} has {dtype}")
+    out_prefix.parent.mkdir(parents=True, exist_ok=True)
+    sizes = np.concatenate([np.asarray(p.sizes, dtype=np.int32) for p in parts]) if parts else np.zeros(0, np.int32)
+    doc = [np.zeros(1, dtype=np.int64)]
+    n_before = 0
+    for p in parts:
+        starts = p.doc_starts if p.doc_starts is not None else np.array([0, len(p)], dtype=np.int64)
+        doc.append(starts[1:].astype(np.int64) + n_before)
+        n_before += len(p)
+    doc_starts = np.concatenate(doc)
+    tmp_bin = Path(str(out_prefix) + ".bin.tmp")
+    with open(tmp_bin, "wb") as out:
+        for p in parts:
+            nbytes = int(np.asarray(p.sizes, dtype=np.int64).sum()) * dtype.itemsize
+            with open(p.prefix + ".bin", "rb") as src:
+                remaining = nbytes
+                while remaining:
+                    buf = src.read(min(remaining, 1 << 24))
+                    if not buf:
+                        raise ValueError(f"{p.prefix}.bin: shorter than its index says")
+                    out.write(buf)
+                    remaining -= len(buf)
+    pointers = np.zeros(len(sizes), dtype=np.int64)
+    if len(sizes) > 1:
+        np.cumsum(sizes[:-1].astype(np.int64) * dtype.itemsize, out=pointers[1:])
+    tmp_idx = Path(str(out_prefix) + ".idx.tmp")
+    with open(tmp_idx, "wb") as fh:
+        fh.write(_HEADER.pack(MAGIC, VERSION, DTYPE_TO_CODE[dtype], len(sizes)))
+        fh.write(sizes.astype("<i4").tobytes(order="C"))
+        fh.write(pointers.astype("<i8").tobytes(order="C"))
+    tmp_doc = Path(str(out_prefix) + ".doc.npy.tmp")
+    with open(tmp_doc, "wb") as fh:
+        np.save(fh, doc_starts)
+    _fsync_rename(tmp_bin, Path(str(out_prefix) + ".bin"))
+    _fsync_rename(tmp_doc, Path(str(out_prefix) + ".doc.npy"))
+    _fsync_rename(tmp_idx, Path(str(out_prefix) + ".idx"))
 
 
 def exists(prefix: str | os.PathLike) -> bool:
