@@ -23,7 +23,8 @@ done
 if [ "$WITH_SYSTEM" = 1 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive
-    pkgs="slurmctld slurmd slurm-client munge wordnet-base"
+    # iproute2: network namespaces for the two-node SLURM test (tests/slurm_cluster.py:NetnsSlurm)
+    pkgs="slurmctld slurmd slurm-client munge iproute2 wordnet-base"
     missing=""
     for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
     if [ -n "$missing" ]; then

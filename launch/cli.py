@@ -1,0 +1,212 @@
+"""``alum-launch``: one command -> a correct, restartable pre-training job on SLURM (or on this machine).
+
+    alum-launch slurm --config run.yaml --preset bert-base-scratch [--nodes 1 --gpus-per-node 16 ...]
+    alum-launch slurm --config run.yaml --nodes 2 --time 48:00:00 --partition gpu --dry-run
+    alum-launch local --config run.yaml [--nproc-per-node N]          # torchrun --standalone here
+    alum-launch presets                                                # the paper's runs
+
+``slurm`` writes OUTPUT/slurm/NAME.sbatch and the resolved run config OUTPUT/slurm/NAME.yaml (what every
+worker reads), then submits the script with sbatch (not with --dry-run) and prints the job id and log.
+Arguments after ``--`` go to the engine: alum-train ``--section.key=value`` overrides (folded into the
+resolved config) or extra fairseq-train flags (appended).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from . import slurm as S
+from .spec import (ENGINES, Resources, check_job_name, fairseq_train_argv, load_preset, native_train_argv,
+                   preset_names, resolve_run, resources_from, shell_join, write_config)
+
+
+def _split_extra(argv: list[str]) -> tuple[list[str], list[str]]:
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="RUN.yaml", help="the run config (alum-train YAML: data/model/masking/alum/"
+                   "optim/train sections); its values override the preset's")
+    p.add_argument("--preset", metavar="NAME", help=f"a paper run to start from: {', '.join(preset_names())} "
+                   "(or a path to a preset YAML); `alum-launch presets` lists them")
+    p.add_argument("--engine", choices=ENGINES, help="native = alum-train under torchrun (default, or the preset's); "
+                   "fairseq = fairseq-train with the alum_masked_lm task/criterion")
+    p.add_argument("--output-dir", metavar="DIR", help="run folder (default: train.output_dir of the config, else "
+                   "runs/JOB_NAME); checkpoints, logs and the job script live here, so a resubmitted job resumes")
+    p.add_argument("--max-micro-batch", type=int, metavar="N", help="most sequences per GPU per micro-batch "
+                   "(default: the preset's, else train.batch_size); with train.global_batch_size set, the "
+                   "launcher picks micro-batch and gradient accumulation from it")
+    p.add_argument("--dry-run", action="store_true", help="write the files and print what would run; submit/run nothing")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="alum-launch", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Arguments after `--` go to the engine (see each subcommand's --help).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ps = sub.add_parser("slurm", help="write (and sbatch) a SLURM job script for the run",
+                        formatter_class=argparse.RawDescriptionHelpFormatter, description=S.__doc__)
+    _common(ps)
+    g = ps.add_argument_group("allocation (default: the preset's, else 1 node x 16 GPUs)")
+    g.add_argument("--nodes", type=int, metavar="N", help="number of nodes (DGX-2s); one srun task per node")
+    g.add_argument("--gpus-per-node", type=int, metavar="G", help="GPUs per node (DGX-2: 16); 0 = a CPU run "
+                   "with one gloo process per node")
+    g.add_argument("--cpus-per-task", type=int, metavar="C", help="CPUs for the node's task (torchrun + its workers)")
+    g.add_argument("--mem", metavar="M", help="memory per node, SLURM format (e.g. 0 = all, 1400G)")
+    g.add_argument("--time", metavar="T", help="time limit per job (HH:MM:SS or D-HH:MM:SS); longer runs requeue")
+    g.add_argument("--partition", metavar="P")
+    g.add_argument("--account", metavar="A")
+    g.add_argument("--qos", metavar="Q")
+    g.add_argument("--constraint", metavar="C", help="node features, e.g. volta32gb")
+    g.add_argument("--exclusive", action="store_true", default=None, help="whole nodes only")
+    g = ps.add_argument_group("job")
+    g.add_argument("--job-name", metavar="NAME", help="job name (default: the output folder's name); names the "
+                   "script and logs")
+    g.add_argument("--signal", metavar="SIG@SECONDS", help="stop signal (USR1 or USR2) SLURM sends the batch shell "
+                   "SECONDS before the time limit (default USR1@180: three minutes to save a checkpoint); the "
+                   "script always forwards USR1 to alum-train")
+    g.add_argument("--max-requeues", type=int, metavar="N", help="requeue at most N times after a stop signal "
+                   "(default: the preset's, else 3); the job resumes from its newest checkpoint")
+    g.add_argument("--port", type=int, metavar="PORT", help="rendezvous port on the head node (default: 20000 + "
+                   "job id mod 20000)")
+    g.add_argument("--prologue", action="append", default=[], metavar="CMD", help="a shell line run before the "
+                   "step, e.g. 'source /shared/venv/bin/activate' or 'module load cuda' (repeatable)")
+    g.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="export KEY=VALUE in the "
+                   "script, e.g. NCCL_SOCKET_IFNAME=ib0 (repeatable)")
+
+    pl = sub.add_parser("local", help="run the same config on this machine (torchrun --standalone)")
+    _common(pl)
+    pl.add_argument("--nproc-per-node", type=int, metavar="N", help="processes (default: the GPU count, or 1 on CPU)")
+    pl.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="auto = cuda when available (one process per GPU), else cpu (gloo)")
+
+    sub.add_parser("presets", help="list the paper presets")
+    return parser
+
+
+def _job_name(args, out: Path) -> str:
+    return check_job_name(args.job_name or out.name)
+
+
+def _resolve(args, extra: list[str], res: Resources, preset: dict | None, device: str):
+    engine = args.engine or (preset or {}).get("engine", "native")
+    overrides = extra if engine == "native" else []
+    rr = resolve_run(args.config, preset, res, output_dir=args.output_dir, engine_overrides=overrides, device=device,
+                     require_data=not args.dry_run, job_name=getattr(args, "job_name", None))
+    return engine, rr
+
+
+def cmd_slurm(args, extra: list[str]) -> int:
+    preset = load_preset(args.preset) if args.preset else None
+    flags = {k: getattr(args, k) for k in ("nodes", "gpus_per_node", "cpus_per_task", "mem", "time", "partition",
+                                           "account", "qos", "constraint", "exclusive", "max_requeues", "signal")}
+    flags["max_micro_batch"] = args.max_micro_batch
+    res = resources_from(preset, flags)
+    engine, rr = _resolve(args, extra, res, preset, device="cuda" if res.gpus_per_node > 0 else "cpu")
+    name = _job_name(args, rr.output_dir)
+    env = []
+    for kv in args.env:
+        if "=" not in kv or not kv.split("=", 1)[0].isidentifier():
+            raise ValueError(f"--env {kv!r}: use KEY=VALUE")
+        env.append(tuple(kv.split("=", 1)))
+    job = S.Job(name=name, engine=engine, output_dir=rr.output_dir, engine_argv=[], port=args.port,
+                prologue=tuple(args.prologue), env=tuple(env),
+                header="Generated by: alum-launch " + shell_join(args.argv))
+    config_file = write_config(rr.cfg, job.slurm_dir / f"{name}.yaml")
+    if engine == "native":
+        job.engine_argv = native_train_argv(config_file)
+    else:
+        job.engine_argv = fairseq_train_argv(rr.cfg, res) + list(extra)
+    script = S.write_script(res, job)
+    print(f"alum-launch: {res.nodes} node(s) x {res.procs_per_node} process(es), engine {engine}", file=sys.stderr)
+    for note in rr.notes:
+        print(f"alum-launch: {note}", file=sys.stderr)
+    print(f"alum-launch: wrote {script} and {config_file}", file=sys.stderr)
+    if args.dry_run:
+        print(script.read_text(encoding="utf-8"), end="")
+        return 0
+    job_id = S.submit(script)
+    print(f"submitted job {job_id}: {name}")
+    print(f"log: {job.log_path(job_id)}")
+    print(f"watch: squeue -j {job_id}; tail -f {job.log_path(job_id)}")
+    return 0
+
+
+def cmd_local(args, extra: list[str]) -> int:
+    preset = load_preset(args.preset) if args.preset else None
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        import torch
+
+        n_gpu = torch.cuda.device_count()
+        if n_gpu == 0:
+            raise ValueError("--device cuda: no CUDA device visible (use --device cpu)")
+        nproc = args.nproc_per_node or n_gpu
+    else:
+        nproc = args.nproc_per_node or 1
+    if nproc < 1:
+        raise ValueError(f"--nproc-per-node={nproc}: must be >= 1")
+    # The world size is what matters for the batch split: nproc processes on this one machine.
+    res = Resources(nodes=1, gpus_per_node=nproc, max_micro_batch=args.max_micro_batch
+                    or ((preset or {}).get("resources") or {}).get("max_micro_batch"))
+    engine, rr = _resolve(args, extra, res, preset, device=device)
+    if engine == "native":
+        config_file = write_config(rr.cfg, rr.output_dir / "launch" / "local.yaml")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               *native_train_argv(config_file)]
+    else:
+        fres = Resources(nodes=1, gpus_per_node=nproc if device == "cuda" else 0)
+        cmd = ["fairseq-train", *fairseq_train_argv(rr.cfg, fres), *extra]
+        if device == "cuda":
+            cmd += ["--distributed-world-size", str(nproc)]
+    for note in rr.notes:
+        print(f"alum-launch: {note}", file=sys.stderr)
+    print("alum-launch: " + shell_join(cmd), file=sys.stderr)
+    if args.dry_run:
+        return 0
+    rr.output_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    return subprocess.call(cmd, env=env)
+
+
+def cmd_presets() -> int:
+    for name in preset_names():
+        p = load_preset(name)
+        r = p.get("resources") or {}
+        print(f"{name}: {p.get('description', '').strip()}")
+        print(f"    engine {p.get('engine', 'native')}, {r.get('nodes', 1)} node(s) x {r.get('gpus_per_node', 16)} GPUs, "
+              f"time {r.get('time', '-')}, max micro-batch {r.get('max_micro_batch', '-')}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    own, extra = _split_extra(argv)
+    parser = build_parser()
+    args = parser.parse_args(own)
+    args.argv = argv
+    try:
+        if args.command == "presets":
+            return cmd_presets()
+        if args.command == "slurm":
+            return cmd_slurm(args, extra)
+        return cmd_local(args, extra)
+    except ValueError as exc:
+        print(f"alum-launch: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

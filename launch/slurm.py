@@ -1,0 +1,227 @@
+"""Render the SLURM batch script of a run (``launch/templates/job.sbatch``) and submit it with ``sbatch``.
+
+What the script does (one task per node, ``--ntasks-per-node=1``)::
+
+    HEAD_NODE = first host of `scontrol show hostnames $SLURM_JOB_NODELIST`
+    native : srun torchrun --nnodes $SLURM_NNODES --nproc_per_node G --rdzv_backend c10d
+                  --rdzv_endpoint $HEAD_NODE:$PORT --rdzv_id $SLURM_JOB_ID -m alum_pretrain.train --config RESOLVED
+             (torchrun gives every worker RANK = node_rank * G + local_rank, WORLD_SIZE = nodes * G)
+    fairseq: srun fairseq-train DATA ... --distributed-world-size nodes*G --distributed-port $PORT
+             (fairseq's own SLURM inference: with SLURM_NTASKS_PER_NODE=1 it spawns one process per visible
+             GPU, rank = SLURM_NODEID * G + local index, init tcp://HEAD_NODE:PORT)
+
+Preemption / time limit: ``#SBATCH --signal=B:USR1@180`` signals the batch shell; its trap forwards USR1 to
+the step (srun relays it to every process of the step on every node): alum-train's workers finish the
+step, save a checkpoint and exit 0 while torchrun ignores the signal (``trap '' USR1`` before ``exec``)
+and exits 0 once its workers have.  The shell then runs ``scontrol requeue $SLURM_JOB_ID`` unless
+``OUTPUT/COMPLETED`` exists or ``$SLURM_RESTART_COUNT`` reached ``--max-requeues``; the requeued job
+(same id, same name, same output folder) resumes from the newest checkpoint.  fairseq-train has no
+save-on-signal: the trap requeues at once and fairseq resumes from ``checkpoint_last.pt`` (the updates
+since the last ``--save-interval-updates`` are redone); fairseq-train ignores the signal itself (when no
+requeue is left it runs on until it finishes or the time limit), and the script writes ``OUTPUT/COMPLETED``
+when it exits 0, which it does only at ``--max-update``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import re
+import shlex
+import shutil
+import subprocess
+from dataclasses import dataclass
+from importlib import resources as importlib_resources
+from pathlib import Path
+
+from .spec import Resources, shell_join
+
+_PLACEHOLDER = re.compile(r"@@([A-Z_]+)@@")
+
+
+@dataclass
+class Job:
+    """Everything the template needs besides the resources."""
+
+    name: str
+    engine: str  # native | fairseq
+    output_dir: Path
+    engine_argv: list[str]  # after `torchrun ...` (native: -m alum_pretrain.train --config X) / fairseq-train args
+    port: int | None = None  # None = 20000 + job id % 20000
+    prologue: tuple[str, ...] = ()  # shell lines run before the step (module load, source venv/bin/activate)
+    env: tuple[tuple[str, str], ...] = ()  # extra `export KEY=VALUE`
+    header: str = ""
+
+    @property
+    def slurm_dir(self) -> Path:
+        return self.output_dir / "slurm"
+
+    @property
+    def script_path(self) -> Path:
+        return self.slurm_dir / f"{self.name}.sbatch"
+
+    @property
+    def log_pattern(self) -> Path:
+        """SLURM's --output: %x = job name, %j = job id (a requeued job keeps its id, so one log per submission)."""
+        return self.slurm_dir / "%x-%j.log"
+
+    def log_path(self, job_id: str) -> Path:
+        return self.slurm_dir / f"{self.name}-{job_id}.log"
+
+
+def _sbatch_resource_lines(res: Resources) -> list[str]:
+    lines = []
+    if res.gpus_per_node > 0:
+        # --gres works on every SLURM with GPUs configured as gres (cons_res and cons_tres alike).
+        lines.append(f"#SBATCH --gres=gpu:{res.gpus_per_node}")
+    for flag, value in (("cpus-per-task", res.cpus_per_task), ("mem", res.mem), ("time", res.time),
+                        ("partition", res.partition), ("account", res.account), ("qos", res.qos),
+                        ("constraint", res.constraint)):
+        if value is not None:
+            lines.append(f"#SBATCH --{flag}={value}")
+    if res.exclusive:
+        lines.append("#SBATCH --exclusive")
+    return lines
+
+
+def _environment(res: Resources, job: Job) -> list[str]:
+    out = []
+    if res.gpus_per_node > 0:
+        out += [
+            "# NCCL on DGX-2 nodes (16 V100 on NVSwitch inside a node; InfiniBand between nodes). Adjust per site:",
+            'export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"   # INFO: print the transports and rings/trees NCCL picked',
+            "# export NCCL_IB_DISABLE=0                # keep InfiniBand on (1 = TCP sockets only: much slower)",
+            "# export NCCL_IB_HCA=mlx5                 # use only these HCAs (default: all that are up)",
+            "# export NCCL_SOCKET_IFNAME=ib0           # interface for NCCL's bootstrap/socket traffic (or ^lo,docker0)",
+            "# A failed or hung rank aborts the job (then requeue/resubmit) instead of blocking all GPUs:",
+            'export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"',
+        ]
+    else:
+        out += ["# CPU run: gloo over TCP (set GLOO_SOCKET_IFNAME when the nodes have several interfaces)."]
+    if res.cpus_per_task:
+        threads = max(1, res.cpus_per_task // res.procs_per_node)
+        out.append(f'export OMP_NUM_THREADS="${{OMP_NUM_THREADS:-{threads}}}"   # CPUs per task / processes per node')
+    for k, v in job.env:
+        out.append(f"export {k}={shlex.quote(v)}")
+    return out
+
+
+def _command(res: Resources, job: Job) -> str:
+    """The step command, one flag group per continuation line (variables expand in the batch shell)."""
+    if job.engine == "native":
+        head = [
+            f'torchrun --nnodes "$SLURM_NNODES" --nproc_per_node {res.procs_per_node}',
+            '--rdzv_backend c10d --rdzv_endpoint "$HEAD_NODE:$PORT" --rdzv_id "$SLURM_JOB_ID" --max_restarts 0',
+            shell_join(job.engine_argv),
+        ]
+    else:
+        args = list(job.engine_argv)
+        head = ["fairseq-train " + shell_join(args[:1]), *_flag_lines(args[1:])]
+        if res.gpus_per_node > 0:
+            head.append(f'--distributed-world-size {res.world_size} --distributed-port "$PORT"')
+    return " \\\n    ".join(["  " + head[0].strip(), *head[1:]])
+
+
+def _flag_lines(argv: list[str], per_line: int = 4) -> list[str]:
+    """Group ``--flag value...`` runs, ``per_line`` flags per line, for a readable script."""
+    groups: list[list[str]] = []
+    for a in argv:
+        if a.startswith("--") or not groups:
+            groups.append([a])
+        else:
+            groups[-1].append(a)
+    return [" ".join(shell_join(g) for g in groups[i:i + per_line]) for i in range(0, len(groups), per_line)]
+
+
+def _on_signal(res: Resources, job: Job) -> str:
+    sig = res.signal_name
+    if job.engine == "native":
+        return f"""on_stop_signal() {{
+  [ -n "$STOPPING" ] && return 0
+  STOPPING={sig}
+  log "got SIG{sig}: asking alum-train to save a checkpoint and exit (SIGUSR1 to every process of the step)"
+  # srun relays the signal to every process of the step on every node; alum-train's workers finish the
+  # current step, save and exit 0; torchrun ignores it and exits 0 after its workers.
+  kill -USR1 "$STEP_PID" 2>/dev/null || log "could not signal the step (already finished?)"
+}}"""
+    return f"""on_stop_signal() {{
+  [ -n "$STOPPING" ] && return 0
+  STOPPING={sig}
+  log "got SIG{sig}: fairseq-train cannot save on a signal: requeue at once if allowed (it resumes from checkpoint_last.pt)"
+  requeue_or_stop || true
+}}"""
+
+
+def _on_exit(job: Job) -> str:
+    if job.engine == "native":
+        return """if [ -e "$OUTPUT_DIR/COMPLETED" ]; then log "run completed: $OUTPUT_DIR/COMPLETED"; exit 0; fi
+if [ -n "$STOPPING" ]; then
+  [ "$STEP_RC" -eq 0 ] || log "the step did not exit cleanly after the signal; the run resumes from its newest complete checkpoint"
+  requeue_or_stop; exit $?
+fi
+exit "$STEP_RC\""""
+    return """if [ "$STEP_RC" -eq 0 ]; then
+  # fairseq-train (which ignores the stop signal) exits 0 only when --max-update is reached: mark the run
+  # complete, atomically.
+  echo "{\\"engine\\": \\"fairseq\\", \\"job_id\\": \\"$SLURM_JOB_ID\\"}" > "$OUTPUT_DIR/COMPLETED.tmp" && mv "$OUTPUT_DIR/COMPLETED.tmp" "$OUTPUT_DIR/COMPLETED"
+  log "run completed: $OUTPUT_DIR/COMPLETED"; exit 0
+fi
+exit "$STEP_RC\""""
+
+
+def render(res: Resources, job: Job) -> str:
+    """The complete batch script (text)."""
+    template = (importlib_resources.files("launch") / "templates" / "job.sbatch").read_text(encoding="utf-8")
+    ignore = " ".join(dict.fromkeys(["USR1", res.signal_name]))
+    prologue = "\n".join(["# ---- prologue (--prologue) ----", *job.prologue]) + "\n" if job.prologue else ""
+    values = {
+        "HEADER": job.header or f"Generated by alum-launch on {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        "JOB_NAME": job.name,
+        "SCRIPT": shlex.quote(str(job.script_path)),
+        "NODES": str(res.nodes),
+        "SBATCH_RESOURCES": "\n".join(_sbatch_resource_lines(res)),
+        "LOG": str(job.log_pattern),
+        "SIGNAL": res.signal,
+        "SIGNAL_NAME": res.signal_name,
+        "SIGNAL_SECONDS": str(res.signal_seconds),
+        "STEP_IGNORE": ignore,
+        "OUTPUT_DIR": shlex.quote(str(job.output_dir)),
+        "MAX_REQUEUES": str(res.max_requeues),
+        "PROLOGUE": prologue,
+        "PORT": str(job.port) if job.port else "$((20000 + SLURM_JOB_ID % 20000))",
+        "ENVIRONMENT": "\n".join(_environment(res, job)),
+        "PROCS_PER_NODE": str(res.procs_per_node),
+        "ON_SIGNAL": _on_signal(res, job),
+        "COMMAND": _command(res, job),
+        "ON_EXIT": _on_exit(job),
+    }
+    text = _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
+    # (an empty resource block would leave a blank line between #SBATCH lines: harmless, but tidy it)
+    text = re.sub(r"\n\n(#SBATCH)", r"\n\1", text)
+    assert "@@" not in text, "unfilled template placeholder"
+    return text
+
+
+def write_script(res: Resources, job: Job) -> Path:
+    """Write the script atomically to ``OUTPUT/slurm/NAME.sbatch`` (executable)."""
+    job.slurm_dir.mkdir(parents=True, exist_ok=True)
+    path = job.script_path
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(render(res, job), encoding="utf-8")
+    tmp.chmod(0o755)
+    tmp.replace(path)
+    return path
+
+
+def submit(script: Path, sbatch: str = "sbatch") -> str:
+    """``sbatch --parsable SCRIPT`` -> the job id (ValueError with sbatch's message when it refuses)."""
+    exe = shutil.which(sbatch)
+    if exe is None:
+        raise ValueError(f"{sbatch}: not found on PATH; run alum-launch on a SLURM login node, or use --dry-run "
+                         f"and submit {script} yourself")
+    proc = subprocess.run([exe, "--parsable", str(script)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ValueError(f"sbatch {script} failed (status {proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout.strip().split(";")[0]
+
+
+__all__ = ["Job", "render", "write_script", "submit"]
