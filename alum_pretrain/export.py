@@ -1,0 +1,293 @@
+"""``alum-export CKPT OUT``: a training checkpoint -> a plain HuggingFace model folder.
+
+CKPT may be (the contract with the native engine, :mod:`alum_pretrain.engine.checkpoint`)::
+
+    RUN/                              a run's output folder -> its newest complete checkpoint
+    RUN/checkpoints/step-N/           one checkpoint: model/ (save_model output) + train_state.pt
+    RUN/checkpoints/step-N/model/     the model folder itself (config.json + model.safetensors)
+
+The run's ``RUN/config.yaml`` (or the ``config`` saved in ``train_state.pt``) gives ``data.path``, whose
+``tokenizer/`` folder is copied next to the weights; for continual pre-training without a data-bin
+tokenizer, the tokenizer of ``model.init_from`` is used; ``--tokenizer DIR`` overrides both.
+
+OUT (written to a temporary folder beside it, renamed when complete)::
+
+    config.json            HF config with ``architectures`` (BertForPreTraining / BertForMaskedLM /
+                           RobertaForMaskedLM ...) so AutoModelForPreTraining / AutoModelForMaskedLM load it
+    model.safetensors      the weights (tied LM decoder stored once)
+    tokenizer files        tokenizer.json, tokenizer_config.json, vocab.txt / sentencepiece model, ...
+    README.md              a short model card: source checkpoint, step, training config
+
+Key map (STYLE.md 11): the native engine trains HF modules and saves them with ``save_pretrained``, so the
+checkpoint's tensor names ARE the HF names (``bert.encoder.layer.0...``, ``cls.predictions...``); the map is
+the identity, and :func:`export` verifies it — every exported tensor equals the checkpoint tensor of the
+same name, and nothing is missing or unexpected when HF loads the folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .models import load_hf_model
+
+log = logging.getLogger("alum_pretrain.export")
+
+STATE_FILE = "train_state.pt"
+MODEL_DIR = "model"
+_STEP_RE = re.compile(r"^step-(\d+)$")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",
+                    "sentencepiece.bpe.model", "spiece.model", "special_tokens_map.json")
+
+
+class ExportError(ValueError):
+    """Bad CKPT / OUT / tokenizer given to alum-export (a ValueError with a message saying what to do)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Resolving the checkpoint, the run config and the tokenizer
+# --------------------------------------------------------------------------------------------------
+
+
+def _latest_step(run: Path) -> Path | None:
+    root = run / "checkpoints"
+    if not root.is_dir():
+        return None
+    steps = []
+    for p in root.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m and p.is_dir() and (p / MODEL_DIR / "config.json").is_file():
+            steps.append((int(m.group(1)), p))
+    return max(steps)[1] if steps else None
+
+
+def resolve_checkpoint(ckpt: str | os.PathLike) -> tuple[Path, Path | None, Path | None]:
+    """``(model_dir, step_dir or None, run_dir or None)`` for any accepted form of CKPT."""
+    p = Path(ckpt)
+    if not p.exists():
+        raise ExportError(f"{p}: does not exist — pass a run folder (alum-train --train.output_dir), "
+                          "one of its checkpoints/step-N folders, or a step-N/model folder")
+    if not p.is_dir():
+        raise ExportError(f"{p}: is a file — pass a run folder or a checkpoints/step-N folder "
+                          "(fairseq checkpoint files *.pt are exported by `alum-export CKPT.pt OUT`)")
+    if (p / MODEL_DIR / "config.json").is_file():  # a step folder
+        run = p.parent.parent if p.parent.name == "checkpoints" else None
+        return p / MODEL_DIR, p, run
+    if (p / "config.json").is_file() and any(p.glob("*.safetensors")):  # the model folder itself
+        step = p.parent if (p.parent / STATE_FILE).is_file() else None
+        run = step.parent.parent if step is not None and step.parent.name == "checkpoints" else None
+        return p, step, run
+    latest = _latest_step(p)
+    if latest is not None:
+        return latest / MODEL_DIR, latest, p
+    if (p / "checkpoints").is_dir():
+        raise ExportError(f"{p}/checkpoints: no complete step-N checkpoint (a step-N/model/config.json); "
+                          "the run saved nothing yet, or only an interrupted step-N.tmp")
+    raise ExportError(f"{p}: not a checkpoint — expected {p}/checkpoints/step-N/, {p}/model/config.json "
+                      "(a step folder) or config.json + model.safetensors (a model folder)")
+
+
+def load_run_config(step: Path | None, run: Path | None) -> dict[str, Any]:
+    """The run's resolved config as a dict (``RUN/config.yaml``, else the one inside ``train_state.pt``)."""
+    if run is not None and (run / "config.yaml").is_file():
+        import yaml
+
+        with open(run / "config.yaml", encoding="utf-8") as fh:
+            return yaml.safe_load(fh) or {}
+    if step is not None and (step / STATE_FILE).is_file():
+        try:
+            state = torch.load(step / STATE_FILE, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - report which file is broken
+            raise ExportError(f"{step / STATE_FILE}: cannot be read ({e}); the checkpoint is damaged") from e
+        cfg = state.get("config") if isinstance(state, dict) else None
+        if isinstance(cfg, dict):
+            return cfg
+        if cfg is not None and hasattr(cfg, "__dataclass_fields__"):
+            from .config import config_to_dict
+
+            return config_to_dict(cfg)
+    return {}
+
+
+def _step_number(step: Path | None) -> int | None:
+    if step is None:
+        return None
+    m = _STEP_RE.match(step.name)
+    return int(m.group(1)) if m else None
+
+
+def _has_tokenizer(d: Path) -> bool:
+    return d.is_dir() and any((d / f).is_file() for f in ("tokenizer.json", "vocab.txt", "vocab.json",
+                                                          "sentencepiece.bpe.model", "spiece.model"))
+
+
+def find_tokenizer(cfg: dict[str, Any], run: Path | None, override: str | None) -> Path:
+    """Where the tokenizer comes from: --tokenizer, else data.path/tokenizer, else model.init_from."""
+    if override:
+        d = Path(override)
+        if not _has_tokenizer(d):
+            raise ExportError(f"--tokenizer {d}: no tokenizer files there (tokenizer.json, vocab.txt, ...)")
+        return d
+    tried = []
+    data_path = (cfg.get("data") or {}).get("path") if isinstance(cfg.get("data"), dict) else None
+    init_from = (cfg.get("model") or {}).get("init_from") if isinstance(cfg.get("model"), dict) else None
+    for base in (data_path, init_from):
+        if not base:
+            continue
+        cands = [Path(base)]
+        if run is not None and not Path(base).is_absolute():
+            cands.append(run / base)
+        for c in cands:
+            for d in (c / "tokenizer", c) if base == data_path else (c,):
+                tried.append(str(d))
+                if _has_tokenizer(d):
+                    return d
+    raise ExportError("cannot find the tokenizer for this checkpoint (tried: "
+                      + (", ".join(tried) if tried else "nothing — the run config has no data.path")
+                      + "); pass --tokenizer DIR (the data-bin's tokenizer/ folder)")
+
+
+# --------------------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------------------
+
+
+def _model_card(src: Path, step: int | None, model, cfg: dict[str, Any], tok_src: Path) -> str:
+    import yaml
+
+    c = model.config
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [alum, adversarial-pretraining, fill-mask]",
+        "---",
+        f"# {c.model_type} pre-trained with alum-pretrain",
+        "",
+        f"Exported by `alum-export` from `{src}`" + (f" (step {step})." if step is not None else "."),
+        f"Architecture `{type(model).__name__}`: {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
+        f"{c.num_attention_heads} heads, vocabulary {c.vocab_size}, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters. Tokenizer from `{tok_src}`.",
+        "",
+        "```python",
+        "from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline",
+        "fill = pipeline(\"fill-mask\", model=\"PATH/TO/THIS/FOLDER\")",
+        "```",
+    ]
+    if cfg:
+        lines += ["", "## Training configuration", "", "```yaml",
+                  yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False).rstrip(), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def _verify_identity_map(src_dir: Path, out_dir: Path) -> int:
+    """Every tensor of the exported folder equals the checkpoint tensor of the same name (identity map)."""
+    from safetensors import safe_open
+
+    def tensors(d: Path) -> dict[str, torch.Tensor]:
+        out = {}
+        for f in sorted(d.glob("*.safetensors")):
+            with safe_open(str(f), "pt") as fh:
+                for k in fh.keys():
+                    out[k] = fh.get_tensor(k)
+        return out
+
+    a, b = tensors(src_dir), tensors(out_dir)
+    if set(a) != set(b):
+        raise ExportError(f"exported tensor names differ from {src_dir}: only in checkpoint "
+                          f"{sorted(set(a) - set(b))[:5]}, only in export {sorted(set(b) - set(a))[:5]}")
+    for k in a:
+        if a[k].shape != b[k].shape or not torch.equal(a[k], b[k]):
+            raise ExportError(f"exported tensor {k} differs from the checkpoint's")
+    return len(a)
+
+
+def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, tokenizer: str | None = None,
+           overwrite: bool = False) -> Path:
+    """Export CKPT (see the module docstring) to the HF folder OUT; returns OUT."""
+    from transformers import AutoTokenizer
+
+    model_dir, step, run = resolve_checkpoint(ckpt)
+    out = Path(out)
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
+        raise ExportError(f"{out}: already exists; choose another OUT or pass --overwrite")
+    cfg = load_run_config(step, run)
+    tok_src = find_tokenizer(cfg, run, tokenizer)
+    model = load_hf_model(model_dir)  # raises on missing / mismatched tensors
+    tok = AutoTokenizer.from_pretrained(str(tok_src))
+    if len(tok) > model.config.vocab_size:
+        raise ExportError(f"tokenizer {tok_src} has {len(tok)} tokens but the model's vocabulary is "
+                          f"{model.config.vocab_size}; pass --tokenizer with the data-bin's tokenizer/ folder")
+    if tok.mask_token is None:
+        log.warning("tokenizer %s has no mask token; pipeline('fill-mask') will not work", tok_src)
+    # Positions the model can take (RoBERTa reserves pad + 1 slots before the first position).
+    max_pos = int(getattr(model.config, "max_position_embeddings", 512))
+    if model.config.model_type in ("roberta", "xlm-roberta", "camembert"):
+        max_pos -= int(model.config.pad_token_id) + 1
+    if not tok.model_max_length or tok.model_max_length > max_pos:
+        tok.model_max_length = max_pos
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
+        n = _verify_identity_map(model_dir, tmp)
+        (tmp / "README.md").write_text(_model_card(model_dir, _step_number(step), model, cfg, tok_src),
+                                       encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported %s (%s, %d tensors) with tokenizer %s -> %s", model_dir, type(model).__name__, n, tok_src, out)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="alum-export",
+        description="Export an alum-train checkpoint to a HuggingFace folder (model.safetensors, config.json, "
+                    "tokenizer files, README.md) that AutoModelForPreTraining / AutoModelForMaskedLM / "
+                    "AutoTokenizer and pipeline('fill-mask') load with no custom code.",
+    )
+    p.add_argument("ckpt", metavar="CKPT",
+                   help="a run folder (its newest checkpoint is used), a RUN/checkpoints/step-N folder, a "
+                        "step-N/model folder, or a fairseq checkpoint file (*.pt, exported as RobertaForMaskedLM "
+                        "by alum_pretrain.fairseq_ext.export_hf; --tokenizer may then name the data-bin)")
+    p.add_argument("out", metavar="OUT", help="output folder (written to a temporary name, renamed when complete)")
+    p.add_argument("--tokenizer", metavar="DIR", default=None,
+                   help="tokenizer folder to ship with the model (default: the run's data.path/tokenizer, else "
+                        "model.init_from)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it already exists")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if Path(args.ckpt).is_file() and args.ckpt.endswith(".pt"):  # a fairseq checkpoint (fairseq engine)
+            from .fairseq_ext.export_hf import export_fairseq
+
+            out = export_fairseq(args.ckpt, args.out, tokenizer=args.tokenizer, overwrite=args.overwrite)
+        else:
+            out = export(args.ckpt, args.out, tokenizer=args.tokenizer, overwrite=args.overwrite)
+    except ValueError as e:
+        print(f"alum-export: error: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""fairseq datasets over the project's data-bin shards: sentence chunks, MLM blocks and NSP pairs.
+
+All items are *unmasked* token ids in the fairseq dictionary's id space (``tokenizer id + id_offset``);
+masking happens per update in :meth:`AlumMaskedLMTask.train_step` so the masking-rate curriculum can
+follow ``update_num`` (see ``task.py``).
+
+* :class:`SentenceChunkDataset` - one item per sentence of the shard, sentences longer than the block
+  split into consecutive chunks (nothing is dropped), and the document-end ``[SEP]`` appended to the last
+  chunk of every document (the document boundaries come from the ``PREFIX.doc.npy`` side file).
+  fairseq's :class:`~fairseq.data.TokenBlockDataset` then packs these into RoBERTa-style blocks.
+* :class:`NSPPairDataset` - BERT-style sentence pairs ``[CLS] A [SEP] B [SEP]`` with next-sentence
+  labels, planned once per shard (epoch) by the native engine's sampler (shared code, same pairs).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import torch
+from fairseq.data import FairseqDataset, data_utils
+
+logger = logging.getLogger(__name__)
+
+
+def load_doc_starts(prefix: str, num_items: int) -> np.ndarray:
+    """Document start indices (length D+1, last = N) from ``PREFIX.doc.npy``; one document if absent."""
+    path = prefix + ".doc.npy"
+    if not os.path.exists(path):
+        logger.warning("%s not found: treating the whole split as one document "
+                       "(data-bins written by alum-prep always have it)", path)
+        return np.array([0, num_items], dtype=np.int64)
+    doc = np.load(path).astype(np.int64)
+    if doc.ndim != 1 or len(doc) < 1 or doc[0] != 0 or doc[-1] != num_items or np.any(np.diff(doc) < 0):
+        raise ValueError(f"{path}: not a valid document index for {num_items} items "
+                         f"(must start at 0, end at {num_items}, be non-decreasing); re-run alum-prep")
+    return doc
+
+
+class SentenceChunkDataset(FairseqDataset):
+    """Sentences of ``base`` cut to at most ``max_len`` tokens, ``sep`` appended at each document's end.
+
+    ``base``: a fairseq indexed dataset (items = sentences, no EOS); ``doc_starts``: (D+1,) item index of
+    each document start.  Item ``j`` is chunk ``j``: tokens ``[start_j, end_j)`` of sentence ``item_j``,
+    followed by ``sep`` if it is the last chunk of a document's last sentence.  The SEP counts towards
+    ``max_len``, so every item fits a block of ``max_len`` tokens.
+    """
+
+    def __init__(self, base, doc_starts: np.ndarray, max_len: int, sep: int):
+        if max_len < 2:
+            raise ValueError(f"--tokens-per-sample leaves a block of {max_len} tokens; need at least 2")
+        sizes = np.asarray(base.sizes, dtype=np.int64)  # (N,)
+        n = len(sizes)
+        is_doc_end = np.zeros(n, dtype=bool)
+        ends = doc_starts[1:] - 1
+        is_doc_end[ends[(ends >= 0) & (doc_starts[1:] > doc_starts[:-1])]] = True
+        eff = sizes + is_doc_end  # tokens incl. the document-end SEP
+        self.base = base
+        self.sep = sep
+        if (eff <= max_len).all() and (eff > 0).all():
+            # Common case (no long or empty sentence): chunk j = sentence j, no index arrays needed.
+            self._item = self._start = self._end = None
+            self._add_sep = is_doc_end
+            self._sizes = eff
+            return
+        nchunks = np.maximum(1, -(-eff // max_len))  # ceil; empty sentences still give one (SEP-only or empty) chunk
+        item = np.repeat(np.arange(n), nchunks)  # (M,)
+        first = np.cumsum(nchunks) - nchunks  # chunk index of each item's first chunk
+        k = np.arange(len(item)) - first[item]  # chunk number within its item
+        start = k * max_len
+        end = np.minimum(start + max_len, sizes[item])
+        last = k == nchunks[item] - 1
+        add_sep = last & is_doc_end[item]
+        keep = (end - start + add_sep) > 0  # drop empty sentences that are not document ends
+        self._item = item[keep]
+        self._start = start[keep]
+        self._end = end[keep]
+        self._add_sep = add_sep[keep]
+        self._sizes = (self._end - self._start + self._add_sep).astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self._sizes)
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return self._sizes
+
+    def num_tokens(self, index):
+        return int(self._sizes[index])
+
+    def size(self, index):
+        return int(self._sizes[index])
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if self._item is None:
+            toks = self.base[int(index)].long()
+        else:
+            toks = self.base[int(self._item[index])][int(self._start[index]):int(self._end[index])].long()
+        if self._add_sep[index]:
+            toks = torch.cat([toks, toks.new_tensor([self.sep])])
+        return toks
+
+    @property
+    def supports_prefetch(self) -> bool:
+        return False
+
+
+class NSPPairDataset(FairseqDataset):
+    """BERT sentence pairs ``[CLS] A [SEP] B [SEP]`` with next-sentence labels (0 next, 1 random).
+
+    The sampling is the native engine's, shared rather than re-implemented: the epoch plan comes from
+    :func:`alum_pretrain.data.pretrain._plan_pairs` (Google BERT's ``create_instances_from_document``,
+    without its single-sentence biases) and each pair is assembled by the native ``_SampleBuilder.pair``
+    (truncation, split-point snapping).  Here the result is moved to fairseq ids (``+ id_offset``) and the
+    segment ids are dropped (fairseq RoBERTa has no segment embeddings).  The plan is drawn from
+    ``np.random.RandomState([seed, epoch - 1, shard, 0])`` - the native loader's generator for the same
+    (0-based) epoch and shard - so both engines see the same pairs.
+
+    Each item is ``{"source": LongTensor (L,), "nsp": int}``.
+    """
+
+    def __init__(self, root: str, shard: int, split: str, tokens_per_sample: int, tables, id_offset: int,
+                 short_seq_prob: float = 0.1, seed: int = 1, epoch: int = 1):
+        from alum_pretrain.data.pretrain import _SampleBuilder, _doc_starts, _new_stats, _plan_pairs
+
+        if tokens_per_sample < 5:
+            raise ValueError(f"--tokens-per-sample {tokens_per_sample} is too small for sentence pairs (need >= 5)")
+        self.builder = _SampleBuilder(str(root), split, "pairs", True, tokens_per_sample, False, tables, None, False)
+        ds = self.builder.dataset(shard)
+        where = f"{root}/shard{shard}/{split}"
+        stats = _new_stats()
+        rng = np.random.RandomState([int(seed), int(epoch) - 1, int(shard), 0])
+        try:
+            plan = _plan_pairs(ds.sizes, _doc_starts(ds, where), shard, rng, tokens_per_sample - 3, short_seq_prob,
+                               True, stats, where)
+        except ValueError as e:
+            raise ValueError(f"{where}: --sample-mode pairs needs at least 2 documents per shard and split for "
+                             f"random next sentences ({e}); use --sample-mode blocks, more data, or for a tiny "
+                             "valid split --disable-validation (or alum-prep --valid-fraction)") from e
+        if len(plan) == 0:
+            raise ValueError(f"{where}: no sentence pairs could be built ({stats})")
+        self.plan = plan
+        self.id_offset = int(id_offset)
+        sizes = np.asarray(ds.sizes, dtype=np.int64)
+        la = np.where(plan["a_cut"] >= 0, plan["a_cut"], sizes_between(sizes, plan["a_lo"], plan["a_hi"]))
+        lb = sizes_between(sizes, plan["b_lo"], plan["b_hi"]) - plan["b_skip"]
+        self._sizes = (np.minimum(la + lb, tokens_per_sample - 3) + 3).astype(np.int64)
+        logger.info("%s: %d NSP pairs (%.1f%% random next); %s", where, len(plan), 100.0 * plan["label"].mean(), stats)
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return self._sizes
+
+    def num_tokens(self, index):
+        return int(self._sizes[index])
+
+    def size(self, index):
+        return int(self._sizes[index])
+
+    def __getitem__(self, index: int) -> dict:
+        ids, _, _ = self.builder.pair(self.plan[index])  # tokenizer ids, [CLS] A [SEP] B [SEP]
+        return {"source": torch.from_numpy(ids + self.id_offset), "nsp": int(self.plan[index]["label"])}
+
+    def ordered_indices(self):
+        return np.arange(len(self))
+
+    @property
+    def supports_prefetch(self) -> bool:
+        return False
+
+
+def sizes_between(sizes: np.ndarray, first: np.ndarray, last: np.ndarray) -> np.ndarray:
+    """Total tokens of items ``[first_i, last_i)`` for every i (vectorised with a prefix sum)."""
+    csum = np.concatenate([[0], np.cumsum(sizes)])
+    return csum[last] - csum[first]
+
+
+class NSPSampleDataset(FairseqDataset):
+    """Collates :class:`NSPPairDataset` items into fairseq samples (same keys as ``masked_lm`` + ``nsp_target``)."""
+
+    def __init__(self, pairs: NSPPairDataset, pad: int):
+        self.pairs = pairs
+        self.pad = pad
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index):
+        item = self.pairs[index]
+        return {"id": index, "source": item["source"], "nsp": item["nsp"]}
+
+    @property
+    def sizes(self):
+        return self.pairs.sizes
+
+    def num_tokens(self, index):
+        return self.pairs.num_tokens(index)
+
+    def size(self, index):
+        return self.pairs.size(index)
+
+    def ordered_indices(self):
+        return np.arange(len(self))
+
+    def collater(self, samples):
+        if len(samples) == 0:
+            return {}
+        src = data_utils.collate_tokens([s["source"] for s in samples], self.pad, left_pad=False)
+        return {
+            "id": torch.LongTensor([s["id"] for s in samples]),
+            "net_input": {
+                "src_tokens": src,  # (B, T) unmasked; the task masks it per update
+                "src_lengths": torch.LongTensor([s["source"].numel() for s in samples]),
+            },
+            "nsp_target": torch.LongTensor([s["nsp"] for s in samples]),  # (B,)
+            "nsentences": len(samples),
+            "ntokens": sum(int(s["source"].numel()) for s in samples),
+        }
+
+    @property
+    def supports_prefetch(self) -> bool:
+        return False
