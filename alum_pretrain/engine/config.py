@@ -1,0 +1,176 @@
+"""The typed configuration of ``alum-train``: one dataclass per section, validated in ``__post_init__``.
+
+Sections and keys (``alum-train --help`` lists every key with its default)::
+
+    data.*      the data-bin and how sequences are built (pairs + NSP, or packed blocks)
+    model.*     a size preset (from scratch) or an HF folder to continue from
+    masking.*   :class:`alum_pretrain.masking.MaskingConfig` (curriculum 5 % -> 25 %, 80/10/10)
+    alum.*      :class:`alum_pretrain.adversarial.ALUMConfig` (alpha, epsilon, step_size, ...)
+    optim.*     AdamW + linear warm-up / linear decay + gradient clipping
+    train.*     steps, batch, precision, logging / evaluation / checkpoint cadence
+
+Result-changing vs speed-only (STYLE.md 3): :data:`SPEED_ONLY` names the keys that may differ when a
+run resumes from a checkpoint (workers, compile, logging cadence, ...); every other key changes the
+numbers and a mismatch on resume is an error naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from ..adversarial import ALUMConfig
+from ..config import opt, section
+from ..masking import MaskingConfig
+
+
+def _bad(key: str, value, why: str) -> ValueError:
+    return ValueError(f"--{key}={value!r}: {why}")
+
+
+@dataclass
+class DataConfig:
+    """The prepared corpus (a data-bin written by alum-prep) and how training sequences are built."""
+
+    path: str = opt("", "data-bin folder written by `alum-prep` (manifest.json, tokenizer/, shardK/)")
+    mode: Literal["pairs", "blocks"] = opt(
+        "pairs", "pairs: BERT-style [CLS] A [SEP] B [SEP] segment pairs; blocks: RoBERTa-style packed "
+        "MLM-only blocks")
+    nsp: bool = opt(True, "next-sentence prediction (50 % true next segment, 50 % random); needs mode=pairs")
+    max_seq_len: int = opt(128, "maximum sequence length in tokens, specials included (BERT phase 1: 128)")
+    shard_mode: Literal["per_epoch", "interleave"] = opt(
+        "per_epoch", "per_epoch: one shard per epoch (fairseq's DATA=shard0:shard1); interleave: all shards "
+        "mixed every epoch")
+    valid_split: str = opt("valid", "split used for the periodic validation MLM loss/accuracy")
+
+    def __post_init__(self) -> None:
+        if self.nsp and self.mode != "pairs":
+            raise _bad("data.nsp", self.nsp, "NSP needs --data.mode=pairs (set --data.nsp=false for blocks)")
+        if self.max_seq_len < 8:
+            raise _bad("data.max_seq_len", self.max_seq_len, "must be >= 8")
+
+
+@dataclass
+class ModelConfig:
+    """Which model: a size preset trained from scratch, or an HF checkpoint folder (continual pre-training)."""
+
+    preset: str = opt("base", "size preset for training from scratch: tiny, mini, small, base, large "
+                              "(ignored when --model.init_from is set)")
+    init_from: str = opt("", "HF model folder to continue pre-training from ('' = from scratch with the "
+                             "corpus vocabulary)")
+    dropout: float = opt(-1.0, "override hidden and attention dropout (-1 = the preset's / checkpoint's value)")
+
+    def __post_init__(self) -> None:
+        if not (self.dropout == -1.0 or 0.0 <= self.dropout < 1.0):
+            raise _bad("model.dropout", self.dropout, "must be -1 (keep) or in [0, 1)")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with a linear warm-up then linear decay to 0 (the paper: peak 1e-4, 1 % warm-up)."""
+
+    lr: float = opt(1e-4, "peak learning rate (paper: 1e-4 from scratch, 4e-5 continual)")
+    weight_decay: float = opt(0.01, "AdamW decoupled weight decay (not applied to biases and LayerNorm weights)")
+    warmup_ratio: float = opt(0.01, "fraction of train.max_steps with a linear warm-up from 0 to optim.lr")
+    grad_clip: float = opt(1.0, "clip the global gradient L2 norm to this value (0 = no clipping)")
+    betas: tuple[float, float] = opt((0.9, 0.999), "AdamW betas")
+    eps: float = opt(1e-6, "AdamW epsilon (BERT: 1e-6)")
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise _bad("optim.lr", self.lr, "must be > 0")
+        if self.weight_decay < 0:
+            raise _bad("optim.weight_decay", self.weight_decay, "must be >= 0")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise _bad("optim.warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
+        if self.grad_clip < 0:
+            raise _bad("optim.grad_clip", self.grad_clip, "must be >= 0 (0 = off)")
+        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise _bad("optim.betas", list(self.betas), "needs two numbers in [0, 1)")
+        if not self.eps > 0:
+            raise _bad("optim.eps", self.eps, "must be > 0")
+
+
+@dataclass
+class LoopConfig:
+    """Steps, batch, precision, devices and the cadence of logging, validation and checkpoints."""
+
+    output_dir: str = opt("runs/alum", "run folder: config.yaml, log.jsonl, tb/, checkpoints/step-N/, plot.png, "
+                                       "COMPLETED; an existing run there is resumed automatically")
+    max_steps: int = opt(1000, "number of optimizer steps (the paper: 1,000,000 for BERT-base)")
+    batch_size: int = opt(32, "sequences per process per micro-batch")
+    grad_accum: int = opt(1, "micro-batches per optimizer step (ignored when train.global_batch_size > 0)")
+    global_batch_size: int = opt(0, "sequences per optimizer step over all processes (0 = batch_size x "
+                                    "grad_accum x world size); when set, grad_accum = global / (batch_size "
+                                    "x world size) and must divide exactly (the paper: 256)")
+    precision: Literal["fp32", "bf16", "fp16"] = opt(
+        "fp32", "fp32, or bf16/fp16 autocast (fp16 adds a dynamic GradScaler); float32 weights either way")
+    seed: int = opt(1, "seed of the model init, data order, masking and ALUM noise")
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto = cuda when available, else cpu")
+    log_every: int = opt(10, "log (console, log.jsonl, TensorBoard) every N optimizer steps")
+    eval_every: int = opt(500, "validation MLM loss/accuracy every N steps (0 = only at the end)")
+    eval_batches: int = opt(20, "validation batches per evaluation (per process)")
+    save_every: int = opt(1000, "checkpoint every N steps (0 = only at the end and on SIGTERM/SIGUSR1)")
+    keep_last: int = opt(3, "keep the newest K checkpoints (older ones are deleted)")
+    num_workers: int = opt(0, "DataLoader worker processes per rank (speed only)")
+    compile: bool = opt(False, "torch.compile the transformer encoder (speed only)")
+    progress: bool = opt(True, "tqdm progress bar on rank 0")
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "batch_size", "grad_accum", "log_every", "keep_last"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise _bad(f"train.{key}", v, "must be an integer >= 1")
+        for key in ("global_batch_size", "eval_every", "eval_batches", "save_every", "num_workers", "seed"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise _bad(f"train.{key}", v, "must be an integer >= 0")
+        if not self.output_dir:
+            raise _bad("train.output_dir", self.output_dir, "must name a folder")
+
+
+@dataclass
+class TrainConfig:
+    """alum-train: MLM (+NSP) pre-training with ALUM under the masking-rate curriculum."""
+
+    data: DataConfig = section(DataConfig)
+    model: ModelConfig = section(ModelConfig)
+    masking: MaskingConfig = section(MaskingConfig)
+    alum: ALUMConfig = section(ALUMConfig)
+    optim: OptimConfig = section(OptimConfig)
+    train: LoopConfig = section(LoopConfig)
+
+
+# Keys that only change speed or bookkeeping, never the trained weights: they may differ on resume.
+SPEED_ONLY = (
+    "train.output_dir",
+    "train.num_workers",
+    "train.compile",
+    "train.progress",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_batches",
+    "train.save_every",
+    "train.keep_last",
+    "train.device",
+    "data.valid_split",
+    # How the global batch is split into micro-batches does not change the math (per-sample masking
+    # and global loss normalisation, see engine/step.py); the resolved global batch is compared instead.
+    "train.batch_size",
+    "train.grad_accum",
+    "train.global_batch_size",
+)
+
+
+def resolve_grad_accum(cfg: LoopConfig, world_size: int) -> tuple[int, int]:
+    """``(grad_accum, global_batch)`` for this world size; ValueError naming the flags if it cannot divide."""
+    if cfg.global_batch_size > 0:
+        per_step = cfg.batch_size * world_size
+        if cfg.global_batch_size % per_step != 0:
+            raise ValueError(
+                f"--train.global_batch_size={cfg.global_batch_size} is not a multiple of --train.batch_size="
+                f"{cfg.batch_size} x world size {world_size} = {per_step}; change --train.global_batch_size "
+                "or --train.batch_size (or the number of processes)")
+        return cfg.global_batch_size // per_step, cfg.global_batch_size
+    return cfg.grad_accum, cfg.batch_size * cfg.grad_accum * world_size

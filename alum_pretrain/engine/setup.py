@@ -1,0 +1,332 @@
+"""Everything the training loop needs, built from a :class:`TrainConfig` (so ``train.py`` stays a loop).
+
+:func:`build_run` -> :class:`Run` (model, DDP-wrapped :class:`PretrainStep`, AdamW, schedule, scaler,
+loaders, masker, logger); :func:`restore` resumes from the latest checkpoint; :func:`save` writes one;
+:func:`evaluate` computes the validation MLM loss/accuracy.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from .. import models as M
+from ..config import config_from_dict, config_to_dict, diff_configs, save_yaml
+from ..data.databin import DataBin
+from ..data.pretrain import build_loader, build_token_tables
+from . import checkpoint as C
+from . import distributed as D
+from .config import SPEED_ONLY, TrainConfig, resolve_grad_accum
+from .metrics import RunLogger, flops_per_token, peak_flops
+from .optim import build_optimizer, build_scheduler
+from .step import STREAM_EVAL_MASK, Masker, PretrainStep, mlm_eval_batch
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    env: D.DistEnv
+    out: Path
+    model: torch.nn.Module  # the PretrainModel (unwrapped)
+    step_module: torch.nn.Module  # PretrainStep, DDP-wrapped when world_size > 1
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    amp_dtype: Optional[torch.dtype]
+    loader: Any
+    valid: Any
+    valid_state0: Optional[dict]
+    masker: Masker
+    grad_accum: int
+    global_batch: int
+    logger: RunLogger
+    gen_device: torch.device
+    flops_per_token: float = 0.0
+    peak_flops: Optional[float] = None
+
+    def sample_ids(self, micro: int) -> torch.Tensor:
+        """Global index, within the optimizer step, of each row of this rank's micro-batch ``micro``.
+
+        The loader's layout (``data/pretrain.py``): global batch g = plan[g*B*W:(g+1)*B*W], rank r takes its
+        r-th B rows; micro-batches of one step are consecutive global batches.  So row i of (micro m,
+        rank r) is sample (m*W + r)*B + i of the step - the same sample, hence the same index, for any
+        split of the global batch into processes and micro-batches.
+        """
+        B, W = self.cfg.train.batch_size, self.env.world_size
+        return (micro * W + self.env.rank) * B + torch.arange(B)
+
+    def batches(self):
+        """The training batches, drawn without touching the global torch RNG.
+
+        Starting DataLoader workers draws a seed from the global RNG, which would shift the dropout
+        stream depending on ``num_workers`` and on where a resumed run restarts; the loader's own
+        randomness comes from its sample plan, so forking the RNG around it keeps ``num_workers``
+        speed-only and resume bit-exact."""
+        it = iter(self.loader)
+        while True:
+            with torch.random.fork_rng(devices=[]):
+                batch = next(it)
+            yield batch
+
+    def to_device(self, batch: dict) -> dict:
+        nb = self.env.device.type == "cuda"
+        return {k: (v.to(self.env.device, non_blocking=nb) if isinstance(v, torch.Tensor) and k != "sample_ids" else v)
+                for k, v in batch.items()}
+
+    def new_accumulator(self) -> "Accumulator":
+        return Accumulator(self)
+
+
+class Accumulator:
+    """Sums the step metrics on the device between log steps; :meth:`flush` does the one host sync."""
+
+    KEYS = ("mlm", "nsp", "adv", "delta_linf")
+
+    def __init__(self, run: Run):
+        self.run = run
+        self._reset()
+
+    def _reset(self) -> None:
+        dev = self.run.env.device
+        self.sums = torch.zeros(len(self.KEYS) + 1, device=dev)  # + grad-norm sum
+        self.tokens = 0
+        self.masked = 0
+        self.maskable = 0
+        self.steps = 0
+        self.alum_micro = 0
+        self.alum_steps = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, metrics: dict, batch: dict) -> None:
+        for i, k in enumerate(self.KEYS):
+            if k in metrics:
+                self.sums[i] += metrics[k].to(self.sums.device)
+        if "adv" in metrics:
+            self.alum_micro += 1
+        self.tokens += int(batch["n_tokens"])
+        self.masked += int(batch["n_masked"])
+        self.maskable += int(batch["n_maskable"])
+
+    def end_step(self, grad_norm: torch.Tensor, rate: float, alum_on: bool, lr: float) -> None:
+        self.sums[-1] += grad_norm.detach().float()
+        self.steps += 1
+        self.alum_steps += int(alum_on)
+        self.rate, self.alum_on, self.lr = rate, alum_on, lr
+
+    def flush(self, step: int) -> dict:
+        run, env = self.run, self.run.env
+        sums = D.all_reduce_device(env, self.sums.clone())  # mlm/nsp/adv contributions sum over ranks
+        counts = D.all_reduce_cpu(env, torch.tensor([self.tokens, self.masked, self.maskable, self.alum_micro],
+                                                    dtype=torch.float64))
+        s = sums.tolist()  # the host sync of this log interval
+        tokens, masked, maskable, alum_micro = counts.tolist()
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        n = max(self.steps, 1)
+        # Each rank's contributions carry the factor W (DDP averages over ranks): sum / W = the global mean.
+        mlm, nsp, adv = (x / (n * env.world_size) for x in s[:3])
+        rec = {
+            "step": step,
+            "loss": mlm + nsp + run.cfg.alum.alpha * adv,
+            "mlm": mlm,
+            "nsp": nsp,
+            "adv": adv,
+            "mask_rate": self.rate,
+            "mask_frac": masked / max(maskable, 1.0),
+            "lr": self.lr,
+            "grad_norm": s[-1] / (n * env.world_size),  # identical on every rank after the all-reduce
+            "alum": float(self.alum_on),
+            "tokens_per_s": tokens / elapsed,
+            "steps_per_s": self.steps / elapsed,
+        }
+        if alum_micro:
+            rec["delta_linf"] = s[3] / alum_micro
+        if run.peak_flops:
+            # executed FLOPs: a standard step = 3 forward-units; ALUM = 6 + 2K (module docstring of adversarial)
+            k = run.cfg.alum.k_steps
+            units = (3 * (self.steps - self.alum_steps) + (6 + 2 * k) * self.alum_steps) / (3 * n)
+            rec["mfu"] = tokens / elapsed * run.flops_per_token * units / (run.peak_flops * env.world_size)
+        self._reset()
+        return rec
+
+
+def _resolved_config(cfg: TrainConfig, grad_accum: int) -> TrainConfig:
+    """The config as run: absolute paths, the grad_accum in effect."""
+    d = config_to_dict(cfg)
+    d["data"]["path"] = str(Path(cfg.data.path).resolve())
+    if cfg.model.init_from:
+        d["model"]["init_from"] = str(Path(cfg.model.init_from).resolve())
+    d["train"]["grad_accum"] = grad_accum
+    return config_from_dict(TrainConfig, d)
+
+
+def build_run(cfg: TrainConfig, env: D.DistEnv) -> Run:
+    tc = cfg.train
+    if not cfg.data.path:
+        raise ValueError("--data.path is required: the data-bin folder written by `alum-prep`")
+    grad_accum, global_batch = resolve_grad_accum(tc, env.world_size)
+    cfg = _resolved_config(cfg, grad_accum)
+    out = Path(tc.output_dir)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    databin = DataBin(cfg.data.path)
+    tables = build_token_tables(databin)
+
+    # Same init on every rank (DDP also broadcasts rank 0's weights); then per-rank dropout streams.
+    torch.manual_seed(tc.seed)
+    model = M.build_model(databin=databin, preset=cfg.model.preset, init_from=cfg.model.init_from,
+                          nsp=cfg.data.nsp, perturb_at=cfg.alum.perturb_at,
+                          dropout=None if cfg.model.dropout < 0 else cfg.model.dropout,
+                          max_position_embeddings=max(512, cfg.data.max_seq_len))
+    model.to(env.device)
+    torch.manual_seed(tc.seed + 1 + env.rank)
+    if tc.compile:  # speed only: the encoder has static shapes (B, max_seq_len, H) -> one graph
+        model.base.encoder.compile()
+
+    step_module: torch.nn.Module = PretrainStep(model, cfg.alum, cfg.data.nsp)
+    if env.distributed:
+        step_module = DDP(step_module, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                          broadcast_buffers=False)
+    optimizer = build_optimizer(model, cfg.optim, env.device)
+    scheduler = build_scheduler(optimizer, cfg.optim, tc.max_steps)
+    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[tc.precision]
+    scaler = torch.amp.GradScaler(env.device.type, enabled=tc.precision == "fp16")
+
+    common = dict(mode=cfg.data.mode, nsp=cfg.data.nsp, max_seq_len=cfg.data.max_seq_len, batch_size=tc.batch_size,
+                  seed=tc.seed, rank=env.rank, world_size=env.world_size, shard_mode=cfg.data.shard_mode,
+                  pad_to_max_len=True, num_workers=tc.num_workers, tables=tables)
+    loader = build_loader(databin, "train", **common)
+    valid = valid_state0 = None
+    if any(databin.has_split(k, cfg.data.valid_split) for k in range(databin.num_shards)):
+        valid = build_loader(databin, cfg.data.valid_split, epochs=1, **{**common, "num_workers": 0})
+        valid_state0 = valid.state_dict()
+    masker = Masker(cfg.masking, tables.mask_id, tables.random_pool, tc.seed)
+
+    logger = RunLogger(out, env.is_main)
+    if env.is_main:
+        save_yaml(cfg, out / "config.yaml")
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info(f"model: {n_params / 1e6:.2f}M parameters; world size {env.world_size}; device {env.device}; "
+                f"global batch {global_batch} = {tc.batch_size} x {grad_accum} accum x {env.world_size} ranks; "
+                f"precision {tc.precision}")
+    if valid is None:
+        logger.info(f"no {cfg.data.valid_split!r} split in {databin.path}: validation is off")
+    run = Run(cfg=cfg, env=env, out=out, model=model, step_module=step_module, optimizer=optimizer,
+              scheduler=scheduler, scaler=scaler, amp_dtype=amp_dtype, loader=loader, valid=valid,
+              valid_state0=valid_state0, masker=masker, grad_accum=grad_accum, global_batch=global_batch,
+              logger=logger, gen_device=env.device)
+    run.peak_flops = peak_flops(env.device)
+    if run.peak_flops:
+        run.flops_per_token = _flops_per_token(model, cfg.data.max_seq_len)
+    return run
+
+
+def _flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    hf_cfg = getattr(model, "config", None)
+    emb = model.word_embeddings().weight.numel()
+    n = sum(p.numel() for p in model.parameters()) - emb
+    L = getattr(hf_cfg, "num_hidden_layers", 0)
+    H = getattr(hf_cfg, "hidden_size", 0)
+    return flops_per_token(n, L, H, seq_len)
+
+
+def _train_state(run: Run, step: int) -> dict:
+    return {
+        "step": step,
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "loader": run.loader.state_dict(),  # global sample offset: identical on every rank
+        "global_batch": run.global_batch,
+        "world_size": run.env.world_size,
+        "config": config_to_dict(run.cfg),
+    }
+
+
+def save(run: Run, step: int) -> None:
+    """Checkpoint ``step`` (every rank takes part in gathering RNG states; rank 0 writes)."""
+    rngs = D.gather_objects(run.env, C.rng_state())
+    if run.env.is_main:
+        state = _train_state(run, step)
+        state["rng"] = rngs
+        path = C.save_checkpoint(run.out, step, lambda d: M.save_model(run.model, d), state,
+                                 run.cfg.train.keep_last)
+        run.logger.info(f"saved {path}")
+    if run.env.distributed:
+        torch.distributed.barrier(group=run.env.control_group)
+
+
+def restore(run: Run) -> int:
+    """Resume from the newest complete checkpoint in ``train.output_dir``; returns the step (0 = fresh)."""
+    env = run.env
+    ckpt = D.broadcast_object(env, C.latest_checkpoint(run.out) if env.is_main else None)
+    if ckpt is None:
+        return 0
+    state = C.load_state(ckpt)
+    saved = config_from_dict(TrainConfig, state["config"])
+    bad = diff_configs(saved, run.cfg, ignore=SPEED_ONLY)
+    if bad:
+        key = bad[0]
+        sv, nv = _get(config_to_dict(saved), key), _get(config_to_dict(run.cfg), key)
+        raise ValueError(
+            f"{ckpt}: cannot resume: --{key} was {sv!r} in the checkpointed run but is {nv!r} now "
+            f"({len(bad)} result-changing key(s) differ: {', '.join(bad)}); restore the original value or use "
+            "a new --train.output_dir")
+    if state["global_batch"] != run.global_batch:
+        raise ValueError(
+            f"{ckpt}: cannot resume: the global batch was {state['global_batch']} sequences and is now "
+            f"{run.global_batch} (--train.batch_size x --train.grad_accum x world size, or "
+            "--train.global_batch_size); keep the global batch to resume")
+    loaded = M.load_model(ckpt / C.MODEL_DIR)
+    run.model.load_state_dict(loaded.state_dict())
+    del loaded
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.scaler.load_state_dict(state["scaler"])
+    run.loader.load_state_dict(state["loader"])
+    rngs = state["rng"]
+    if len(rngs) == env.world_size:
+        C.set_rng_state(rngs[env.rank])
+    else:
+        run.logger.info(f"world size changed ({len(rngs)} -> {env.world_size}): dropout RNG streams are re-seeded")
+    run.logger.resume_at(int(state["step"]))
+    run.logger.info(f"resumed from {ckpt} at step {state['step']}")
+    return int(state["step"])
+
+
+def _get(d: dict, dotted: str):
+    for p in dotted.split("."):
+        d = d.get(p, {}) if isinstance(d, dict) else None
+    return d
+
+
+@torch.no_grad()
+def evaluate(run: Run, step: int) -> dict:
+    """Validation MLM loss and accuracy at the constant rate (masking.constant_rate), same masks every time."""
+    cfg, env, model = run.cfg, run.env, run.model
+    run.valid.load_state_dict(run.valid_state0)
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(3, device=env.device)
+    autocast = torch.autocast(env.device.type, dtype=run.amp_dtype) if run.amp_dtype is not None else None
+    B, W = cfg.train.batch_size, env.world_size
+    for j, batch in enumerate(run.valid):
+        if j >= cfg.train.eval_batches:
+            break
+        ids = (j * W + env.rank) * B + torch.arange(batch["input_ids"].shape[0])
+        batch = run.to_device(run.masker(batch, cfg.masking.constant_rate, 0, ids, stream=STREAM_EVAL_MASK))
+        if autocast is not None:
+            with autocast:
+                ce, correct, n = mlm_eval_batch(model, batch)
+        else:
+            ce, correct, n = mlm_eval_batch(model, batch)
+        totals += torch.stack([ce.float(), correct.float(), n.float()])
+    model.train(was_training)
+    ce, correct, n = D.all_reduce_device(env, totals).tolist()
+    n = max(n, 1.0)
+    return {"step": step, "kind": "valid", "valid_mlm": ce / n, "valid_acc": correct / n,
+            "valid_masked_tokens": n}

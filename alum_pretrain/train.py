@@ -1,0 +1,155 @@
+"""``alum-train``: MLM (+NSP) pre-training with ALUM under the masking-rate curriculum (native engine).
+
+Usage::
+
+    alum-train --config alum_pretrain/configs/bert-base-scratch.yaml --data.path data-bin --train.output_dir runs/x
+    torchrun --nproc_per_node 8 -m alum_pretrain.train --config ...      # DDP (NCCL on GPU, gloo on CPU)
+    alum-train --help                                                    # every key with its default
+
+The loop below reads top to bottom: mask -> forward (clean + ALUM in one module) -> backward -> clip ->
+step -> log / evaluate / checkpoint.  Everything else is a component in :mod:`alum_pretrain.engine`.
+An existing run in ``train.output_dir`` is resumed from its latest checkpoint; SIGTERM/SIGUSR1 finish
+the current step, save a checkpoint and exit 0; ``OUTPUT/COMPLETED`` marks a finished run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import sys
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
+
+from .config import parse_config
+from .engine import distributed as D
+from .engine.checkpoint import write_json_atomic
+from .engine.config import TrainConfig
+from .engine.metrics import LOG
+from .engine.plot import plot_run
+from .engine.setup import build_run, restore, save, evaluate
+from .engine.step import sample_generators, STREAM_ALUM
+from .masking import mask_rate
+
+_STOP = {"signal": None}
+
+
+def _on_signal(signum, _frame):  # finish the current step, save, exit 0 (SLURM requeue / preemption)
+    _STOP["signal"] = signum
+
+
+def train(cfg: TrainConfig, env: D.DistEnv) -> dict:
+    """Run (or resume) training; returns ``{"step", "completed", "stopped"}``."""
+    run = build_run(cfg, env)  # model, DDP step module, optimizer, schedule, scaler, loaders, logger
+    step = restore(run)  # 0, or the step of the latest checkpoint in train.output_dir
+    tc = cfg.train
+    autocast = (torch.autocast(env.device.type, dtype=run.amp_dtype) if run.amp_dtype is not None
+                else contextlib.nullcontext())
+    batches = run.batches()
+    acc = run.new_accumulator()
+    pbar = tqdm(total=tc.max_steps, initial=step, disable=not (env.is_main and tc.progress),
+                desc="alum-train", dynamic_ncols=True)
+    stopped = False
+    if step == 0 and run.valid is not None:  # the baseline (e.g. of a continual pre-training run)
+        run.logger.log(evaluate(run, 0), write=pbar.write)
+    while step < tc.max_steps:
+        # ---- masking (per sample, from (seed, step, global sample index); on the host) -------------
+        rate = mask_rate(step / tc.max_steps, cfg.masking)
+        alum_on = cfg.alum.active(step)
+        micro = [run.masker(next(batches), rate, step, run.sample_ids(m)) for m in range(run.grad_accum)]
+        # Global masked-token count of this optimizer step -> the MLM mean over the whole global batch.
+        n_masked = D.all_reduce_cpu(env, torch.tensor([float(sum(b["n_masked"] for b in micro))]))
+        mlm_denom = max(n_masked.item(), 1.0) / env.world_size  # a host tensor: no device sync
+        nsp_denom = run.global_batch / env.world_size
+
+        # ---- forward (clean + ALUM) and backward, once per micro-batch ------------------------------
+        for m, batch in enumerate(micro):
+            gens = (sample_generators(tc.seed, step, batch["sample_ids"], STREAM_ALUM, run.gen_device)
+                    if alum_on else None)
+            batch = run.to_device(batch)
+            last = m == run.grad_accum - 1
+            sync = contextlib.nullcontext() if (last or not isinstance(run.step_module, DDP)) \
+                else run.step_module.no_sync()  # all-reduce gradients only on the last micro-batch
+            with sync:
+                with autocast:
+                    loss, metrics = run.step_module(batch, alum_on=alum_on, mlm_denom=mlm_denom,
+                                                    nsp_denom=nsp_denom, alum_generators=gens)
+                run.scaler.scale(loss).backward()
+            acc.add(metrics, batch)
+
+        # ---- clip, optimizer step, schedule ---------------------------------------------------------
+        run.scaler.unscale_(run.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), tc_clip(cfg))
+        lr = run.optimizer.param_groups[0]["lr"]  # the LR of this update
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        step += 1
+        acc.end_step(grad_norm, rate, alum_on, lr)
+        pbar.update(1)
+
+        # ---- log / evaluate / checkpoint ------------------------------------------------------------
+        if step % tc.log_every == 0 or step == tc.max_steps:
+            record = acc.flush(step)  # the one host sync of the interval (all-reduce + .item())
+            run.logger.log(record, write=pbar.write)
+            pbar.set_postfix(loss=f"{record['loss']:.3f}", rate=f"{record['mask_rate']:.2f}")
+        if run.valid is not None and ((tc.eval_every and step % tc.eval_every == 0) or step == tc.max_steps):
+            run.logger.log(evaluate(run, step), write=pbar.write)
+        stopped = D.any_rank(env, _STOP["signal"] is not None)
+        if stopped or step == tc.max_steps or (tc.save_every and step % tc.save_every == 0):
+            save(run, step)
+        if stopped:
+            run.logger.info(f"signal {_STOP['signal']} received: saved step {step}, exiting (resume by re-running)")
+            break
+    pbar.close()
+    completed = step >= tc.max_steps
+    if env.is_main and completed:  # the last step was checkpointed in the loop
+        run.logger.close()
+        plot_run(run.out / "log.jsonl", run.out / "plot.png", title=f"alum-train {run.out.name}",
+                 alum_start=cfg.alum.start_step if cfg.alum.alpha > 0 else None)
+        write_json_atomic(run.out / "COMPLETED", {"step": step, "max_steps": tc.max_steps})
+        LOG.info("done: %d steps; log %s; plot %s", step, run.out / "log.jsonl", run.out / "plot.png")
+    run.logger.close()
+    return {"step": step, "completed": completed, "stopped": stopped}
+
+
+def tc_clip(cfg: TrainConfig) -> float:
+    # grad_clip 0 = no clipping; clip_grad_norm_ with inf still returns the norm for the log.
+    return cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr, force=True)
+
+
+def run_training(cfg: TrainConfig) -> dict:
+    """Set up the process group from torchrun's env, install the signal handlers, train, tear down."""
+    env = D.setup(cfg.train.device)
+    setup_logging(env.rank)
+    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    _STOP["signal"] = None
+    try:
+        return train(cfg, env)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        D.cleanup(env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(TrainConfig, argv, prog="alum-train", description=__doc__.split("\n\n")[0])
+    try:
+        run_training(cfg)
+    except (ValueError, FileNotFoundError) as exc:  # user errors: one clear line, no traceback
+        print(f"alum-train: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

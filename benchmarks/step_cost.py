@@ -1,0 +1,145 @@
+"""Cost of one training step, side by side on the same model and batch.
+
+    python benchmarks/step_cost.py                      # GPU: BERT-base, seq 128, bf16; CPU: mini, fp32
+    python benchmarks/step_cost.py --preset base --batch-size 32 --device cpu
+
+Times three steps (forward, backward, AdamW step each), interleaved in rounds so that drift in machine
+load hits all three alike, and reports the median:
+
+(a) ``hf``        HF ``BertForPreTraining(..., labels=, next_sentence_label=)``: full (B, T, V) logits
+(b) ``standard``  the project's step (:class:`alum_pretrain.engine.step.PretrainStep`, ALUM off): the LM
+                  head on the masked positions only
+(c) ``alum``      the project's ALUM step, K = 1 (clean + noisy + adversarial forwards, input-only ascent
+                  backward, one backward through two graphs; floor 8/3 = 2.67x a standard step)
+
+Goals (issue 3): ``standard_speedup_vs_hf`` >= 1.3 and ``alum_over_standard`` <= 2.75.  The last two lines
+are exactly ``standard_speedup_vs_hf=<float>`` and ``alum_over_standard=<float>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from alum_pretrain.adversarial import ALUMConfig  # noqa: E402
+from alum_pretrain.engine.optim import build_optimizer  # noqa: E402
+from alum_pretrain.engine.config import OptimConfig  # noqa: E402
+from alum_pretrain.engine.step import STREAM_ALUM, Masker, PretrainStep, sample_generators  # noqa: E402
+from alum_pretrain.masking import MaskingConfig  # noqa: E402
+from alum_pretrain.models import PretrainModel, build_scratch_model  # noqa: E402
+
+
+def make_batch(B: int, T: int, V: int, seed: int) -> dict:
+    """A BERT pair batch of random word ids: [CLS] A [SEP] B [SEP], no padding (timing only)."""
+    g = torch.Generator().manual_seed(seed)
+    cls, sep, pad, mask = 2, 3, 0, 4
+    ids = torch.randint(10, V, (B, T), generator=g)
+    ids[:, 0] = cls
+    cut = T // 2
+    ids[:, cut] = sep
+    ids[:, -1] = sep
+    tt = torch.zeros(B, T, dtype=torch.long)
+    tt[:, cut + 1:] = 1
+    special = (ids == cls) | (ids == sep)
+    return {"input_ids": ids, "attention_mask": torch.ones(B, T, dtype=torch.long), "token_type_ids": tt,
+            "special_mask": special, "continuation": torch.zeros(B, T, dtype=torch.bool),
+            "next_sentence_label": torch.randint(0, 2, (B,), generator=g)}, mask, pad
+
+
+def main(argv=None) -> int:
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if cuda else "cpu")
+    p.add_argument("--preset", default="base" if cuda else "mini", help="model size preset (models.PRESETS)")
+    p.add_argument("--batch-size", type=int, default=64 if cuda else 8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--vocab", type=int, default=30522, help="vocabulary size (BERT: 30522)")
+    p.add_argument("--mask-rate", type=float, default=0.15)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16" if cuda else "fp32")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median reported)")
+    p.add_argument("--steps", type=int, default=10 if cuda else 3, help="steps per method per round")
+    p.add_argument("--warmup", type=int, default=3 if cuda else 1)
+    args = p.parse_args(argv)
+
+    dev = torch.device(args.device)
+    torch.manual_seed(0)
+    batch, mask_id, pad_id = make_batch(args.batch_size, args.seq_len, args.vocab, seed=0)
+    hf = build_scratch_model(args.preset, args.vocab, pad_id, nsp=True, dropout=0.1).to(dev)
+    model = PretrainModel(hf)
+    opt = build_optimizer(model, OptimConfig(lr=1e-5), dev)
+    masker = Masker(MaskingConfig(), mask_id, torch.arange(10, args.vocab), seed=0)
+    mb = masker(batch, args.mask_rate, 0, torch.arange(args.batch_size))
+    N, B = mb["n_masked"], args.batch_size
+    d = {k: (v.to(dev) if torch.is_tensor(v) and k != "sample_ids" else v) for k, v in mb.items()}
+    gens = sample_generators(0, 0, mb["sample_ids"], STREAM_ALUM, dev)
+    step_std = PretrainStep(model, ALUMConfig(alpha=0.0), nsp=True)
+    step_alum = PretrainStep(model, ALUMConfig(k_steps=1), nsp=True)
+    amp = (torch.autocast(dev.type, dtype=torch.bfloat16) if args.precision == "bf16" else None)
+
+    def fwd(fn):
+        if amp is None:
+            return fn()
+        with amp:
+            return fn()
+
+    def hf_step():
+        out = fwd(lambda: hf(input_ids=d["input_ids"], attention_mask=d["attention_mask"],
+                             token_type_ids=d["token_type_ids"], labels=d["labels"],
+                             next_sentence_label=d["next_sentence_label"]))
+        out.loss.backward()
+
+    def std_step():
+        loss, _ = fwd(lambda: step_std(d, alum_on=False, mlm_denom=float(N), nsp_denom=float(B)))
+        loss.backward()
+
+    def alum_step():
+        loss, _ = fwd(lambda: step_alum(d, alum_on=True, mlm_denom=float(N), nsp_denom=float(B),
+                                        alum_generators=gens))
+        loss.backward()
+
+    def timed(fn, n):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t) / n
+
+    methods = {"hf": hf_step, "standard": std_step, "alum": alum_step}
+    for fn in methods.values():
+        timed(fn, args.warmup)
+    times: dict[str, list[float]] = {k: [] for k in methods}
+    for _ in range(args.rounds):
+        for k, fn in methods.items():
+            times[k].append(timed(fn, args.steps))
+    med = {k: statistics.median(v) for k, v in times.items()}
+
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"device {name}; preset {args.preset} ({n_params / 1e6:.1f}M parameters, vocab {args.vocab}); "
+          f"batch {B} x seq {args.seq_len}; {N} masked tokens ({args.mask_rate:.0%}); {args.precision}; "
+          f"median of {args.rounds} rounds x {args.steps} steps")
+    tokens = B * args.seq_len
+    print(f"{'step':<10} {'ms/step':>10} {'tokens/s':>12} {'vs standard':>12}")
+    for k in methods:
+        print(f"{k:<10} {1e3 * med[k]:>10.1f} {tokens / med[k]:>12.0f} {med[k] / med['standard']:>11.2f}x")
+    print("spread (min-max ms): " + ", ".join(f"{k} {1e3 * min(v):.1f}-{1e3 * max(v):.1f}" for k, v in times.items()))
+    print(f"standard_speedup_vs_hf={med['hf'] / med['standard']:.3f}")
+    print(f"alum_over_standard={med['alum'] / med['standard']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Helpers for the engine tests: a small real data-bin (no ../shared needed) and a run launcher.
+
+The corpus is the standard library's docstrings (the demo's corpus: real English on every machine),
+tokenized with a small WordPiece vocabulary trained on it, written by ``tests/databin_factory.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+COMMON = [
+    "--model.preset=tiny",
+    "--data.max_seq_len=32",
+    "--train.batch_size=4",
+    "--train.log_every=1",
+    "--train.progress=false",
+    "--train.eval_batches=2",
+    "--optim.lr=1e-3",
+    "--optim.warmup_ratio=0.1",
+]
+
+
+def make_stdlib_databin(out: Path, n_docs: int = 120, vocab_size: int = 1000) -> Path:
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertTokenizerFast
+
+    from alum_pretrain.demo import split_sentences, stdlib_documents
+    from databin_factory import make_databin
+
+    docs = [[s for p in d for s in split_sentences(p)] for d in stdlib_documents(max_docs=n_docs)]
+    wp = BertWordPieceTokenizer(lowercase=True)
+    wp.train_from_iterator((s for d in docs for s in d), vocab_size=vocab_size, min_frequency=2,
+                           special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], show_progress=False)
+    vocab = wp.get_vocab()
+    tok = BertTokenizerFast(vocab=vocab, do_lower_case=True)
+    return make_databin(out, [{"train": docs[:-12], "valid": docs[-12:]}], None, tokenizer=tok)
+
+
+def train_args(databin: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    return [f"--data.path={databin}", f"--train.output_dir={out}", f"--train.max_steps={steps}", *COMMON, *extra]
+
+
+def run_train(databin: Path, out: Path, steps: int, *extra: str) -> int:
+    from alum_pretrain.train import main
+
+    return main(train_args(databin, out, steps, *extra))
+
+
+def read_log(out: Path, kind: str = "train") -> list[dict]:
+    recs = [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in recs if r.get("kind", "train") == kind]
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    from alum_pretrain.engine.checkpoint import latest_checkpoint
+
+    ck = latest_checkpoint(out)
+    assert ck is not None, f"no checkpoint in {out}"
+    return load_file(str(ck / "model" / "model.safetensors"))
+
+
+def max_weight_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)

@@ -1,0 +1,186 @@
+"""alum-launch against a REAL SLURM (munged + slurmctld + slurmd started by the fixture on this machine).
+
+The cluster has two nodes when this machine allows network namespaces (each slurmd in its own network,
+UTS and mount namespace: real two-node gloo training over TCP, `tests/slurm_cluster.py:NetnsSlurm`), and
+one node otherwise (`LocalSlurm`); the tests skip with the reason when SLURM cannot start at all.
+
+A tiny CPU run is submitted with the generated script, preempted mid-run with the script's stop signal
+(``scancel --signal=USR1 --batch``: exactly what ``--signal=B:USR1@180`` delivers before a time limit), and
+must save, requeue itself, resume and finish with the same step count and weights as an uninterrupted run
+of the same config and world size started with ``alum-launch local``.  The fairseq engine's script is
+preempted the same way (it requeues at once and fairseq resumes from checkpoint_last.pt), and a second
+signal after the last allowed requeue must not requeue again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from engine_helpers import final_weights, make_stdlib_databin, max_weight_diff, read_log
+from slurm_cluster import LocalSlurm, NetnsSlurm
+
+pytestmark = pytest.mark.slurm
+STEPS = 30
+RUNNING = ("PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Two nodes in network namespaces when possible, else one node; skip when neither starts."""
+    why = LocalSlurm.unavailable()
+    if why:
+        pytest.skip(why)
+    reasons = []
+    candidates = [] if NetnsSlurm.unavailable() else [lambda: NetnsSlurm(tmp_path_factory.mktemp("slurm2"), nodes=2)]
+    candidates.append(lambda: LocalSlurm(tmp_path_factory.mktemp("slurm1")))
+    for make in candidates:
+        c = make()
+        try:
+            c.start()
+        except (RuntimeError, subprocess.CalledProcessError, OSError) as exc:
+            c.stop()
+            reasons.append(f"{type(c).__name__}: {exc}")
+            continue
+        yield c
+        c.stop()
+        return
+    pytest.skip("a local SLURM cluster could not start here: " + " | ".join(reasons))
+
+
+@pytest.fixture(scope="module")
+def databin(tmp_path_factory) -> Path:
+    return make_stdlib_databin(tmp_path_factory.mktemp("launch") / "data-bin", n_docs=60)
+
+
+def _run_yaml(tmp_path: Path, databin: Path, steps: int = STEPS, **train) -> Path:
+    cfg = {
+        "data": {"path": str(databin), "max_seq_len": 32},
+        "model": {"preset": "tiny"},
+        # ALUM switches on mid-run and the masking curriculum has 5 phases: the resumed part crosses both.
+        "alum": {"start_step": 6, "epsilon": 1e-3, "noise_std": 1e-3},
+        "optim": {"lr": 1e-3, "warmup_ratio": 0.1},
+        "train": {"max_steps": steps, "batch_size": 4, "log_every": 1, "eval_every": 0, "save_every": 0,
+                  "progress": False, "keep_last": 5, **train},
+    }
+    p = tmp_path / "run.yaml"
+    p.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return p
+
+
+def _submit(cluster, *argv) -> tuple[str, Path]:
+    """alum-launch slurm ...; returns (job id, log file).  One OpenMP thread per process everywhere."""
+    r = subprocess.run([sys.executable, "-m", "launch.cli", "slurm", *map(str, argv)], capture_output=True,
+                       text=True, env=dict(cluster.env, OMP_NUM_THREADS="1"), timeout=120)
+    assert r.returncode == 0, r.stderr
+    job_id = re.search(r"submitted job (\d+)", r.stdout).group(1)
+    return job_id, Path(re.search(r"log: (\S+)", r.stdout).group(1))
+
+
+def _wait_for(cluster, job_id: str, log_file: Path, ready, what: str, timeout: float = 150) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if ready():
+            return
+        info = cluster.job(job_id)
+        assert info.get("JobState") in RUNNING, (info, log_file.read_text()[-3000:] if log_file.exists() else "")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}: {log_file.read_text()[-3000:] if log_file.exists() else ''}")
+
+
+def _lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_preempted_job_saves_requeues_and_resumes_to_the_uninterrupted_weights(cluster, databin, tmp_path):
+    nodes = len(cluster.node_names)
+    run = _run_yaml(tmp_path, databin, global_batch_size=4 * nodes)
+    ref, out = tmp_path / "reference", tmp_path / "runs" / "alum-slurm-test"
+
+    # The uninterrupted reference on this machine with the same world size (torchrun --standalone, CPU),
+    # in parallel.  One intra-op thread in both runs, so the float reductions match and the check is tight.
+    reference = subprocess.Popen(
+        [sys.executable, "-m", "launch.cli", "local", "--config", str(run), "--device", "cpu",
+         "--nproc-per-node", str(nodes), "--output-dir", str(ref)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+    job_id, log_file = _submit(cluster, "--config", run, "--output-dir", out, "--nodes", nodes, "--gpus-per-node", 0,
+                               "--cpus-per-task", 1, "--time", 10, "--max-requeues", 1)
+    assert log_file == out / "slurm" / f"alum-slurm-test-{job_id}.log"
+    # Preempt mid-run: once a few steps are logged, signal the batch shell as SLURM does before the time limit.
+    _wait_for(cluster, job_id, log_file, lambda: _lines(out / "log.jsonl") >= 3, "training progress")
+    cluster.run("scancel", "--signal=USR1", "--batch", job_id)
+    cluster.wait_job(job_id, lambda j: j.get("Restarts") == "1", 120, "the requeue")
+    info = cluster.wait_job(job_id, lambda j: j.get("JobState") not in RUNNING, 240, "the end")
+    text = log_file.read_text()
+    assert info["JobState"] == "COMPLETED", text[-4000:]
+    assert f"on {nodes} node(s) [" in text and f"world size {nodes}" in text, text[-4000:]
+    assert "got SIGUSR1" in text and "requeueing job" in text, text[-4000:]
+    assert "(restart 1/1)" in text and "run completed" in text, text[-4000:]
+
+    # The first run saved at the step it stopped, strictly inside the run; the requeued one went on from there.
+    stopped = re.search(r"signal \S+ received: saved step (\d+)", text)
+    assert stopped, text[-4000:]
+    stop_step = int(stopped.group(1))
+    assert 3 <= stop_step < STEPS
+    assert re.search(rf"resumed from \S+step-{stop_step} at step {stop_step}", text), text[-4000:]
+    assert json.loads((out / "COMPLETED").read_text())["step"] == STEPS
+    assert [r["step"] for r in read_log(out)] == list(range(1, STEPS + 1))  # each step exactly once
+
+    ref_out, _ = reference.communicate(timeout=300)
+    assert reference.returncode == 0, ref_out[-3000:]
+    assert json.loads((ref / "COMPLETED").read_text())["step"] == STEPS
+    assert max_weight_diff(final_weights(ref), final_weights(out)) <= 1e-6
+    la = {r["step"]: r for r in read_log(ref)}
+    for r in read_log(out):
+        for key in ("loss", "mlm", "nsp", "adv"):
+            assert r[key] == pytest.approx(la[r["step"]][key], rel=1e-6, abs=1e-9), (r["step"], key)
+
+
+@pytest.mark.fairseq
+def test_fairseq_job_requeues_resumes_from_checkpoint_last_and_respects_max_requeues(cluster, databin, tmp_path):
+    """fairseq-train cannot save on a signal: the stop signal requeues at once and the requeued job resumes
+    from checkpoints/checkpoint_last.pt; a second signal after the last allowed requeue does not requeue,
+    fairseq runs on to --max-update and the script writes COMPLETED."""
+    from conftest import fairseq_available
+
+    if not fairseq_available():
+        pytest.skip("fairseq not installed (bash scripts/setup.sh installs the [fairseq] extra)")
+    steps = 80
+    run = _run_yaml(tmp_path, databin, steps=steps)
+    out = tmp_path / "runs" / "fairseq-test"
+    job_id, log_file = _submit(cluster, "--engine", "fairseq", "--config", run, "--output-dir", out, "--nodes", 1,
+                               "--gpus-per-node", 0, "--max-requeues", 1, "--", "--save-interval-updates", "10")
+    last = out / "checkpoints" / "checkpoint_last.pt"
+    _wait_for(cluster, job_id, log_file, last.exists, "checkpoint_last.pt")
+    cluster.run("scancel", "--signal=USR1", "--batch", job_id)
+    cluster.wait_job(job_id, lambda j: j.get("Restarts") == "1", 120, "the requeue")
+    resumed_re = r"Loaded checkpoint \S+checkpoint_last\.pt \(epoch \d+ @ (\d+) updates\)"
+    _wait_for(cluster, job_id, log_file, lambda: re.search(resumed_re, log_file.read_text()) is not None,
+              "the resume")
+    cluster.run("scancel", "--signal=USR1", "--batch", job_id)  # no requeue left: runs on
+    info = cluster.wait_job(job_id, lambda j: j.get("JobState") not in RUNNING, 240, "the end")
+    text = log_file.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-4000:]
+    assert "fairseq-train cannot save on a signal: requeue at once" in text and "(restart 1/1)" in text
+    assert f"not requeued: 1 requeue(s) used; resubmit (sbatch {out}/slurm/fairseq-test.sbatch)" in text, text[-4000:]
+    resumed = int(re.search(resumed_re, text).group(1))
+    assert 10 <= resumed < steps and resumed % 10 == 0, text[-4000:]
+    assert f"num_updates: {steps} >= max_update: {steps}" in text
+    assert json.loads((out / "COMPLETED").read_text())["engine"] == "fairseq"
+
+
+def test_sbatch_refusal_is_a_clear_error(cluster, databin, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "launch.cli", "slurm", "--config", str(_run_yaml(tmp_path, databin)),
+                        "--output-dir", str(tmp_path / "out"), "--gpus-per-node", "0", "--partition", "no-such-part"],
+                       capture_output=True, text=True, env=cluster.env, timeout=120)
+    assert r.returncode == 2 and "alum-launch: error: sbatch" in r.stderr and "partition" in r.stderr.lower(), r.stderr
+    assert (tmp_path / "out" / "slurm" / "out.sbatch").exists()  # the script is kept for inspection
