@@ -129,16 +129,20 @@ def setup_logging(rank: int) -> None:
 
 def run_training(cfg: TrainConfig) -> dict:
     """Set up the process group from torchrun's env, install the signal handlers, train, tear down."""
-    env = D.setup(cfg.train.device)
-    setup_logging(env.rank)
-    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    # Handlers first: a preemption signal that arrives while the process group or the model is being
+    # set up is remembered and honoured after the first step (save, exit 0) instead of being lost.
     _STOP["signal"] = None
+    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    env = None
     try:
+        env = D.setup(cfg.train.device)
+        setup_logging(env.rank)
         return train(cfg, env)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        D.cleanup(env)
+        if env is not None:
+            D.cleanup(env)
 
 
 def main(argv: list[str] | None = None) -> int:
