@@ -11,15 +11,17 @@ What the script does (one task per node, ``--ntasks-per-node=1``)::
              GPU, rank = SLURM_NODEID * G + local index, init tcp://HEAD_NODE:PORT)
 
 Preemption / time limit: ``#SBATCH --signal=B:USR1@180`` signals the batch shell; its trap forwards USR1 to
-the step (srun relays it to every process of the step on every node): alum-train's workers finish the
-step, save a checkpoint and exit 0 while torchrun ignores the signal (``trap '' USR1`` before ``exec``)
-and exits 0 once its workers have.  The shell then runs ``scontrol requeue $SLURM_JOB_ID`` unless
-``OUTPUT/COMPLETED`` exists or ``$SLURM_RESTART_COUNT`` reached ``--max-requeues``; the requeued job
-(same id, same name, same output folder) resumes from the newest checkpoint.  fairseq-train has no
-save-on-signal: the trap requeues at once and fairseq resumes from ``checkpoint_last.pt`` (the updates
-since the last ``--save-interval-updates`` are redone); fairseq-train ignores the signal itself (when no
-requeue is left it runs on until it finishes or the time limit), and the script writes ``OUTPUT/COMPLETED``
-when it exits 0, which it does only at ``--max-update``.
+the step (srun relays it to every process of the step on every node) and waits for the step to end.
+alum-train's workers finish the step, save a checkpoint and exit 0 while torchrun ignores the signal
+(``trap '' USR1`` before ``exec``) and exits 0 once its workers have.  fairseq-train does the same through the
+plugin (``alum_pretrain/fairseq_ext/preemption.py``): after the current update every rank saves
+``checkpoint_last.pt`` at that update and fairseq-train exits 0, after writing ``$ALUM_FAIRSEQ_STOP_FILE``
+(``OUTPUT/slurm/stopped-on-signal.json``, removed by the script before the step) so that the script can tell
+this exit 0 from the one at ``--max-update``.  The shell then runs ``scontrol requeue $SLURM_JOB_ID`` unless
+the run is complete (native: ``OUTPUT/COMPLETED`` exists, written by alum-train; fairseq: the script writes
+``OUTPUT/COMPLETED`` when fairseq-train exits 0 without the stop file, i.e. at ``--max-update``) or
+``$SLURM_RESTART_COUNT`` reached ``--max-requeues``; the requeued job (same id, same name, same output
+folder) resumes from the newest checkpoint (fairseq: ``checkpoint_last.pt``, no update lost).
 """
 
 from __future__ import annotations
@@ -100,6 +102,11 @@ def _environment(res: Resources, job: Job) -> list[str]:
     if res.cpus_per_task:
         threads = max(1, res.cpus_per_task // res.procs_per_node)
         out.append(f'export OMP_NUM_THREADS="${{OMP_NUM_THREADS:-{threads}}}"   # CPUs per task / processes per node')
+    if job.engine == "fairseq":
+        out += ["# The fairseq plugin writes this file when a stop signal made fairseq-train save and exit 0",
+                "# (resume, not complete); a stale one from an earlier run must not count.",
+                'export ALUM_FAIRSEQ_STOP_FILE="$OUTPUT_DIR/slurm/stopped-on-signal.json"',
+                'rm -f "$ALUM_FAIRSEQ_STOP_FILE"']
     for k, v in job.env:
         out.append(f"export {k}={shlex.quote(v)}")
     return out
@@ -146,8 +153,10 @@ def _on_signal(res: Resources, job: Job) -> str:
     return f"""on_stop_signal() {{
   [ -n "$STOPPING" ] && return 0
   STOPPING={sig}
-  log "got SIG{sig}: fairseq-train cannot save on a signal: requeue at once if allowed (it resumes from checkpoint_last.pt)"
-  requeue_or_stop || true
+  log "got SIG{sig}: asking fairseq-train to save checkpoint_last.pt and exit (SIGUSR1 to every process of the step)"
+  # srun relays the signal to every process of the step on every node; the plugin's handler makes every
+  # rank stop after the current update, save and exit 0 (fairseq-train's launcher shell ignores it).
+  kill -USR1 "$STEP_PID" 2>/dev/null || log "could not signal the step (already finished?)"
 }}"""
 
 
@@ -159,11 +168,16 @@ if [ -n "$STOPPING" ]; then
   requeue_or_stop; exit $?
 fi
 exit "$STEP_RC\""""
-    return """if [ "$STEP_RC" -eq 0 ]; then
-  # fairseq-train (which ignores the stop signal) exits 0 only when --max-update is reached: mark the run
-  # complete, atomically.
+    return """if [ "$STEP_RC" -eq 0 ] && [ ! -e "$ALUM_FAIRSEQ_STOP_FILE" ]; then
+  # fairseq-train exited 0 without stopping on a signal: it reached --max-update (or its own early-stop
+  # conditions): mark the run complete, atomically.
   echo "{\\"engine\\": \\"fairseq\\", \\"job_id\\": \\"$SLURM_JOB_ID\\"}" > "$OUTPUT_DIR/COMPLETED.tmp" && mv "$OUTPUT_DIR/COMPLETED.tmp" "$OUTPUT_DIR/COMPLETED"
   log "run completed: $OUTPUT_DIR/COMPLETED"; exit 0
+fi
+if [ -n "$STOPPING" ] || [ -e "$ALUM_FAIRSEQ_STOP_FILE" ]; then
+  if [ -e "$ALUM_FAIRSEQ_STOP_FILE" ]; then log "fairseq-train saved and stopped: $(cat "$ALUM_FAIRSEQ_STOP_FILE")"
+  else log "the step did not exit cleanly after the signal; the run resumes from checkpoint_last.pt"; fi
+  requeue_or_stop; exit $?
 fi
 exit "$STEP_RC\""""
 

@@ -225,6 +225,8 @@ def test_fairseq_script_wiring(tmp_path, capsys, nodes):
     assert opts["--save-dir"] == str(tmp_path / "runs" / "bert-alum" / "checkpoints")
     assert "--fp16" in fs and opts["--max-update"] == "100000"
     assert '> "$OUTPUT_DIR/COMPLETED.tmp"' in script
+    # stop signal -> forwarded to the step (the plugin saves and exits 0), not an immediate requeue
+    assert 'kill -USR1 "$STEP_PID"' in script and '[ ! -e "$ALUM_FAIRSEQ_STOP_FILE" ]' in script
 
 
 def _fairseq_flags_of(script: str) -> list[str]:

@@ -8,8 +8,9 @@ A tiny CPU run is submitted with the generated script, preempted mid-run with th
 (``scancel --signal=USR1 --batch``: exactly what ``--signal=B:USR1@180`` delivers before a time limit), and
 must save, requeue itself, resume and finish with the same step count and weights as an uninterrupted run
 of the same config and world size started with ``alum-launch local``.  The fairseq engine's script is
-preempted the same way (it requeues at once and fairseq resumes from checkpoint_last.pt), and a second
-signal after the last allowed requeue must not requeue again.
+preempted the same way (the plugin saves checkpoint_last.pt at the current update, fairseq-train exits 0,
+the script requeues and fairseq resumes from that update), and a second signal after the last allowed
+requeue must save but not requeue again.
 """
 
 from __future__ import annotations
@@ -146,36 +147,57 @@ def test_preempted_job_saves_requeues_and_resumes_to_the_uninterrupted_weights(c
 
 
 @pytest.mark.fairseq
-def test_fairseq_job_requeues_resumes_from_checkpoint_last_and_respects_max_requeues(cluster, databin, tmp_path):
-    """fairseq-train cannot save on a signal: the stop signal requeues at once and the requeued job resumes
-    from checkpoints/checkpoint_last.pt; a second signal after the last allowed requeue does not requeue,
-    fairseq runs on to --max-update and the script writes COMPLETED."""
+def test_fairseq_job_saves_on_signal_requeues_resumes_and_respects_max_requeues(cluster, databin, tmp_path):
+    """The stop signal makes fairseq-train (the plugin) save checkpoint_last.pt at the current update and exit
+    0; the script requeues and the requeued job resumes from exactly that update.  A second signal after the
+    last allowed requeue saves again but does not requeue; resubmitting the script (as its log says) resumes
+    and finishes: every update runs exactly once over the three runs and the script writes COMPLETED."""
     from conftest import fairseq_available
 
     if not fairseq_available():
         pytest.skip("fairseq not installed (bash scripts/setup.sh installs the [fairseq] extra)")
-    steps = 80
+    steps, interval = 40, 25
     run = _run_yaml(tmp_path, databin, steps=steps)
     out = tmp_path / "runs" / "fairseq-test"
     job_id, log_file = _submit(cluster, "--engine", "fairseq", "--config", run, "--output-dir", out, "--nodes", 1,
-                               "--gpus-per-node", 0, "--max-requeues", 1, "--", "--save-interval-updates", "10")
-    last = out / "checkpoints" / "checkpoint_last.pt"
-    _wait_for(cluster, job_id, log_file, last.exists, "checkpoint_last.pt")
+                               "--gpus-per-node", 0, "--max-requeues", 1, "--", "--save-interval-updates", interval)
+    script = out / "slurm" / "fairseq-test.sbatch"
+    updates_re = re.compile(r"num_updates=(\d+)")
+    stopped_re = re.compile(r"SIGUSR1 received: saved \S+checkpoint_last\.pt at update (\d+); stopping")
+    resumed_re = re.compile(r"Loaded checkpoint \S+checkpoint_last\.pt \(epoch \d+ @ (\d+) updates\)")
+
+    def progress() -> int:
+        text = log_file.read_text() if log_file.exists() else ""
+        return max(map(int, updates_re.findall(text)), default=0)
+
+    _wait_for(cluster, job_id, log_file, lambda: progress() >= 3, "training progress")
     cluster.run("scancel", "--signal=USR1", "--batch", job_id)
     cluster.wait_job(job_id, lambda j: j.get("Restarts") == "1", 120, "the requeue")
-    resumed_re = r"Loaded checkpoint \S+checkpoint_last\.pt \(epoch \d+ @ (\d+) updates\)"
-    _wait_for(cluster, job_id, log_file, lambda: re.search(resumed_re, log_file.read_text()) is not None,
-              "the resume")
-    cluster.run("scancel", "--signal=USR1", "--batch", job_id)  # no requeue left: runs on
+    _wait_for(cluster, job_id, log_file, lambda: resumed_re.search(log_file.read_text()) is not None, "the resume")
+    cluster.run("scancel", "--signal=USR1", "--batch", job_id)  # no requeue left: saves, stops, not requeued
     info = cluster.wait_job(job_id, lambda j: j.get("JobState") not in RUNNING, 240, "the end")
     text = log_file.read_text()
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-4000:]
-    assert "fairseq-train cannot save on a signal: requeue at once" in text and "(restart 1/1)" in text
-    assert f"not requeued: 1 requeue(s) used; resubmit (sbatch {out}/slurm/fairseq-test.sbatch)" in text, text[-4000:]
-    resumed = int(re.search(resumed_re, text).group(1))
-    assert 10 <= resumed < steps and resumed % 10 == 0, text[-4000:]
-    assert f"num_updates: {steps} >= max_update: {steps}" in text
-    assert json.loads((out / "COMPLETED").read_text())["engine"] == "fairseq"
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "1", text[-4000:]
+    assert text.count("got SIGUSR1: asking fairseq-train to save checkpoint_last.pt") == 2, text[-4000:]
+    assert "(restart 1/1)" in text and text.count("fairseq-train saved and stopped: {") == 2, text[-4000:]
+    assert f"not requeued: 1 requeue(s) used; resubmit (sbatch {script})" in text, text[-4000:]
+    assert not (out / "COMPLETED").exists()
+    stops = [int(u) for u in stopped_re.findall(text)]
+    resumes = [int(u) for u in resumed_re.findall(text)]
+    assert len(stops) == 2 and 3 <= stops[0] < stops[1] < steps, text[-4000:]
+    assert resumes == [stops[0]], text[-4000:]  # resumed at the update it stopped, not at an interval save
+
+    # Resubmit as the log says: a new job resumes from the second stop and completes the run.
+    job2 = cluster.run("sbatch", "--parsable", str(script)).stdout.strip().split(";")[0]
+    info2 = cluster.wait_job(job2, lambda j: j.get("JobState") not in RUNNING, 240, "the resubmitted job")
+    text2 = (out / "slurm" / f"fairseq-test-{job2}.log").read_text()
+    assert info2["JobState"] == "COMPLETED", text2[-4000:]
+    assert [int(u) for u in resumed_re.findall(text2)] == [stops[1]], text2[-4000:]
+    assert f"num_updates: {steps} >= max_update: {steps}" in text2 and "run completed" in text2
+    assert json.loads((out / "COMPLETED").read_text()) == {"engine": "fairseq", "job_id": job2}
+    # Each update trained exactly once over the three runs (fairseq logs every update: --log-interval 1).
+    logged = [int(u) for u in updates_re.findall(text + text2)]
+    assert logged == list(range(1, steps + 1)), logged
 
 
 def test_sbatch_refusal_is_a_clear_error(cluster, databin, tmp_path):

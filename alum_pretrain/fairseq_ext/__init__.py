@@ -5,7 +5,9 @@ Load it with ``fairseq-train DATA --user-dir alum_pretrain/fairseq_ext --task al
 both register the task and criterion exactly once, under the module names
 ``alum_pretrain.fairseq_ext.task`` / ``.criterion``.  This is the only package of the project that imports
 fairseq; when fairseq is not installed, importing it registers nothing (the exporter
-:mod:`alum_pretrain.fairseq_ext.export_hf` needs only torch + transformers).
+:mod:`alum_pretrain.fairseq_ext.export_hf` needs only torch + transformers).  Inside fairseq-train it also
+makes SIGUSR1/SIGTERM save a checkpoint at the current update and end the run with status 0
+(:mod:`alum_pretrain.fairseq_ext.preemption`).
 """
 
 from __future__ import annotations
@@ -31,4 +33,8 @@ elif importlib.util.find_spec("fairseq") is not None:
     # --restore-file (resume, continual pre-training).  Allow exactly that plain attribute container.
     torch.serialization.add_safe_globals([argparse.Namespace])
 
-    from . import criterion, task  # noqa: F401,E402  (register_task / register_criterion)
+    from . import criterion, preemption, task  # noqa: F401,E402  (register_task / register_criterion)
+
+    # Save-on-signal (SIGUSR1/SIGTERM -> checkpoint at the current update, exit 0); a no-op unless this
+    # process is fairseq-train itself.
+    preemption.install()
