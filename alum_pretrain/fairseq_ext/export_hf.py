@@ -1,7 +1,7 @@
 """fairseq RoBERTa checkpoint (``checkpoint_*.pt``) -> HuggingFace ``RobertaForMaskedLM`` folder.
 
-Used by ``alum-export CKPT.pt OUT`` (dispatched here for fairseq ``.pt`` files) or
-``python -m alum_pretrain.fairseq_ext.export_hf CKPT.pt OUT``.  Needs torch + transformers (+ omegaconf,
+Used by ``alum-export CKPT.pt OUT`` (:mod:`alum_pretrain.export` dispatches fairseq ``.pt`` files
+here).  Needs torch + transformers (+ omegaconf,
 which fairseq checkpoints pickle); it does **not** import fairseq.
 
 Why not transformers' ``convert_roberta_original_pytorch_checkpoint_to_pytorch.py``: it needs fairseq's
@@ -44,13 +44,11 @@ fairseq (``encoder.sentence_encoder.`` = ``S.``)                       HF ``Robe
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import pickle
 import shutil
-import sys
 import tempfile
 from argparse import Namespace
 from pathlib import Path
@@ -331,33 +329,3 @@ def export_fairseq(ckpt: str | os.PathLike, out: str | os.PathLike, *, tokenizer
         raise
     log.info("exported fairseq checkpoint %s -> %s (RobertaForMaskedLM%s)", ckpt, out, " + NSP head" if nsp else "")
     return out
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m alum_pretrain.fairseq_ext.export_hf",
-        description="Export a fairseq RoBERTa checkpoint (alum_masked_lm or masked_lm) to a HuggingFace "
-                    "RobertaForMaskedLM folder with the data-bin's tokenizer (+ nsp_head.safetensors). "
-                    "Same as `alum-export CKPT.pt OUT`.")
-    p.add_argument("ckpt", metavar="CKPT.pt", help="fairseq checkpoint file, e.g. checkpoints/checkpoint_last.pt")
-    p.add_argument("out", metavar="OUT", help="output folder (written to a temporary name, renamed when complete)")
-    p.add_argument("--tokenizer", metavar="DIR", default=None,
-                   help="the alum-prep data-bin (or its tokenizer/ folder); default: the checkpoint's task data path")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it already exists")
-    return p
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        out = export_fairseq(args.ckpt, args.out, tokenizer=args.tokenizer, overwrite=args.overwrite)
-    except ValueError as e:
-        print(f"alum-export: error: {e}", file=sys.stderr)
-        return 2
-    print(out)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
