@@ -1,0 +1,253 @@
+"""RIFT: robust informative fine-tuning (Dong et al., NeurIPS 2021, "How Should Pre-Trained Language
+Models Be Fine-Tuned Towards Adversarial Robustness?").
+
+Method card
+-----------
+**What.** Adversarial fine-tuning that keeps the features of the pre-trained model: maximise
+I(S; Y) + alpha I(S; T | Y), S = features of the model being fine-tuned, T = features of a FROZEN copy
+of the pre-trained encoder.  As in the official code (dongxinshuai/RIFT-NeurIPS2021 ``rift_train.py``)::
+
+    loss = w_clean CE(f(x), y) + w_adv CE(f(x_adv), y) + w_kl KL(p(x) || p(x_adv))
+         + w_mi_adv InfoNCE_y(S(x_adv), T(x)) + w_mi_clean InfoNCE_y(S(x), T(x))
+
+* S, T: the last layer's first-token hidden state ([CLS]) of the student and of the frozen teacher
+  (teacher on the clean input, under ``no_grad``, in eval mode, ``requires_grad=False``).
+* InfoNCE_y ("conditioned on Y"): within each class c of the batch, both features go through their own
+  class-specific trainable MLP (H -> proj_hidden -> proj_dim, ReLU), are L2-normalised, and
+  ``-mean_i log softmax_j'(s_j' . t_i / tau)[i]`` (softmax over the students for each teacher
+  feature, i.e. ``log_softmax(S T^T / tau, dim=0)`` diagonal); averaged over the classes present.
+* KL(p(x) || p(x_adv)) is TRADES-style with gradient through both sides (official ``loss_kl``).
+
+**Adversary.** ``ascc`` (default): the word-substitution adversary of ASCC (Dong et al., ICLR 2021):
+each word is replaced by a convex combination of the embeddings of {word} U synonyms (WordNet here),
+``e_adv = sum_s w_s E[cand_s]``, ``w = softmax(w_hat)`` over the valid candidates; w_hat ~ N(0, 1)
+(Kaiming-normal for a fan-in of 1) is optimised by Adam (lr ``ascc_lr``) for ``ascc_steps`` steps
+with the model in eval mode to maximise KL(p(x) || p(x_adv)) - ``ascc_sparse_weight`` x entropy(w)
+(the entropy summed over positions and divided by B*T pushes w towards a vertex, i.e. a real word).
+The final w is used (detached) in a train-mode forward whose gradient reaches the embedding matrix.
+Unlike the official code, any sub-word tokenizer works: the pieces of a word share one weight vector
+and synonyms must tokenise into as many pieces (see :func:`..data.substitution_candidates`).
+``embedding``: the embedding-space adversary instead (K per-example L2-normalised ascent steps on the
+word embeddings maximising the same KL, input-only gradients, projected to ``emb_max_norm``).
+
+**Defaults.** The official IMDB recipe: w_clean 1, w_kl 10, w_mi_adv 0.1 (SNLI: w_kl 5, w_mi_adv 0.7),
+w_adv 0, w_mi_clean 0; tau 0.2; projection 768->512->256 (here H->512->256); ASCC 10 steps, Adam lr 1,
+sparse weight 15, <= 10 candidates per word including the word.  Not reproduced: class-balanced
+batches, mixout, the 768->256->C classifier head (the checkpoint's own head is used).
+
+**Cost.** ascc_steps eval-mode forwards + input-only backwards, two train forwards, one teacher forward,
+one backward: ~ (ascc_steps + 4) x plain.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...adversarial import perturb
+from .base import Method, TrainContext, forward_from_embeds, task_loss, word_embeddings
+from .embedding_adv import EmbeddingAdvConfig, ascent_update, init_uniform_delta
+
+
+def _opt(default, help_text: str):
+    return field(default=default, metadata={"help": help_text})
+
+
+@dataclass
+class RIFTConfig:
+    """RIFT (method=rift): frozen pre-trained teacher + class-conditional InfoNCE + substitution adversary."""
+
+    adversary: str = _opt("ascc", "ascc (convex combination of WordNet synonym embeddings) or embedding "
+                                  "(L2 ball on the word embeddings)")
+    weight_clean: float = _opt(1.0, "weight of CE on clean inputs")
+    weight_adv: float = _opt(0.0, "weight of CE on adversarial inputs")
+    weight_kl: float = _opt(10.0, "weight of KL(p_clean || p_adv) (official IMDB 10, SNLI 5)")
+    weight_mi_adv: float = _opt(0.1, "weight of InfoNCE_y(student(x_adv), teacher(x)) (IMDB 0.1, SNLI 0.7)")
+    weight_mi_clean: float = _opt(0.0, "weight of InfoNCE_y(student(x), teacher(x))")
+    temperature: float = _opt(0.2, "InfoNCE temperature tau")
+    proj_hidden: int = _opt(512, "hidden size of the class-specific projection MLPs")
+    proj_dim: int = _opt(256, "output size of the projection MLPs")
+    ascc_steps: int = _opt(10, "Adam steps on the ASCC combination weights")
+    ascc_lr: float = _opt(1.0, "Adam learning rate of the ASCC weights")
+    ascc_sparse_weight: float = _opt(15.0, "entropy penalty on the ASCC weights (sum over positions / (B*T))")
+    max_candidates: int = _opt(10, "substitution candidates per word, the word included")
+    substitute_in: str = _opt("all", "which text may be substituted: all, a (first) or b (second, e.g. the "
+                                     "NLI hypothesis)")
+    wordnet_dir: str = _opt("", "WordNet 3.0 database folder (default: $ALUM_WORDNET_DIR or /usr/share/wordnet)")
+    emb_adv_lr: float = _opt(0.1, "adversary=embedding: ascent step size")
+    emb_adv_steps: int = _opt(2, "adversary=embedding: ascent steps")
+    emb_adv_init_mag: float = _opt(0.6, "adversary=embedding: random-start magnitude")
+    emb_max_norm: float = _opt(0.6, "adversary=embedding: per-example L2 radius (0 = unbounded)")
+
+    def __post_init__(self) -> None:
+        if self.adversary not in ("ascc", "embedding"):
+            raise ValueError(f"--rift.adversary={self.adversary!r} must be ascc or embedding")
+        if self.substitute_in not in ("all", "a", "b"):
+            raise ValueError(f"--rift.substitute_in={self.substitute_in!r} must be all, a or b")
+        if self.temperature <= 0:
+            raise ValueError(f"--rift.temperature={self.temperature} must be > 0")
+        if self.max_candidates < 2:
+            raise ValueError(f"--rift.max_candidates={self.max_candidates} must be >= 2 (the word + 1 synonym)")
+        if self.ascc_steps < 0 or self.emb_adv_steps < 1:
+            raise ValueError("--rift.ascc_steps must be >= 0 and --rift.emb_adv_steps >= 1")
+        for n in ("weight_clean", "weight_adv", "weight_kl", "weight_mi_adv", "weight_mi_clean", "ascc_lr",
+                  "ascc_sparse_weight"):
+            if getattr(self, n) < 0:
+                raise ValueError(f"--rift.{n} must be >= 0")
+
+    def embedding_adv(self) -> EmbeddingAdvConfig:
+        return _RIFTEmbeddingAdv(adv_lr=self.emb_adv_lr, adv_steps=self.emb_adv_steps,
+                                  adv_init_mag=self.emb_adv_init_mag, adv_max_norm=self.emb_max_norm,
+                                  norm_type="l2", reuse_dropout_masks=False)
+
+
+@dataclass
+class _RIFTEmbeddingAdv(EmbeddingAdvConfig):
+    _flag = "rift.emb"
+
+
+def kl_clean_adv(clean_logits: torch.Tensor, adv_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p_clean || p_adv), summed over classes, mean over the batch; gradient into both (TRADES)."""
+    lp = F.log_softmax(clean_logits.float(), -1)
+    lq = F.log_softmax(adv_logits.float(), -1)
+    return (lp.exp() * (lp - lq)).sum(-1).mean()
+
+
+def infonce_given_y(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
+                    heads_s: nn.ModuleList, heads_t: nn.ModuleList, tau: float) -> torch.Tensor:
+    """Class-conditional InfoNCE lower bound of I(S; T | Y) (negated: a loss).  student/teacher (B, H)."""
+    losses = []
+    dt = next(heads_s.parameters()).dtype   # the heads' dtype (float32 unless the caller changed it)
+    for c in torch.unique(labels).tolist():
+        idx = (labels == c).nonzero(as_tuple=True)[0]
+        s = F.normalize(heads_s[c](student[idx].to(dt)), dim=-1)       # (n_c, D)
+        t = F.normalize(heads_t[c](teacher[idx].to(dt)), dim=-1)       # (n_c, D)
+        f = s @ t.T / tau                                              # (n_c, n_c)
+        losses.append(-torch.diagonal(F.log_softmax(f, dim=0)).mean())
+    return torch.stack(losses).mean()
+
+
+def _mlp(h: int, hidden: int, out: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(h, hidden), nn.ReLU(), nn.Linear(hidden, out))
+
+
+class RIFT(Method):
+    name = "rift"
+
+    def __init__(self, cfg: RIFTConfig, regression: bool = False):
+        if regression:
+            raise ValueError("--run.method=rift needs a classification task (its MI terms are conditioned on "
+                             "the class); use smart/freelb/pgd/freeat for regression")
+        super().__init__(cfg, regression)
+        self.teacher: nn.Module | None = None
+        self.heads: nn.ModuleDict | None = None
+        self.needs_substitutions = cfg.adversary == "ascc"
+
+    def setup(self, model: nn.Module) -> None:
+        """Freeze a copy of the pre-trained model (call before any update) and build the MI heads."""
+        self.teacher = copy.deepcopy(model).eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        h, c = model.config.hidden_size, model.config.num_labels
+        cfg = self.cfg
+        self.heads = nn.ModuleDict({
+            "student": nn.ModuleList(_mlp(h, cfg.proj_hidden, cfg.proj_dim) for _ in range(c)),
+            "teacher": nn.ModuleList(_mlp(h, cfg.proj_hidden, cfg.proj_dim) for _ in range(c)),
+        }).to(next(model.parameters()).device)
+
+    def modules(self) -> list[nn.Module]:
+        return [self.heads] if self.heads is not None else []
+
+    # -- adversaries ---------------------------------------------------------------------------------
+    def ascc_weights(self, model: nn.Module, batch, clean_logits: torch.Tensor, generator) -> torch.Tensor:
+        """Optimised convex-combination weights w (B, T, S) over the substitution candidates."""
+        cfg = self.cfg
+        valid = batch["sub_mask"]                                       # (B, T, S) bool
+        head = batch["word_head"]                                       # (B, T)
+        emb = model.get_input_embeddings().weight.detach()
+        cand = emb[batch["sub_ids"]]                                    # (B, T, S, H), no grad
+        b, t, s = valid.shape
+        w_hat = torch.randn((b, t, s), generator=generator).to(cand.device)  # kaiming_normal, fan_in 1
+        w_hat.requires_grad_(True)
+        opt = torch.optim.Adam([w_hat], lr=cfg.ascc_lr)
+        target = clean_logits.detach()
+        was_training = model.training
+        model.eval()                                                    # no dropout in the attack
+        try:
+            for _ in range(cfg.ascc_steps):
+                w = self._weights(w_hat, valid, head)
+                e_adv = (w.unsqueeze(-1) * cand).sum(2)                     # (B, T, H)
+                logits = forward_from_embeds(model, e_adv, batch)
+                ent = -(w * torch.log(w.clamp_min(1e-12))).sum()          # total entropy over positions
+                obj = -kl_clean_adv(target, logits) + cfg.ascc_sparse_weight * ent / (b * t)
+                (g,) = torch.autograd.grad(obj, w_hat)                   # input-only: no parameter grads
+                w_hat.grad = g
+                opt.step()
+        finally:
+            model.train(was_training)
+        return self._weights(w_hat.detach(), valid, head)
+
+    @staticmethod
+    def _weights(w_hat: torch.Tensor, valid: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+        w = torch.softmax(w_hat.masked_fill(~valid, float("-inf")), dim=-1)      # (B, T, S)
+        # every piece of a word uses the weights of the word's first piece
+        return torch.gather(w, 1, head.unsqueeze(-1).expand_as(w))
+
+    def embedding_delta(self, model, embeds, batch, clean_logits, generator) -> torch.Tensor:
+        cfg = self.cfg.embedding_adv()
+        mask = batch["attention_mask"]
+        base = embeds.detach()
+        delta = init_uniform_delta(embeds, mask, cfg.adv_init_mag, "l2", generator)
+        for _ in range(cfg.adv_steps):
+            delta.requires_grad_(True)
+            logits = forward_from_embeds(model, perturb(base, delta), batch)
+            (g,) = torch.autograd.grad(kl_clean_adv(clean_logits.detach(), logits), delta)
+            delta = ascent_update(delta.detach(), g, cfg, mask)
+        return delta.detach()
+
+    # -- the update ----------------------------------------------------------------------------------
+    def train_step(self, ctx: TrainContext, batch):
+        if self.teacher is None:
+            raise RuntimeError("RIFT.setup(model) must run before training (it freezes the teacher)")
+        cfg, model, labels = self.cfg, ctx.model, batch["labels"]
+        embeds = word_embeddings(model, batch)                                          # (B, T, H)
+        clean_logits, s_clean = forward_from_embeds(model, embeds, batch, hidden=True)  # (B, C), (B, H)
+        if cfg.adversary == "ascc":
+            if "sub_ids" not in batch:
+                raise ValueError("rift with adversary=ascc needs substitution candidates in the batch "
+                                 "(the trainer builds them from WordNet)")
+            w = self.ascc_weights(model, batch, clean_logits, ctx.generator(3))
+            emb_matrix = model.get_input_embeddings().weight
+            adv_embeds = (w.unsqueeze(-1) * emb_matrix[batch["sub_ids"]]).sum(2)         # (B, T, H)
+        else:
+            delta = self.embedding_delta(model, embeds, batch, clean_logits, ctx.generator(3))
+            adv_embeds = perturb(word_embeddings(model, batch), delta)
+        adv_logits, s_adv = forward_from_embeds(model, adv_embeds, batch, hidden=True)
+        with torch.no_grad():
+            _, t_clean = forward_from_embeds(self.teacher, word_embeddings(self.teacher, batch), batch, hidden=True)
+
+        terms = {}
+        if cfg.weight_clean:
+            terms["clean"] = (cfg.weight_clean, task_loss(clean_logits, labels, False))
+        if cfg.weight_adv:
+            terms["adv"] = (cfg.weight_adv, task_loss(adv_logits, labels, False))
+        if cfg.weight_kl:
+            terms["kl"] = (cfg.weight_kl, kl_clean_adv(clean_logits, adv_logits))
+        hs, ht = self.heads["student"], self.heads["teacher"]
+        if cfg.weight_mi_adv:
+            terms["mi_adv"] = (cfg.weight_mi_adv, infonce_given_y(s_adv, t_clean, labels, hs, ht, cfg.temperature))
+        if cfg.weight_mi_clean:
+            terms["mi_clean"] = (cfg.weight_mi_clean,
+                                 infonce_given_y(s_clean, t_clean, labels, hs, ht, cfg.temperature))
+        if not terms:
+            raise ValueError("--rift: every loss weight is 0")
+        loss = sum(wt * v for wt, v in terms.values())
+        loss.backward()
+        metrics = {k: v.detach() for k, (_, v) in terms.items()}
+        metrics["grad_norm"] = ctx.optimizer_step()
+        metrics["loss"] = loss.detach()
+        return metrics

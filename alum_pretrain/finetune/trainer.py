@@ -1,0 +1,355 @@
+"""The ``alum-finetune`` training loop: load -> per epoch (train, evaluate, keep the best) -> predict.
+
+Reads top to bottom: :func:`finetune` builds the model, data, optimizer/schedule and the method, then
+loops over epochs calling ``method.train_step`` per minibatch; after each epoch it evaluates the dev set
+with the task metric, saves the best model (an HF folder under ``OUT/best``) and its dev predictions,
+and writes a resumable checkpoint (``OUT/checkpoint.pt``: model, optimizer, scheduler, method state,
+RNG states, epoch, history).  Multi-process (``torchrun``): each process trains on its shard of every
+epoch and gradients are averaged by ``TrainContext.optimizer_step``; rank 0 evaluates and writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+from tqdm.auto import tqdm
+
+from ..config import config_to_dict
+from .config import FinetuneConfig
+from .data import EncodedDataset, Example, collate, encode, read_examples, substitution_candidates
+from .methods import Method, TrainContext, build_method
+from .metrics import compute_metrics
+from .tasks import TaskSpec, get_task
+
+log = logging.getLogger("alum_pretrain.finetune")
+
+
+# -------------------------------------------------------------------------------------------------
+# building blocks
+# -------------------------------------------------------------------------------------------------
+
+def task_spec(cfg: FinetuneConfig) -> TaskSpec:
+    d = cfg.data
+    return get_task(d.task, text_a=d.text_a_field, text_b=d.text_b_field, label=d.label_field,
+                    labels=tuple(d.labels), regression=d.regression, metric=d.metric)
+
+
+def load_model(path: str, spec: TaskSpec, *, hidden_dropout=None, attention_dropout=None,
+               classifier_dropout=None, device="cpu"):
+    """An ``AutoModelForSequenceClassification`` for ``spec`` from an HF folder (a fresh head if needed)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise ValueError(f"--model {p}: no config.json (expected a HuggingFace checkpoint folder, "
+                         "e.g. the output of alum-export)")
+    config = AutoConfig.from_pretrained(p)
+    same_head = getattr(config, "num_labels", None) == spec.num_labels
+    config.num_labels = spec.num_labels
+    config.problem_type = "regression" if spec.is_regression else "single_label_classification"
+    if not spec.is_regression:
+        config.id2label = dict(enumerate(spec.labels))
+        config.label2id = {l: i for i, l in enumerate(spec.labels)}
+    for flag, attr, value in (("hidden_dropout", "hidden_dropout_prob", hidden_dropout),
+                              ("attention_dropout", "attention_probs_dropout_prob", attention_dropout),
+                              ("classifier_dropout", "classifier_dropout", classifier_dropout)):
+        if value is not None:
+            if not hasattr(config, attr):
+                raise ValueError(f"--model.{flag}: model type {config.model_type} has no {attr}")
+            setattr(config, attr, value)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        p, config=config, ignore_mismatched_sizes=not same_head)
+    return model.to(device)
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def make_optimizer(model, extra_modules, cfg) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    named = list(model.named_parameters()) + [(n, p) for m in extra_modules for n, p in m.named_parameters()]
+    for n, p in named:
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "LayerNorm" in n or "layer_norm" in n else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def linear_schedule(optimizer, warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
+
+
+def encode_split(tokenizer, examples: list[Example], cfg: FinetuneConfig, method: Optional[Method],
+                 synonyms=None):
+    enc = encode(tokenizer, examples, cfg.data.max_length)
+    if method is not None and getattr(method, "needs_substitutions", False):
+        enc.subs = substitution_candidates(tokenizer, examples, enc, synonyms, cfg.rift.max_candidates,
+                                           cfg.rift.substitute_in)
+    return enc
+
+
+@torch.no_grad()
+def predict(model, enc, spec: TaskSpec, batch_size: int, device, pad_id: int, progress=False) -> np.ndarray:
+    """Logits (N, C) of ``enc`` in eval mode (original order)."""
+    model.eval()
+    ds = EncodedDataset(enc)
+    loader = DataLoader(ds, batch_size=batch_size, sampler=SequentialSampler(ds),
+                        collate_fn=lambda items: collate(items, pad_id, spec.is_regression))
+    out = []
+    for batch in tqdm(loader, desc="eval", disable=not progress, leave=False):
+        batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        kwargs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+        if int(getattr(model.config, "type_vocab_size", 0) or 0) > 1:
+            kwargs["token_type_ids"] = batch["token_type_ids"]
+        out.append(model(**kwargs).logits.float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, spec.num_labels))
+
+
+def predictions_from_logits(logits: np.ndarray, spec: TaskSpec) -> np.ndarray:
+    return logits[:, 0] if spec.is_regression else logits.argmax(-1)
+
+
+def evaluate(model, enc, spec: TaskSpec, batch_size: int, device, pad_id: int, progress=False):
+    logits = predict(model, enc, spec, batch_size, device, pad_id, progress)
+    preds = predictions_from_logits(logits, spec)
+    metrics = compute_metrics((spec.metric,) + tuple(m for m in spec.extra_metrics if m != spec.metric),
+                              preds, np.asarray(enc.labels))
+    return metrics, logits
+
+
+def write_predictions(path: Path, examples: list[Example], logits: np.ndarray, spec: TaskSpec, fmt: str) -> None:
+    """``line  prediction  [label]`` (TSV) or JSON lines with probabilities; written atomically."""
+    preds = predictions_from_logits(logits, spec)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        if fmt == "tsv":
+            fh.write("line\tprediction\tlabel\n")
+        for ex, lg, pr in zip(examples, logits, preds):
+            pred = float(pr) if spec.is_regression else spec.labels[int(pr)]
+            gold = "" if ex.label is None else (float(ex.label) if spec.is_regression else spec.labels[ex.label])
+            if fmt == "tsv":
+                fh.write(f"{ex.line}\t{pred}\t{gold}\n")
+            else:
+                rec = {"line": ex.line, "prediction": pred, "label": gold if ex.label is not None else None}
+                if not spec.is_regression:
+                    rec["probs"] = [round(float(x), 6) for x in torch.softmax(torch.from_numpy(lg), -1)]
+                fh.write(json.dumps(rec) + "\n")
+    os.replace(tmp, path)
+
+
+def save_hf(model, tokenizer, out: Path) -> None:
+    """An HF folder written to a temp name and renamed (a crash never leaves a half-written best/)."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    old = out.with_name(out.name + ".old")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _rng_state() -> dict:
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _setup_distributed(device_pref: str) -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
+    if device_pref == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--run.device=cuda but no CUDA device is available")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# -------------------------------------------------------------------------------------------------
+# the loop
+# -------------------------------------------------------------------------------------------------
+
+def finetune(cfg: FinetuneConfig) -> dict:
+    """Run a fine-tuning job; returns the results dict also written to ``OUT/results.json``."""
+    cfg.validate_required()
+    if not (Path(cfg.model.path) / "config.json").is_file():
+        raise ValueError(f"--model {cfg.model.path}: no config.json (expected a HuggingFace checkpoint folder, "
+                         "e.g. the output of alum-export)")
+    rank, world, device = _setup_distributed(cfg.run.device)
+    out = Path(cfg.run.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    show = cfg.run.progress and rank == 0
+    spec = task_spec(cfg)
+    _seed_all(cfg.run.seed)
+
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    model = load_model(cfg.model.path, spec, hidden_dropout=cfg.model.hidden_dropout,
+                       attention_dropout=cfg.model.attention_dropout,
+                       classifier_dropout=cfg.model.classifier_dropout, device=device)
+    method = build_method(cfg.run.method, cfg, spec.is_regression)
+    method.setup(model)  # before any update: RIFT's teacher is the pre-trained model
+
+    train_ex = read_examples(cfg.data.train, spec, fmt=cfg.data.format, limit=cfg.data.max_train_examples)
+    dev_ex = read_examples(cfg.data.dev, spec, fmt=cfg.data.format, limit=cfg.data.max_dev_examples)
+    if not train_ex:
+        raise ValueError(f"--train {cfg.data.train}: no examples")
+    synonyms = None
+    if getattr(method, "needs_substitutions", False):
+        from .synonyms import SynonymSource
+        synonyms = SynonymSource(cfg.rift.wordnet_dir)
+    train_enc = encode_split(tokenizer, train_ex, cfg, method, synonyms)
+    dev_enc = encode_split(tokenizer, dev_ex, cfg, None)
+
+    train_ds = EncodedDataset(train_enc)
+    sampler = (DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.run.seed)
+               if world > 1 else RandomSampler(train_ds, generator=torch.Generator()))
+    num_candidates = cfg.rift.max_candidates if getattr(method, "needs_substitutions", False) else 0
+    loader = DataLoader(train_ds, batch_size=cfg.optim.batch_size, sampler=sampler,
+                        collate_fn=lambda items: collate(items, pad_id, spec.is_regression, num_candidates))
+
+    steps_per_epoch = len(loader) * method.optimizer_steps_per_batch
+    total_steps = steps_per_epoch * cfg.optim.epochs
+    optimizer = make_optimizer(model, method.modules(), cfg.optim)
+    scheduler = linear_schedule(optimizer, int(math.ceil(cfg.optim.warmup_ratio * total_steps)), total_steps)
+    ctx = TrainContext(model=model, optimizer=optimizer, scheduler=scheduler, grad_clip=cfg.optim.grad_clip,
+                       regression=spec.is_regression,
+                       extra_params=[p for m in method.modules() for p in m.parameters()])
+
+    start_epoch, history, best = 0, [], None
+    ckpt_path = out / "checkpoint.pt"
+    if cfg.run.resume == "auto" and ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        for key in ("method", "task", "path"):
+            was = {"method": state["config"]["run"]["method"], "task": state["config"]["data"]["task"],
+                   "path": state["config"]["model"]["path"]}[key]
+            now = {"method": cfg.run.method, "task": cfg.data.task, "path": cfg.model.path}[key]
+            if was != now:
+                raise ValueError(f"{ckpt_path} was written by a run with {key}={was!r}, this run has {now!r}: "
+                                 "use another --out or --run.resume=never")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        method.load_state_dict(state["method"])
+        _set_rng_state(state["rng"])
+        start_epoch, history, best = state["epoch"] + 1, state["history"], state["best"]
+        ctx.optimizer_steps = state["optimizer_steps"]
+        if rank == 0:
+            log.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
+
+    step_times: list[float] = []
+    end_epoch = cfg.optim.epochs
+    if cfg.run.stop_after_epochs:
+        end_epoch = min(end_epoch, start_epoch + cfg.run.stop_after_epochs)
+    for epoch in range(start_epoch, end_epoch):
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)
+        else:
+            sampler.generator.manual_seed(cfg.run.seed * 1000 + epoch)   # data order = f(seed, epoch)
+        model.train()
+        last_logged: dict[str, float] = {}
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.optim.epochs} [{cfg.run.method}]", disable=not show)
+        for i, batch in enumerate(bar):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            ctx.step_seed = (cfg.run.seed * 1_000_003 + epoch * 100_003 + i) * world + rank
+            t0 = time.perf_counter()
+            metrics = method.train_step(ctx, batch)
+            if (i + 1) % cfg.run.log_every == 0 or i + 1 == len(loader):
+                vals = {k: float(v) for k, v in metrics.items()}     # host sync only when logging
+                last_logged = vals
+                if show:
+                    bar.set_postfix(loss=f"{vals['loss']:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            step_times.append(time.perf_counter() - t0)
+
+        dev_metrics = None
+        if rank == 0:
+            dev_metrics, dev_logits = evaluate(model, dev_enc, spec, cfg.optim.eval_batch_size, device, pad_id, show)
+            score = dev_metrics[spec.metric]
+            improved = best is None or score > best["score"]
+            if improved:
+                best = {"epoch": epoch, "score": score, "metrics": dev_metrics}
+                save_hf(model, tokenizer, out / "best")
+                write_predictions(out / f"predictions_dev.{cfg.run.predictions_format}", dev_ex, dev_logits, spec,
+                                  cfg.run.predictions_format)
+            history.append({"epoch": epoch, "train": last_logged, "dev": dev_metrics,
+                            "optimizer_steps": ctx.optimizer_steps})
+            log.info("epoch %d dev %s%s", epoch + 1, json.dumps(dev_metrics), " (best)" if improved else "")
+            if show:
+                tqdm.write(f"epoch {epoch + 1}: dev {spec.metric}={score:.4f}{' (best)' if improved else ''}")
+            _atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                "scheduler": scheduler.state_dict(), "method": method.state_dict(),
+                                "rng": _rng_state(), "epoch": epoch, "history": history, "best": best,
+                                "optimizer_steps": ctx.optimizer_steps, "config": config_to_dict(cfg)}, ckpt_path)
+        if dist.is_initialized():
+            dist.barrier()
+
+    results = {"task": spec.name, "method": cfg.run.method, "metric": spec.metric, "best": best,
+               "history": history, "optimizer_steps": ctx.optimizer_steps,
+               "median_step_seconds": float(np.median(step_times)) if step_times else None,
+               "config": config_to_dict(cfg)}
+    finished = end_epoch == cfg.optim.epochs
+    results["finished"] = finished
+    if rank == 0:
+        if cfg.data.test and finished and best is not None:
+            best_model = load_model(str(out / "best"), spec, device=device)
+            test_ex = read_examples(cfg.data.test, spec, fmt=cfg.data.format, require_labels=False)
+            test_logits = predict(best_model, encode(tokenizer, test_ex, cfg.data.max_length), spec,
+                                  cfg.optim.eval_batch_size, device, pad_id, show)
+            write_predictions(out / f"predictions_test.{cfg.run.predictions_format}", test_ex, test_logits, spec,
+                              cfg.run.predictions_format)
+        tmp = out / "results.json.tmp"
+        tmp.write_text(json.dumps(results, indent=2))
+        os.replace(tmp, out / "results.json")
+    return results
