@@ -27,6 +27,7 @@ same name, and nothing is missing or unexpected when HF loads the folder.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
@@ -235,22 +236,30 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, tokenizer: str | 
     if not tok.model_max_length or tok.model_max_length > max_pos:
         tok.model_max_length = max_pos
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
         n = _verify_identity_map(model_dir, tmp)
         (tmp / "README.md").write_text(_model_card(model_dir, _step_number(step), model, cfg, tok_src),
                                        encoding="utf-8")
+    log.info("exported %s (%s, %d tensors) with tokenizer %s -> %s", model_dir, type(model).__name__, n, tok_src, out)
+    return out
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path):
+    """Yield a temporary folder beside ``out``; it replaces ``out`` when the block succeeds and is removed
+    when it fails, so ``out`` is never a half-written export."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("exported %s (%s, %d tensors) with tokenizer %s -> %s", model_dir, type(model).__name__, n, tok_src, out)
-    return out
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -48,13 +48,13 @@ import json
 import logging
 import os
 import pickle
-import shutil
-import tempfile
 from argparse import Namespace
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+
+from ..export import atomic_dir
 
 log = logging.getLogger("alum_pretrain.fairseq_export")
 
@@ -299,9 +299,7 @@ def export_fairseq(ckpt: str | os.PathLike, out: str | os.PathLike, *, tokenizer
     model.eval()
     tok.model_max_length = config.max_position_embeddings - tok.pad_token_id - 1
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
         if nsp:
@@ -321,11 +319,5 @@ def export_fairseq(ckpt: str | os.PathLike, out: str | os.PathLike, *, tokenizer
             f"vocabulary {config.vocab_size}, max positions {tok.model_max_length}.\n"
             + ("\nNSP head: `nsp_head.safetensors` (see `nsp_head.json`).\n" if nsp else ""),
             encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("exported fairseq checkpoint %s -> %s (RobertaForMaskedLM%s)", ckpt, out, " + NSP head" if nsp else "")
     return out
