@@ -38,7 +38,23 @@ def load_doc_starts(prefix: str, num_items: int) -> np.ndarray:
     return doc
 
 
-class SentenceChunkDataset(FairseqDataset):
+class _SizedDataset(FairseqDataset):
+    """fairseq's size protocol from a precomputed ``self._sizes`` (tokens per item, int64)."""
+
+    _sizes: np.ndarray
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return self._sizes
+
+    def num_tokens(self, index):
+        return int(self._sizes[index])
+
+    def size(self, index):
+        return int(self._sizes[index])
+
+
+class SentenceChunkDataset(_SizedDataset):
     """Sentences of ``base`` cut to at most ``max_len`` tokens, ``sep`` appended at each document's end.
 
     ``base``: a fairseq indexed dataset (items = sentences, no EOS); ``doc_starts``: (D+1,) item index of
@@ -82,16 +98,6 @@ class SentenceChunkDataset(FairseqDataset):
     def __len__(self) -> int:
         return len(self._sizes)
 
-    @property
-    def sizes(self) -> np.ndarray:
-        return self._sizes
-
-    def num_tokens(self, index):
-        return int(self._sizes[index])
-
-    def size(self, index):
-        return int(self._sizes[index])
-
     def __getitem__(self, index: int) -> torch.Tensor:
         if self._item is None:
             toks = self.base[int(index)].long()
@@ -106,7 +112,7 @@ class SentenceChunkDataset(FairseqDataset):
         return False
 
 
-class NSPPairDataset(FairseqDataset):
+class NSPPairDataset(_SizedDataset):
     """BERT sentence pairs ``[CLS] A [SEP] B [SEP]`` with next-sentence labels (0 next, 1 random).
 
     The sampling is the native engine's, shared rather than re-implemented: the epoch plan comes from
@@ -150,16 +156,6 @@ class NSPPairDataset(FairseqDataset):
 
     def __len__(self) -> int:
         return len(self.plan)
-
-    @property
-    def sizes(self) -> np.ndarray:
-        return self._sizes
-
-    def num_tokens(self, index):
-        return int(self._sizes[index])
-
-    def size(self, index):
-        return int(self._sizes[index])
 
     def __getitem__(self, index: int) -> dict:
         ids, _, _ = self.builder.pair(self.plan[index])  # tokenizer ids, [CLS] A [SEP] B [SEP]
