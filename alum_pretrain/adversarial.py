@@ -108,11 +108,13 @@ token**, False/0 = padding (the HF ``attention_mask`` convention).  ``None`` = n
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+
+from .config import opt
 
 __all__ = [
     "ALUMConfig",
@@ -142,29 +144,24 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _opt(default, help_text: str):
-    """A dataclass field carrying its help text (read by the CLI config parser for ``--help``)."""
-    return field(default=default, metadata={"help": help_text})
-
-
 @dataclass
 class ALUMConfig:
     """ALUM knobs (paper defaults for pre-training; use ``alpha=1`` for fine-tuning)."""
 
-    alpha: float = _opt(10.0, "weight of the adversarial SymKL term (paper: 10 pre-training, 1 fine-tuning); "
-                              "0 disables ALUM with no extra passes")
-    epsilon: float = _opt(1e-5, "radius of the per-token perturbation ball (Algorithm 1 line 6); "
-                                "unused with projection=none")
-    step_size: float = _opt(1e-3, "ascent step size eta: delta += eta * g / max|g| per token")
-    noise_std: float = _opt(1e-5, "std sigma of the Gaussian initial perturbation delta ~ N(0, sigma^2)")
-    k_steps: int = _opt(1, "number K of projected ascent steps (paper: 1); 0 = random perturbation only")
-    projection: str = _opt("linf", "projection after each ascent step: linf (paper: clamp to [-eps, eps]), "
-                                   "l2 (per-token L2 ball), none (no projection)")
-    perturb_at: str = _opt("word", "where delta is added: word (word-embedding output, before position/"
-                                   "segment embeddings and LayerNorm) or embedding_output (after the "
-                                   "embedding LayerNorm, mt-dnn's placement)")
-    start_step: int = _opt(0, "optimizer step at which ALUM switches on (the paper's curriculum: "
-                              "standard training first)")
+    alpha: float = opt(10.0, "weight of the adversarial SymKL term (paper: 10 pre-training, 1 fine-tuning); "
+                             "0 disables ALUM with no extra passes")
+    epsilon: float = opt(1e-5, "radius of the per-token perturbation ball (Algorithm 1 line 6); "
+                               "unused with projection=none")
+    step_size: float = opt(1e-3, "ascent step size eta: delta += eta * g / max|g| per token")
+    noise_std: float = opt(1e-5, "std sigma of the Gaussian initial perturbation delta ~ N(0, sigma^2)")
+    k_steps: int = opt(1, "number K of projected ascent steps (paper: 1); 0 = random perturbation only")
+    projection: str = opt("linf", "projection after each ascent step: linf (paper: clamp to [-eps, eps]), "
+                                  "l2 (per-token L2 ball), none (no projection)")
+    perturb_at: str = opt("word", "where delta is added: word (word-embedding output, before position/"
+                                  "segment embeddings and LayerNorm) or embedding_output (after the "
+                                  "embedding LayerNorm, mt-dnn's placement)")
+    start_step: int = opt(0, "optimizer step at which ALUM switches on (the paper's curriculum: "
+                             "standard training first)")
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:

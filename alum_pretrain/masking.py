@@ -34,11 +34,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
+
+from .config import opt
 
 __all__ = ["MaskingConfig", "SCHEDULES", "mask_rate", "mask_tokens", "step_generator", "IGNORE_INDEX"]
 
@@ -46,26 +48,21 @@ SCHEDULES = ("curriculum", "constant")
 IGNORE_INDEX = -100  # label at unselected positions (torch cross_entropy's default ignore_index)
 
 
-def _opt(default, help_text: str):
-    """A dataclass field carrying its help text (read by the CLI config parser for ``--help``)."""
-    return field(default=default, metadata={"help": help_text})
-
-
 @dataclass
 class MaskingConfig:
     """MLM masking: the rate schedule and the 80/10/10 split."""
 
-    schedule: str = _opt("curriculum", "masking-rate schedule: curriculum (ALUM: start_rate -> end_rate in "
-                                       "num_phases equal phases of training) or constant (constant_rate)")
-    start_rate: float = _opt(0.05, "curriculum: masking rate of the first phase")
-    end_rate: float = _opt(0.25, "curriculum: masking rate of the last phase (also used after total_steps)")
-    num_phases: int = _opt(5, "curriculum: number of equal-length phases (rate rises linearly per phase)")
-    constant_rate: float = _opt(0.15, "constant: masking rate (BERT: 0.15)")
-    mask_prob: float = _opt(0.8, "fraction of selected tokens replaced by [MASK]")
-    random_prob: float = _opt(0.1, "fraction of selected tokens replaced by a random token "
-                                   "(the rest, 1 - mask_prob - random_prob, stay unchanged)")
-    whole_word: bool = _opt(False, "select whole words (a start token + its word-piece continuations) "
-                                   "instead of single tokens; the rate applies to words")
+    schedule: str = opt("curriculum", "masking-rate schedule: curriculum (ALUM: start_rate -> end_rate in "
+                                      "num_phases equal phases of training) or constant (constant_rate)")
+    start_rate: float = opt(0.05, "curriculum: masking rate of the first phase")
+    end_rate: float = opt(0.25, "curriculum: masking rate of the last phase (also used after total_steps)")
+    num_phases: int = opt(5, "curriculum: number of equal-length phases (rate rises linearly per phase)")
+    constant_rate: float = opt(0.15, "constant: masking rate (BERT: 0.15)")
+    mask_prob: float = opt(0.8, "fraction of selected tokens replaced by [MASK]")
+    random_prob: float = opt(0.1, "fraction of selected tokens replaced by a random token "
+                                  "(the rest, 1 - mask_prob - random_prob, stay unchanged)")
+    whole_word: bool = opt(False, "select whole words (a start token + its word-piece continuations) "
+                                  "instead of single tokens; the rate applies to words")
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:

@@ -10,36 +10,33 @@ ball.  The per-example L2 normalisation and projection reuse :func:`alum_pretrai
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from ...adversarial import normalize_grad, project
+from ...config import opt
 
 NORM_TYPES = ("l2", "linf", "sign")
-
-
-def _opt(default, help_text: str):
-    return field(default=default, metadata={"help": help_text})
 
 
 @dataclass
 class EmbeddingAdvConfig:
     """Embedding-space adversary (FreeLB/PGD/FreeAT knobs; FreeLB's names)."""
 
-    adv_lr: float = _opt(1e-1, "ascent step size alpha: delta += adv_lr * g / ||g|| (FreeLB Table 6, SST-2: 1e-1)")
-    adv_steps: int = _opt(2, "ascent steps K (FreeLB Table 6, SST-2: 2); FreeAT: replays per minibatch")
-    adv_init_mag: float = _opt(6e-1, "magnitude of the uniform random start: l2: U(-1,1)*mag/sqrt(len*dim), "
-                                     "linf: U(-mag,mag); 0 = start at delta=0 (FreeLB HF SST-2 recipe: 0.6)")
-    adv_max_norm: float = _opt(0.0, "radius epsilon of the per-example ball delta is projected onto after every "
-                                    "ascent step (l2: Frobenius norm over the sequence; linf: clamp); 0 = no projection "
-                                    "(FreeLB HF default; the paper's Table 6 uses 0.6 for SST-2)")
-    norm_type: str = _opt("l2", "ascent direction: l2 (g / per-example Frobenius norm), linf (g / per-example "
-                                "max-abs, as the FreeLB code) or sign (sign(g), FGSM-style as in FreeAT); the "
-                                "projection is the L2 ball for l2 and a clamp for linf/sign")
-    reuse_dropout_masks: bool = _opt(True, "use the same dropout masks in every ascent step of a minibatch "
-                                           "(FreeLB Sec. 3.3; false = fresh masks each pass, the ablation)")
+    adv_lr: float = opt(1e-1, "ascent step size alpha: delta += adv_lr * g / ||g|| (FreeLB Table 6, SST-2: 1e-1)")
+    adv_steps: int = opt(2, "ascent steps K (FreeLB Table 6, SST-2: 2); FreeAT: replays per minibatch")
+    adv_init_mag: float = opt(6e-1, "magnitude of the uniform random start: l2: U(-1,1)*mag/sqrt(len*dim), "
+                                    "linf: U(-mag,mag); 0 = start at delta=0 (FreeLB HF SST-2 recipe: 0.6)")
+    adv_max_norm: float = opt(0.0, "radius epsilon of the per-example ball delta is projected onto after every "
+                                   "ascent step (l2: Frobenius norm over the sequence; linf: clamp); 0 = no projection "
+                                   "(FreeLB HF default; the paper's Table 6 uses 0.6 for SST-2)")
+    norm_type: str = opt("l2", "ascent direction: l2 (g / per-example Frobenius norm), linf (g / per-example "
+                               "max-abs, as the FreeLB code) or sign (sign(g), FGSM-style as in FreeAT); the "
+                               "projection is the L2 ball for l2 and a clamp for linf/sign")
+    reuse_dropout_masks: bool = opt(True, "use the same dropout masks in every ascent step of a minibatch "
+                                          "(FreeLB Sec. 3.3; false = fresh masks each pass, the ablation)")
 
     _flag = "adv"   # the config section that holds these knobs (named in error messages)
 

@@ -42,7 +42,7 @@ one backward: ~ (ascc_steps + 4) x plain.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -51,37 +51,34 @@ from torch import nn
 from ...adversarial import perturb
 from .base import Method, TrainContext, forward_from_embeds, task_loss, word_embeddings
 from .embedding_adv import EmbeddingAdvConfig, ascent_update, init_uniform_delta
-
-
-def _opt(default, help_text: str):
-    return field(default=default, metadata={"help": help_text})
+from ...config import opt
 
 
 @dataclass
 class RIFTConfig:
     """RIFT (method=rift): frozen pre-trained teacher + class-conditional InfoNCE + substitution adversary."""
 
-    adversary: str = _opt("ascc", "ascc (convex combination of WordNet synonym embeddings) or embedding "
-                                  "(L2 ball on the word embeddings)")
-    weight_clean: float = _opt(1.0, "weight of CE on clean inputs")
-    weight_adv: float = _opt(0.0, "weight of CE on adversarial inputs")
-    weight_kl: float = _opt(10.0, "weight of KL(p_clean || p_adv) (official IMDB 10, SNLI 5)")
-    weight_mi_adv: float = _opt(0.1, "weight of InfoNCE_y(student(x_adv), teacher(x)) (IMDB 0.1, SNLI 0.7)")
-    weight_mi_clean: float = _opt(0.0, "weight of InfoNCE_y(student(x), teacher(x))")
-    temperature: float = _opt(0.2, "InfoNCE temperature tau")
-    proj_hidden: int = _opt(512, "hidden size of the class-specific projection MLPs")
-    proj_dim: int = _opt(256, "output size of the projection MLPs")
-    ascc_steps: int = _opt(10, "Adam steps on the ASCC combination weights")
-    ascc_lr: float = _opt(1.0, "Adam learning rate of the ASCC weights")
-    ascc_sparse_weight: float = _opt(15.0, "entropy penalty on the ASCC weights (sum over positions / (B*T))")
-    max_candidates: int = _opt(10, "substitution candidates per word, the word included")
-    substitute_in: str = _opt("all", "which text may be substituted: all, a (first) or b (second, e.g. the "
-                                     "NLI hypothesis)")
-    wordnet_dir: str = _opt("", "WordNet 3.0 database folder (default: $ALUM_WORDNET_DIR or /usr/share/wordnet)")
-    emb_adv_lr: float = _opt(0.1, "adversary=embedding: ascent step size")
-    emb_adv_steps: int = _opt(2, "adversary=embedding: ascent steps")
-    emb_adv_init_mag: float = _opt(0.6, "adversary=embedding: random-start magnitude")
-    emb_max_norm: float = _opt(0.6, "adversary=embedding: per-example L2 radius (0 = unbounded)")
+    adversary: str = opt("ascc", "ascc (convex combination of WordNet synonym embeddings) or embedding "
+                                 "(L2 ball on the word embeddings)")
+    weight_clean: float = opt(1.0, "weight of CE on clean inputs")
+    weight_adv: float = opt(0.0, "weight of CE on adversarial inputs")
+    weight_kl: float = opt(10.0, "weight of KL(p_clean || p_adv) (official IMDB 10, SNLI 5)")
+    weight_mi_adv: float = opt(0.1, "weight of InfoNCE_y(student(x_adv), teacher(x)) (IMDB 0.1, SNLI 0.7)")
+    weight_mi_clean: float = opt(0.0, "weight of InfoNCE_y(student(x), teacher(x))")
+    temperature: float = opt(0.2, "InfoNCE temperature tau")
+    proj_hidden: int = opt(512, "hidden size of the class-specific projection MLPs")
+    proj_dim: int = opt(256, "output size of the projection MLPs")
+    ascc_steps: int = opt(10, "Adam steps on the ASCC combination weights")
+    ascc_lr: float = opt(1.0, "Adam learning rate of the ASCC weights")
+    ascc_sparse_weight: float = opt(15.0, "entropy penalty on the ASCC weights (sum over positions / (B*T))")
+    max_candidates: int = opt(10, "substitution candidates per word, the word included")
+    substitute_in: str = opt("all", "which text may be substituted: all, a (first) or b (second, e.g. the "
+                                    "NLI hypothesis)")
+    wordnet_dir: str = opt("", "WordNet 3.0 database folder (default: $ALUM_WORDNET_DIR or /usr/share/wordnet)")
+    emb_adv_lr: float = opt(0.1, "adversary=embedding: ascent step size")
+    emb_adv_steps: int = opt(2, "adversary=embedding: ascent steps")
+    emb_adv_init_mag: float = opt(0.6, "adversary=embedding: random-start magnitude")
+    emb_max_norm: float = opt(0.6, "adversary=embedding: per-example L2 radius (0 = unbounded)")
 
     def __post_init__(self) -> None:
         if self.adversary not in ("ascc", "embedding"):

@@ -19,26 +19,23 @@ Dropout masks are independent across the clean, ascent and adversarial passes (a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ...adversarial import ALUMConfig, alum_regularizer, symmetric_kl
 from .base import Method, TrainContext, forward_from_embeds, mse_divergence, task_loss, word_embeddings
-
-
-def _opt(default, help_text: str):
-    return field(default=default, metadata={"help": help_text})
+from ...config import opt
 
 
 @dataclass
 class SmartConfig:
     """SMART/ALUM fine-tuning (method=smart or alum): virtual adversarial smoothness term."""
 
-    alpha: float = _opt(1.0, "weight of the adversarial term (ALUM/SMART fine-tuning: 1)")
-    epsilon: float = _opt(1e-5, "per-token perturbation radius")
-    step_size: float = _opt(1e-3, "ascent step size eta")
-    noise_std: float = _opt(1e-5, "std of the Gaussian random start")
-    k_steps: int = _opt(1, "ascent steps K")
-    projection: str = _opt("linf", "projection after each ascent step: linf | l2 | none")
+    alpha: float = opt(1.0, "weight of the adversarial term (ALUM/SMART fine-tuning: 1)")
+    epsilon: float = opt(1e-5, "per-token perturbation radius")
+    step_size: float = opt(1e-3, "ascent step size eta")
+    noise_std: float = opt(1e-5, "std of the Gaussian random start")
+    k_steps: int = opt(1, "ascent steps K")
+    projection: str = opt("linf", "projection after each ascent step: linf | l2 | none")
 
     def __post_init__(self) -> None:
         self.alum()  # validates (ALUMConfig raises ValueError naming the field)
