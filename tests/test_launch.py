@@ -294,8 +294,10 @@ import os, torch, torch.distributed as dist
 dist.init_process_group("gloo")
 t = torch.tensor([float(dist.get_rank())])
 dist.all_reduce(t)
-print(f"PROBE rank={os.environ['RANK']} world={os.environ['WORLD_SIZE']} local={os.environ['LOCAL_RANK']} "
-      f"group_node={os.environ['GROUP_RANK']} sum={t.item():g}", flush=True)
+# One file per rank: two workers of an agent share its stdout, where their lines can interleave.
+with open(os.path.join(os.environ["PROBE_DIR"], f"rank{os.environ['RANK']}.txt"), "w") as fh:
+    fh.write(f"PROBE rank={os.environ['RANK']} world={os.environ['WORLD_SIZE']} local={os.environ['LOCAL_RANK']} "
+             f"group_node={os.environ['GROUP_RANK']} sum={t.item():g}")
 dist.destroy_process_group()
 """
 
@@ -317,15 +319,18 @@ def test_two_node_rendezvous_of_the_generated_command(tmp_path, capsys):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    probe_dir = tmp_path / "probe_out"
+    probe_dir.mkdir()
     env = dict(os.environ, SLURM_NNODES="2", HEAD_NODE="127.0.0.1", PORT=str(port), SLURM_JOB_ID="4242",
-               OMP_NUM_THREADS="1")
+               OMP_NUM_THREADS="1", PROBE_DIR=str(probe_dir))
     cmd = [re.sub(r"\$(\w+)", lambda m: env[m.group(1)], a) for a in tr]  # what the batch shell expands
     cmd[0:1] = [sys.executable, "-m", "torch.distributed.run"]
     procs = [subprocess.Popen(cmd + [str(probe)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for _ in range(2)]
     outs = [p.communicate(timeout=180)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
-    lines = sorted(line for o in outs for line in o.splitlines() if line.startswith("PROBE"))
+    lines = sorted(f.read_text() for f in probe_dir.glob("rank*.txt"))
+    assert all(line.startswith("PROBE") for line in lines), lines
     ranks = sorted(int(re.search(r"rank=(\d+)", line).group(1)) for line in lines)
     assert ranks == [0, 1, 2, 3]
     assert all("world=4" in line and "sum=6" in line for line in lines)  # 0+1+2+3 over all four
