@@ -43,10 +43,11 @@ import os
 import re
 import tarfile
 import xml.etree.ElementTree as ET
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
+
+from .hygiene import read_error
 
 FORMATS = ("wikitext", "wikiextractor", "wiki-xml", "owt", "text", "jsonl")
 LINE_LIMIT = 16 * 1024 * 1024
@@ -221,20 +222,21 @@ class Reader:
     def __iter__(self) -> Iterator[RawDoc]:
         base = 0
         for path in self.files:
-            with open(path, "rb") as raw:
-                fn = {
-                    "text": self._text,
-                    "jsonl": self._jsonl,
-                    "wikitext": self._wikitext,
-                    "wikiextractor": self._wikiextractor,
-                    "wiki-xml": self._wiki_xml,
-                    "owt": self._owt,
-                }[self.fmt]
-                try:
+            fn = {
+                "text": self._text,
+                "jsonl": self._jsonl,
+                "wikitext": self._wikitext,
+                "wikiextractor": self._wikiextractor,
+                "wiki-xml": self._wiki_xml,
+                "owt": self._owt,
+            }[self.fmt]
+            try:
+                with open(path, "rb") as raw:
                     yield from fn(path, raw, base)
-                except (EOFError, lzma.LZMAError, tarfile.TarError, zlib.error, gzip.BadGzipFile) as e:
-                    raise ValueError(f"{path}: compressed data is truncated or corrupt ({e}); re-download or "
-                                     "re-compress the file") from None
+            except MemoryError:
+                raise
+            except Exception as e:  # any reader's or decompressor's error names the file (data_prep.hygiene)
+                raise read_error(path, e) from None
             base += path.stat().st_size
 
     # Lines of a (possibly compressed) file as (text, 1-based line number, global position).
