@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     # Always printed (also with --no-progress), so that a corpus full of replacement characters is visible.
     print(f"alum-prep: input hygiene: {hygiene_report(c, m['config']['max_garbage_frac'])[0]}", file=sys.stderr)
     if m.get("warnings"):
-        print(f"alum-prep: {len(m['warnings'])} warning(s), listed above and in {out}/manifest.json", file=sys.stderr)
+        print(f"alum-prep: {len(m['warnings'])} warning(s), also kept in {out}/manifest.json ('warnings')", file=sys.stderr)
     return 0
 
 

@@ -411,7 +411,11 @@ class Preparer:
 
             it = tqdm(files, desc="hashing inputs", unit="file", file=sys.stderr)
         for f in it:
-            inputs.append({"path": str(f.resolve()), "bytes": f.stat().st_size, "sha256": sha256_file(f)})
+            try:
+                digest = sha256_file(f)
+            except OSError as e:  # a read error (bad disk, vanished network file) names the file
+                raise OSError(e.errno, f"{f}: cannot be read ({e.strerror or e})") from None
+            inputs.append({"path": str(f.resolve()), "bytes": f.stat().st_size, "sha256": digest})
         tok_src = {}
         for name in ("vocab", "spm_model", "tokenizer_json"):
             v = getattr(self.cfg, name)

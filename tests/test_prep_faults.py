@@ -504,3 +504,38 @@ def test_trained_sentencepiece_has_no_unk_on_its_training_text(tmp_path, rare_co
     m2 = prepare([rare_corpus], "text", tmp_path / "nofb", train_tokenizer=kind, vocab_size=5000, progress=False,
                  valid_fraction=0.0, spm_byte_fallback=False)
     assert m2["counts"]["unk_tokens"] > 0
+
+
+# --------------------------------------------------------------------------------------------------------
+# The hygiene helpers against references
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_garbage_count_matches_the_unicode_definition():
+    from data_prep.hygiene import garbage_count
+
+    rng = np.random.default_rng(11)
+    for n in (0, 1, 100, 5000):
+        text = rng.bytes(n).decode("utf-8", "replace") + "\t\n\r\ufeff é ☃ \x85"
+        assert garbage_count(text) == garbage_chars(text)
+
+
+def test_compression_magic_and_format_guesses():
+    from data_prep.hygiene import compression_mismatch, guess_format
+
+    samples = {"gzip": gzip.compress(b"x" * 100), "bzip2": bz2.compress(b"x" * 100), "xz": lzma.compress(b"x" * 100),
+               "zstd": b"\x28\xb5\x2f\xfd" + b"\x00" * 12}
+    ending = {"gzip": ".gz", "bzip2": ".bz2", "xz": ".xz", "zstd": ".zst"}
+    for kind, data in samples.items():
+        assert f"is {kind}-compressed" in compression_mismatch(Path("a.txt"), data[:16])
+        assert compression_mismatch(Path("a.txt" + ending[kind]), data[:16]) is None
+    assert compression_mismatch(Path("a.txt"), b"BZh is how this text starts") is None  # not the full bz2 header
+    assert guess_format(JSONL) == "jsonl"
+    cut = JSONL[: JSONL.index("\n") + 30]  # the second line cut in the middle
+    assert guess_format(cut, complete=False) == "jsonl"  # a line cut by the sniff window is ignored
+    assert guess_format(cut, complete=True) is None  # ... but a broken line otherwise is not JSON lines
+    assert guess_format(WIKI_XML) == "wiki-xml" and guess_format(WIKIEXTRACTOR) == "wikiextractor"
+    assert guess_format(OTHER_XML) == "xml" and guess_format(WIKITEXT) == "wikitext"
+    assert guess_format("{not json} but text\n\nMore text.\n") is None
+    assert guess_format('{"a": 1}\nplain text after it\n') is None
+    assert guess_format("") is None
