@@ -151,6 +151,8 @@ def guess_format(head: str, complete: bool = True) -> str | None:
         return "wiki-xml"
     if re.match(r"<doc\b[^>]*\bid=", nonblank[0]):
         return "wikiextractor"
+    if start[:15].lower().startswith(("<!doctype html", "<html")):
+        return "html"
     if start.startswith("<?xml"):
         return "xml"
     lines = nonblank[:20]
@@ -181,6 +183,8 @@ def format_warning(path: Path, fmt: str, guess: str | None) -> str | None:
         what, hint = "WikiExtractor output", "--format wikiextractor"
     elif guess == "wikitext":
         what, hint = "WikiText (' = Title = ' lines)", "--format wikitext"
+    elif guess == "html":
+        what, hint = "HTML", "a text extractor first (alum-prep does not strip HTML)"
     else:
         what, hint = "XML", "--format wiki-xml for a MediaWiki dump, or convert it to text first"
     return (f"{path} looks like {what}, but --format {fmt} reads it as plain text (markup and field names "
@@ -207,13 +211,14 @@ def read_error(path: Path, exc: BaseException) -> ValueError:
                       "and in the --format given")
 
 
-def sniff_inputs(files: list[Path], fmt: str) -> list[str]:
+def sniff_inputs(files: list[Path], fmt: str, max_frac: float = DEFAULT_MAX_GARBAGE_FRAC) -> list[str]:
     """Look at the start of the first :data:`SNIFF_FILES` inputs before anything is written.
 
     Raises ``ValueError`` naming the file when its first bytes are compressed data its name does not
     announce, or when its (decompressed) start cannot be read — a corrupt or truncated compressed file
     fails here, before an output folder exists.  Returns warnings for ``--format text``/``wikitext`` inputs
-    that clearly are another format (:func:`guess_format`)."""
+    that clearly are another format (:func:`guess_format`) and for inputs whose start is mostly garbage
+    (with the UTF-16 diagnosis when it applies)."""
     from .readers import _open_decompressed
 
     warnings = []
@@ -232,7 +237,19 @@ def sniff_inputs(files: list[Path], fmt: str) -> list[str]:
             raise
         except Exception as e:  # any reader / decompressor error, named
             raise read_error(path, e) from None
-        w = format_warning(path, fmt, guess_format(data.decode("utf-8", "replace"), len(data) < SNIFF_BYTES))
+        text = data.decode("utf-8", "replace")
+        w = format_warning(path, fmt, guess_format(text, len(data) < SNIFF_BYTES))
         if w:
             warnings.append(w)
+        n = garbage_count(text)
+        if len(text) >= 256 and n / len(text) > MAX_GARBLED_SHARE:
+            # UTF-16: a byte-order mark, or ASCII text's NUL byte in every other position
+            utf16 = data[:2] in (b"\xff\xfe", b"\xfe\xff") or max(data[0:512:2].count(0), data[1:512:2].count(0)) > 100
+            warnings.append(
+                f"{path} starts with {100.0 * n / len(text):.0f}% replacement/control characters: "
+                + ("it looks like UTF-16 text; convert it to UTF-8 (iconv -f UTF-16 -t UTF-8)" if utf16 else
+                   "it is not UTF-8 text (binary? another encoding?)")
+                + (f"; its documents will be dropped as garbled (--max-garbage-frac {max_frac:g})" if n / len(text) > max_frac
+                   else f"; kept because --max-garbage-frac is {max_frac:g}")
+            )
     return warnings

@@ -481,7 +481,7 @@ class Preparer:
         """
         cfg = self.cfg
         files = list_inputs(cfg.inputs, cfg.format)
-        for w in sniff_inputs(files, cfg.format):
+        for w in sniff_inputs(files, cfg.format, cfg.max_garbage_frac):
             self._warn(w)
         self.given = self._given_tokenizer()
         fingerprint, inputs, tok_src = self._fingerprint(files)

@@ -187,6 +187,8 @@ def list_inputs(inputs: list[str | os.PathLike], fmt: str) -> list[Path]:
             if not found:
                 raise ValueError(f"{p}: folder has no input files for --format {fmt}")
             files.extend(found)
+        elif not p.is_file():  # a device (/dev/urandom), FIFO or socket: endless or unrepeatable
+            raise ValueError(f"{p}: not a regular file; write the data to a file first")
         else:
             files.append(p)
     for f in files:

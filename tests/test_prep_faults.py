@@ -137,6 +137,24 @@ def test_clean_corpus_reports_zero_and_warns_nothing(tmp_path, vocab, capsys):
     assert "warning" not in err
 
 
+def test_utf16_corpus_is_diagnosed_up_front_and_refused(tmp_path, vocab, capsys):
+    f = tmp_path / "utf16.txt"
+    f.write_bytes("\n\n".join(good_docs(20)).encode("utf-16"))  # with its byte-order mark
+    rc, err = cli([f, "--format", "text", "--vocab", vocab, "--out", tmp_path / "o", "--no-progress"], capsys)
+    assert rc == 2
+    assert f"alum-prep: warning: {f} starts with" in err and "it looks like UTF-16 text; convert it to UTF-8" in err
+    assert f"alum-prep: error: {f}: mostly garbage" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_device_or_fifo_input_is_refused(tmp_path, vocab):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(fifo))}: not a regular file"):
+        run([fifo], tmp_path / "out", vocab)
+    assert not (tmp_path / "out").exists()
+
+
 def test_one_huge_garbage_document_makes_the_corpus_mostly_garbage(tmp_path, vocab):
     """Few documents, but most of the characters are junk: refused by the character share."""
     f = tmp_path / "c.txt"
@@ -164,6 +182,7 @@ WIKI_XML = ('<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/" versio
             + good_docs(1)[0] + '</text>\n    </revision>\n  </page>\n</mediawiki>\n')
 WIKIEXTRACTOR = '<doc id="12" url="https://en.wikipedia.org/wiki?curid=12" title="A">\nA\n\n' + good_docs(1)[0] + "\n</doc>\n"
 OTHER_XML = '<?xml version="1.0" encoding="UTF-8"?>\n<records>\n<r>' + good_docs(1)[0] + "</r>\n</records>\n"
+HTML = "<!DOCTYPE html>\n<html><body><p>" + good_docs(1)[0] + "</p></body></html>\n"
 WIKITEXT = " = Title = \n\n " + good_docs(1)[0] + " \n\n = = Section = = \n\n " + good_docs(1, seed=1)[0] + " \n"
 
 
@@ -173,11 +192,12 @@ WIKITEXT = " = Title = \n\n " + good_docs(1)[0] + " \n\n = = Section = = \n\n " 
     ("wiki_00", WIKIEXTRACTOR, "looks like WikiExtractor output"),
     ("records.xml", OTHER_XML, "looks like XML"),
     ("wiki.test.raw", WIKITEXT, "looks like WikiText"),
+    ("page.html", HTML, "looks like HTML"),
 ])
 def test_format_text_on_another_format_warns_and_names_it(tmp_path, vocab, capsys, name, content, says):
     hint = {"data.jsonl": "use --format jsonl", "dump.xml": "use --format wiki-xml",
             "wiki_00": "use --format wikiextractor", "records.xml": "--format wiki-xml for a MediaWiki dump",
-            "wiki.test.raw": "use --format wikitext"}[name]
+            "wiki.test.raw": "use --format wikitext", "page.html": "use a text extractor first"}[name]
     f = tmp_path / name
     f.write_text(content, encoding="utf-8")
     rc, err = cli([f, "--format", "text", "--vocab", vocab, "--out", tmp_path / "o", "--no-progress",
