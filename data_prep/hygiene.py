@@ -118,6 +118,7 @@ _MAGIC = (
     ("zstd", b"\x28\xb5\x2f\xfd", (".zst", ".zstd", ".tzst")),
 )
 SNIFF_BYTES = 1 << 16
+LINE_FORMATS = ("text", "wikitext", "jsonl", "wikiextractor", "wiki-xml")
 SNIFF_FILES = 16  # only the first files of a large folder are sniffed (cheap, and one warning suffices)
 
 
@@ -242,7 +243,8 @@ def sniff_inputs(files: list[Path], fmt: str, max_frac: float = DEFAULT_MAX_GARB
         if w:
             warnings.append(w)
         n = garbage_count(text)
-        if len(text) >= 256 and n / len(text) > MAX_GARBLED_SHARE:
+        # Only for formats read as text lines (an archive or a binary columnar file is not text).
+        if fmt in LINE_FORMATS and len(text) >= 256 and n / len(text) > MAX_GARBLED_SHARE:
             # UTF-16: a byte-order mark, or ASCII text's NUL byte in every other position
             utf16 = data[:2] in (b"\xff\xfe", b"\xfe\xff") or max(data[0:512:2].count(0), data[1:512:2].count(0)) > 100
             warnings.append(

@@ -49,7 +49,7 @@ from alum_pretrain.data.indexed import IndexedDatasetBuilder, MMapIndexedDataset
 from . import tokenizer as toks
 from .clean import SPLITTERS, clean_text
 from .config import PrepConfig
-from .hygiene import GarbledCorpusError, check_not_mostly_garbage, hygiene_report, is_garbled, sniff_inputs
+from .hygiene import check_not_mostly_garbage, hygiene_report, is_garbled, sniff_inputs
 from .readers import WIKITEXT_HEADING_RE, WIKITEXT_TITLE_RE, Decoder, Reader, list_inputs
 
 FORMAT_VERSION = 1
@@ -559,6 +559,7 @@ class Preparer:
         })
         m.setdefault("segments", {})
         m.setdefault("shards", [])
+        m["warnings"] = list(dict.fromkeys([*m.get("warnings", []), *self.warnings]))  # an earlier attempt's too
         self.manifest = m
         self._save()
 
@@ -626,7 +627,6 @@ class Preparer:
             if s["valid"]["items"] == 0 and cfg.valid_fraction > 0:
                 self._warn(f"shard{s['shard']}/valid is empty (corpus too small for --valid-fraction "
                            f"{cfg.valid_fraction}); fairseq cannot load an empty split — raise --valid-fraction")
-        m["warnings"] = list(self.warnings)
         m["status"] = "complete"
         self._save()
         shutil.rmtree(self.parts, ignore_errors=True)
@@ -645,6 +645,8 @@ class Preparer:
     def _warn(self, msg: str) -> None:
         """A warning: printed whatever --no-progress says, and kept in the manifest's ``warnings``."""
         self.warnings.append(msg)
+        if "warnings" in self.manifest and msg not in self.manifest["warnings"]:
+            self.manifest["warnings"].append(msg)  # saved with the manifest's next write
         print(f"alum-prep: warning: {msg}", file=sys.stderr)
 
     def _save(self) -> None:

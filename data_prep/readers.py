@@ -224,21 +224,21 @@ class Reader:
     def __iter__(self) -> Iterator[RawDoc]:
         base = 0
         for path in self.files:
-            fn = {
-                "text": self._text,
-                "jsonl": self._jsonl,
-                "wikitext": self._wikitext,
-                "wikiextractor": self._wikiextractor,
-                "wiki-xml": self._wiki_xml,
-                "owt": self._owt,
-            }[self.fmt]
-            try:
-                with open(path, "rb") as raw:
+            with open(path, "rb") as raw:
+                fn = {
+                    "text": self._text,
+                    "jsonl": self._jsonl,
+                    "wikitext": self._wikitext,
+                    "wikiextractor": self._wikiextractor,
+                    "wiki-xml": self._wiki_xml,
+                    "owt": self._owt,
+                }[self.fmt]
+                try:
                     yield from fn(path, raw, base)
-            except MemoryError:
-                raise
-            except Exception as e:  # any reader's or decompressor's error names the file (data_prep.hygiene)
-                raise read_error(path, e) from None
+                except MemoryError:
+                    raise
+                except Exception as e:  # any reader's or decompressor's error names the file (see hygiene.read_error)
+                    raise read_error(path, e) from None
             base += path.stat().st_size
 
     # Lines of a (possibly compressed) file as (text, 1-based line number, global position).
