@@ -51,7 +51,7 @@ class PrepConfig:
         0.2,
         "drop (and count as 'garbled') a document when more than this share of its characters are U+FFFD "
         "replacement or control characters; binary or wrongly-encoded input scores 0.55-0.81, Latin-1 text read "
-        "as UTF-8 0.02-0.13; 1 keeps every document. A corpus more than half garbled is an error",
+        "as UTF-8 0.004-0.13; 1 keeps every document. A corpus more than half garbled is an error",
     )
     spm_byte_fallback: bool = opt(
         True,

@@ -950,7 +950,9 @@ class Preparer:
 
 
 def _failed_start(old: dict) -> bool:
-    """True when a parsed manifest belongs to a run that completed nothing and is not running now."""
+    """True when a parsed manifest belongs to a run that completed nothing and is not running now (its
+    process, recorded in ``owner``, is gone from this host).  A run recorded on another host is never
+    assumed gone; a live one on this host is an error."""
     if not old.get("fingerprint") or old.get("status") == "complete":
         return False
     if any(r.get("status") == "complete" for r in old.get("segments", {}).values()):
@@ -958,16 +960,18 @@ def _failed_start(old: dict) -> bool:
     if any(s.get("status") == "complete" for s in old.get("shards", [])):
         return False
     owner = old.get("owner") or {}
-    if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int) and owner["pid"] != os.getpid():
-        try:
-            os.kill(owner["pid"], 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            pass
-        raise ValueError(f"another alum-prep (pid {owner['pid']}) seems to be writing this folder; wait for it or "
-                         "stop it, or choose another --out")
-    return True
+    if not isinstance(owner.get("pid"), int) or owner["pid"] == os.getpid() and owner.get("host") == socket.gethostname():
+        return True  # written by this process (a caught interrupt) or by a version that did not record it
+    if owner.get("host") != socket.gethostname():  # cannot tell whether it still runs: only --overwrite
+        return False
+    try:
+        os.kill(owner["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
+    raise ValueError(f"another alum-prep (pid {owner['pid']}) seems to be writing this folder; wait for it or "
+                     "stop it, or choose another --out")
 
 
 def _read_lines(path: Path) -> Iterator[str]:

@@ -193,7 +193,7 @@ WIKITEXT = " = Title = \n\n " + good_docs(1)[0] + " \n\n = = Section = = \n\n " 
     ("records.xml", OTHER_XML, "looks like XML"),
     ("wiki.test.raw", WIKITEXT, "looks like WikiText"),
     ("page.html", HTML, "looks like HTML"),
-])
+], ids=["jsonl", "wiki-xml", "wikiextractor", "xml", "wikitext", "html"])
 def test_format_text_on_another_format_warns_and_names_it(tmp_path, vocab, capsys, name, content, says):
     hint = {"data.jsonl": "use --format jsonl", "dump.xml": "use --format wiki-xml",
             "wiki_00": "use --format wikiextractor", "records.xml": "--format wiki-xml for a MediaWiki dump",
@@ -425,6 +425,12 @@ def test_leftovers_of_a_killed_start_do_not_block(tmp_path, vocab, corpus, capsy
     with pytest.raises(ValueError, match=rf"another alum-prep \(pid {os.getppid()}\) seems to be writing"):
         run([corpus], out3, vocab)
     assert (out3 / "manifest.json").exists()
+    # ... nor one that a run on another host (shared file system) may still be writing.
+    out4 = tmp_path / "out4"
+    _stale_manifest(out4, owner={"host": "another-node-" + os.uname().nodename, "pid": dead.pid})
+    with pytest.raises(ValueError, match="different command or different inputs.*--overwrite"):
+        run([corpus], out4, vocab)
+    assert run([corpus], out4, vocab, overwrite=True)["status"] == "complete"
 
 
 def test_environment_failure_after_work_keeps_it_for_the_resume(tmp_path, vocab, monkeypatch, capsys):
