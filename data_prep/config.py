@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from .hygiene import DEFAULT_MAX_GARBAGE_FRAC
 from .readers import FORMATS
 from .tokenizer import TRAIN_KINDS
 
@@ -48,7 +49,7 @@ class PrepConfig:
     json_key: str = opt("text", "JSON field holding the document text (--format jsonl)")
     on_decode_error: str = opt("replace", "invalid UTF-8: replace with U+FFFD and count it, or fail naming the file and byte offset", choices=("replace", "fail"))
     max_garbage_frac: float = opt(
-        0.2,
+        DEFAULT_MAX_GARBAGE_FRAC,
         "drop (and count as 'garbled') a document when more than this share of its characters are U+FFFD "
         "replacement or control characters; binary or wrongly-encoded input scores 0.55-0.81, Latin-1 text read "
         "as UTF-8 0.004-0.13; 1 keeps every document. A corpus more than half garbled is an error",

@@ -49,7 +49,7 @@ from alum_pretrain.data.indexed import IndexedDatasetBuilder, MMapIndexedDataset
 from . import tokenizer as toks
 from .clean import SPLITTERS, clean_text
 from .config import PrepConfig
-from .hygiene import check_not_mostly_garbage, hygiene_report, is_garbled, sniff_inputs
+from .hygiene import DEFAULT_MAX_GARBAGE_FRAC, check_not_mostly_garbage, hygiene_report, is_garbled, sniff_inputs
 from .readers import WIKITEXT_HEADING_RE, WIKITEXT_TITLE_RE, Decoder, Reader, list_inputs
 
 FORMAT_VERSION = 1
@@ -353,7 +353,7 @@ def prepare(
     sentence_splitter: str = "rules",
     json_key: str = "text",
     on_decode_error: str = "replace",
-    max_garbage_frac: float = 0.2,
+    max_garbage_frac: float = DEFAULT_MAX_GARBAGE_FRAC,
     spm_byte_fallback: bool = True,
     segment_mb: float = 256.0,
     tokenizer_train_sentences: int = 10_000_000,

@@ -122,7 +122,7 @@ def test_garbled_documents_are_dropped_and_counted(tmp_path, vocab, capsys):
     assert f"{expect_garbled} of {len(blobs)} documents" in err
     assert any("dropped as garbled" in w for w in m["warnings"])
     # A stricter threshold drops the Latin-1 document and at_limit too.
-    m0 = run([f], tmp_path / "strict", vocab, max_garbage_frac=0.1)
+    m0 = run([f], tmp_path / "strict", vocab, max_garbage_frac=0.1, workers=2)  # the worker pool decides the same
     assert m0["counts"]["dropped"]["garbled"] == sum(garbage_chars(t) / len(t) > 0.1 for t in texts) == 7
 
 
