@@ -256,3 +256,18 @@ def sniff_inputs(files: list[Path], fmt: str, max_frac: float = DEFAULT_MAX_GARB
                    else f"; kept because --max-garbage-frac is {max_frac:g}")
             )
     return warnings
+
+
+def check_tar_end(tar, where: str) -> None:
+    """Raise ``ValueError`` naming ``where`` when a tar archive stopped at a damaged member header.
+
+    ``tarfile`` ends the iteration without a word at a header whose checksum fails (a bit flip), so every
+    member after it would be lost silently.  A complete archive has only zero blocks after its last
+    member; anything else left in the stream is the rest of a damaged archive."""
+    while True:
+        block = tar.fileobj.read(1 << 20)
+        if not block:
+            return
+        if block.count(0) != len(block):
+            raise ValueError(f"{where}: tar archive is damaged: a member header after byte {tar.offset} is invalid (bad "
+                             "checksum) and the members after it cannot be read; re-download or re-create the archive")

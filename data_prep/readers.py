@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from .hygiene import read_error
+from .hygiene import check_tar_end, read_error
 
 FORMATS = ("wikitext", "wikiextractor", "wiki-xml", "owt", "text", "jsonl")
 LINE_LIMIT = 16 * 1024 * 1024
@@ -415,6 +415,7 @@ class Reader:
             elif not member.name.endswith(".txt"):
                 continue
             yield RawDoc(self.decoder.decode(data, inner, 0), pos, inner)
+        check_tar_end(tar, where)
 
 
 def _decompress_bytes(name: str, data: bytes, where: str) -> bytes:

@@ -267,7 +267,23 @@ CORRUPTIONS = {
     "wiki-xml-bz2-truncated": ("w-pages-articles.xml.bz2", "wiki-xml", lambda: bz2.compress(WIKI_XML.encode())[:-40], False),
     "owt-tar-xz-truncated": ("subset.tar.xz", "owt", lambda: _tar_xz(OWT_DOCS)[:-3000], True),
     "owt-tar-xz-bitflip": ("subset.tar.xz", "owt", lambda: _flip(_tar_xz(OWT_DOCS), 0.7), True),
+    # a plain .tar whose 200th member header is damaged: tarfile itself would stop there without a word
+    "owt-tar-header-bitflip": ("subset.tar", "owt", lambda: _flip(_tar(OWT_DOCS), _header_offset(_tar(OWT_DOCS), 200) + 150), True),
 }
+
+
+def _tar(docs: list[bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for i, d in enumerate(docs):
+            info = tarfile.TarInfo(f"doc{i:04d}.txt")
+            info.size = len(d)
+            tar.addfile(info, io.BytesIO(d))
+    return buf.getvalue()
+
+
+def _header_offset(data: bytes, k: int) -> int:
+    return data.index(f"doc{k:04d}.txt".encode())
 
 
 @pytest.mark.parametrize("case", sorted(CORRUPTIONS))
@@ -287,13 +303,14 @@ def test_corrupt_compressed_input_names_the_file(tmp_path, vocab, capsys, case):
     assert rc == 2
     line = err.strip().splitlines()[-1]
     assert line.startswith(f"alum-prep: error: {f}: ")
-    assert "compressed data is truncated or corrupt" in line or "invalid or truncated XML" in line
+    assert any(t in line for t in ("compressed data is truncated or corrupt", "invalid or truncated XML",
+                                   "tar archive is damaged"))
     assert "Traceback" not in err
     assert not out.exists()  # no manifest, no tokenizer/, no .parts/
     # The corrected input then works with the same --out, no --overwrite needed.
     good = tmp_path / ("ok-" + name)
     raw = {"text": ("\n\n".join(good_docs(20)) + "\n").encode(), "wiki-xml": WIKI_XML.encode(),
-           "owt": _tar_xz(OWT_DOCS[:20])}[fmt]
+           "owt": _tar_xz(OWT_DOCS[:20]) if name.endswith(".xz") else _tar(OWT_DOCS[:20])}[fmt]
     good.write_bytes(raw if fmt == "owt" else (bz2.compress(raw) if name.endswith(".bz2") else
                                                gzip.compress(raw) if name.endswith(".gz") else lzma.compress(raw)))
     rc, err = cli([good, "--format", fmt, "--vocab", vocab, "--out", out, "--no-progress", "--valid-fraction", "0"], capsys)
