@@ -10,6 +10,7 @@ Command line: ``alum-prep`` (:mod:`data_prep.cli`).  Design and layout: :mod:`da
 """
 
 from .config import PrepConfig
+from .hygiene import GarbledCorpusError
 from .pipeline import EmptyCorpusError, prepare
 
-__all__ = ["prepare", "PrepConfig", "EmptyCorpusError"]
+__all__ = ["prepare", "PrepConfig", "EmptyCorpusError", "GarbledCorpusError"]

@@ -38,14 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
             kw["required"] = True
         if f.metadata.get("choices"):
             kw["choices"] = f.metadata["choices"]
-        if f.name in ("lowercase", "progress"):
+        if f.name in ("lowercase", "progress", "spm_byte_fallback"):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, **kw)
         elif f.name == "keep_headings":
             p.add_argument(flag, action="store_true", **kw)
         else:
             typ = {"shards": int, "workers": int, "seed": int, "min_doc_chars": int, "max_tokens": int,
                    "vocab_size": int, "tokenizer_train_sentences": int, "valid_fraction": float,
-                   "segment_mb": float}.get(f.name, str)
+                   "segment_mb": float, "max_garbage_frac": float}.get(f.name, str)
             p.add_argument(flag, type=typ, default=default, **kw)
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing data-bin made by a different command (only folders with a manifest.json are ever deleted)")
@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .hygiene import hygiene_report
     from .pipeline import prepare
 
     argv = sys.argv[1:] if argv is None else argv
@@ -73,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         f"in {m['num_shards']} shard(s); dropped {sum(c['dropped'].values())} ({', '.join(f'{k} {v}' for k, v in c['dropped'].items() if v) or 'none'})",
         file=sys.stderr,
     )
+    # Always printed (also with --no-progress), so that a corpus full of replacement characters is visible.
+    print(f"alum-prep: input hygiene: {hygiene_report(c, m['config']['max_garbage_frac'])[0]}", file=sys.stderr)
+    if m.get("warnings"):
+        print(f"alum-prep: {len(m['warnings'])} warning(s), also kept in {out}/manifest.json ('warnings')", file=sys.stderr)
     return 0
 
 

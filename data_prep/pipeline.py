@@ -34,6 +34,7 @@ import math
 import multiprocessing as mp
 import os
 import shutil
+import socket
 import sys
 import time
 from collections import Counter, deque
@@ -48,6 +49,7 @@ from alum_pretrain.data.indexed import IndexedDatasetBuilder, MMapIndexedDataset
 from . import tokenizer as toks
 from .clean import SPLITTERS, clean_text
 from .config import PrepConfig
+from .hygiene import DEFAULT_MAX_GARBAGE_FRAC, check_not_mostly_garbage, hygiene_report, is_garbled, sniff_inputs
 from .readers import WIKITEXT_HEADING_RE, WIKITEXT_TITLE_RE, Decoder, Reader, list_inputs
 
 FORMAT_VERSION = 1
@@ -56,7 +58,7 @@ SPLITS = ("train", "valid")
 # big enough to amortise inter-process traffic, small enough to keep every worker busy.
 CHUNK_DOCS = 256
 CHUNK_CHARS = 1 << 17
-DROP_REASONS = ("empty", "too_short", "duplicate", "no_tokens", "redirect", "non_article_page")
+DROP_REASONS = ("empty", "too_short", "duplicate", "no_tokens", "redirect", "non_article_page", "garbled")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -67,12 +69,13 @@ _W: dict = {}
 
 
 def _init_worker(fmt: str, keep_headings: bool, min_doc_chars: int, tokenizer_file: str | None,
-                 max_tokens: int, dtype: str | None, splitter: str = "rules") -> None:
+                 max_tokens: int, dtype: str | None, splitter: str = "rules", max_garbage_frac: float = 1.0) -> None:
     # One process = one core: the Rust tokenizer must not start its own thread pool in every worker.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _W.clear()
     _W.update(fmt=fmt, keep_headings=keep_headings, min_doc_chars=min_doc_chars, max_tokens=max_tokens,
-              splitter=SPLITTERS[splitter](), dtype=np.dtype(dtype) if dtype else None, tok=None)
+              splitter=SPLITTERS[splitter](), dtype=np.dtype(dtype) if dtype else None, tok=None,
+              max_garbage_frac=max_garbage_frac)
     if tokenizer_file is not None:
         from tokenizers import Tokenizer
 
@@ -114,6 +117,8 @@ def to_plain_text(fmt: str, raw: str, keep_headings: bool) -> str:
 
 def _clean_doc(raw: str) -> tuple[str | None, str | None, int, list[str]]:
     """-> (drop reason or None, cleaned text, control chars removed, sentences)."""
+    if is_garbled(raw, _W["max_garbage_frac"])[0]:  # judged on the text as decoded, before any cleaning
+        return "garbled", "", 0, []
     text = to_plain_text(_W["fmt"], raw, _W["keep_headings"])
     cleaned, n_ctrl = clean_text(text)
     if not cleaned:
@@ -123,13 +128,19 @@ def _clean_doc(raw: str) -> tuple[str | None, str | None, int, list[str]]:
     return None, cleaned, n_ctrl, _W["splitter"].split_document(cleaned)
 
 
-def work_sentences(texts: list[str]) -> list[list[str]]:
-    """Tokenizer-training pass: cleaned sentences of each kept document."""
+def work_sentences(texts: list[str]) -> dict:
+    """Tokenizer-training pass: cleaned sentences of each kept document (``sents``) and counters."""
     out = []
+    stats = Counter()
     for raw in texts:
         reason, _, _, sents = _clean_doc(raw)
         out.append([] if reason else sents)
-    return out
+        stats["documents_read"] += 1
+        stats["chars_read"] += len(raw)
+        if reason == "garbled":
+            stats["garbled"] += 1
+            stats["garbled_chars"] += len(raw)
+    return {"sents": out, "stats": dict(stats)}
 
 
 def work_encode(texts: list[str]) -> dict:
@@ -137,15 +148,20 @@ def work_encode(texts: list[str]) -> dict:
 
     Returns per document: ``reason`` (None = kept), ``digest`` (16 bytes of the cleaned text), ``nitems``;
     for all kept documents together: ``sizes`` (items' lengths) and ``tokens`` (flat, disk ids =
-    tokenizer ids + 4, in the output dtype); and counters.
+    tokenizer ids + 4, in the output dtype); and per document its counters ``stats`` (control characters removed,
+    characters read, characters of a garbled document, empty sentences;
+    per document, so that they land in the document's segment however the documents were chunked).
     """
     tok = _W["tok"]
     max_tokens = _W["max_tokens"]
     reasons, digests, per_doc_sents = [], [], []
-    stats = Counter()
+    stats: list[Counter] = []
     for raw in texts:
         reason, cleaned, n_ctrl, sents = _clean_doc(raw)
-        stats["control_chars_removed"] += n_ctrl
+        st = Counter(control_chars_removed=n_ctrl, chars_read=len(raw))
+        if reason == "garbled":
+            st["garbled_chars"] = len(raw)
+        stats.append(st)
         reasons.append(reason)
         digests.append(hashlib.blake2b(cleaned.encode("utf-8"), digest_size=16).digest())
         per_doc_sents.append(sents)
@@ -163,7 +179,7 @@ def work_encode(texts: list[str]) -> dict:
             ids = np.asarray(encs[k].ids, dtype=np.int64)
             k += 1
             if ids.size == 0:
-                stats["empty_sentences"] += 1  # e.g. only characters the tokenizer drops
+                stats[i]["empty_sentences"] += 1  # e.g. only characters the tokenizer drops
                 continue
             if ids.size > max_tokens:
                 # Too long for one sequence: cut into consecutive chunks rather than dropping text.
@@ -185,7 +201,7 @@ def work_encode(texts: list[str]) -> dict:
     tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
     tokens = (tokens + FAIRSEQ_NSPECIAL).astype(_W["dtype"])
     return {"reasons": reasons, "digests": digests, "nitems": nitems, "overlong": overlong, "extra": extra,
-            "sizes": np.asarray(sizes, dtype=np.int32), "tokens": tokens, "stats": dict(stats)}
+            "sizes": np.asarray(sizes, dtype=np.int32), "tokens": tokens, "stats": [dict(st) for st in stats]}
 
 
 class _Runner:
@@ -337,6 +353,8 @@ def prepare(
     sentence_splitter: str = "rules",
     json_key: str = "text",
     on_decode_error: str = "replace",
+    max_garbage_frac: float = DEFAULT_MAX_GARBAGE_FRAC,
+    spm_byte_fallback: bool = True,
     segment_mb: float = 256.0,
     tokenizer_train_sentences: int = 10_000_000,
     overwrite: bool = False,
@@ -354,7 +372,10 @@ def prepare(
 
     Raises ``FileNotFoundError`` (missing input or tokenizer file), ``PermissionError`` (unwritable
     output), ``ValueError`` (bad input or options, an existing output of a different command without
-    ``overwrite``, an empty corpus — in which case nothing is left behind).
+    ``overwrite``, an empty corpus, a mostly garbled one: :class:`data_prep.hygiene.GarbledCorpusError`).
+    Arguments, inputs' first bytes and tokenizer files are checked before anything is written; a fresh
+    run that fails leaves nothing behind (see :meth:`Preparer.run`).  Warnings go to stderr whatever
+    ``progress`` says and are kept in the manifest's ``warnings``.
     """
     cfg = PrepConfig(
         inputs=list(inputs), format=fmt, out=Path(out), vocab=None if vocab is None else str(vocab),
@@ -363,6 +384,7 @@ def prepare(
         train_tokenizer=train_tokenizer, vocab_size=vocab_size, lowercase=lowercase, shards=shards,
         valid_fraction=valid_fraction, seed=seed, min_doc_chars=min_doc_chars, max_tokens=max_tokens,
         keep_headings=keep_headings, sentence_splitter=sentence_splitter, json_key=json_key, on_decode_error=on_decode_error, segment_mb=segment_mb,
+        max_garbage_frac=max_garbage_frac, spm_byte_fallback=spm_byte_fallback,
         tokenizer_train_sentences=tokenizer_train_sentences, workers=workers, progress=progress,
     )
     return Preparer(cfg, overwrite=overwrite, command=command).run()
@@ -375,6 +397,9 @@ class Preparer:
         self.command = command if command is not None else ["data_prep.prepare", *map(str, cfg.inputs)]
         self.out = Path(cfg.out)
         self.parts = self.out / ".parts"
+        self.warnings: list[str] = []
+        self.manifest: dict = {}
+        self.given = None  # (hf tokenizer, info) of --vocab/--spm-model/--tokenizer-json, loaded up front
 
     # -- setup ---------------------------------------------------------------------------------------------
 
@@ -386,7 +411,11 @@ class Preparer:
 
             it = tqdm(files, desc="hashing inputs", unit="file", file=sys.stderr)
         for f in it:
-            inputs.append({"path": str(f.resolve()), "bytes": f.stat().st_size, "sha256": sha256_file(f)})
+            try:
+                digest = sha256_file(f)
+            except OSError as e:  # a read error (bad disk, vanished network file) names the file
+                raise OSError(e.errno, f"{f}: cannot be read ({e.strerror or e})") from None
+            inputs.append({"path": str(f.resolve()), "bytes": f.stat().st_size, "sha256": digest})
         tok_src = {}
         for name in ("vocab", "spm_model", "tokenizer_json"):
             v = getattr(self.cfg, name)
@@ -416,13 +445,20 @@ class Preparer:
                 old = {}
             if old.get("fingerprint") == fingerprint:
                 return old
-            if not self.overwrite:
+            if _failed_start(old):
+                # Nothing of value (no completed segment or shard): the leftovers of a run that failed or
+                # was killed at its start must not block the corrected command.
+                self._warn(f"{out}: replacing the leftovers of an earlier run that stopped before completing any "
+                           f"work ({' '.join(map(str, old.get('command', ['?'])))})")
+                shutil.rmtree(out)
+            elif not self.overwrite:
                 raise ValueError(
                     f"{out}: holds a data-bin made by a different command or different inputs "
                     f"({' '.join(map(str, old.get('command', ['?'])))}); re-run with --overwrite to replace it, "
                     "or choose another --out"
                 )
-            shutil.rmtree(out)
+            else:
+                shutil.rmtree(out)
         try:
             out.mkdir(parents=True, exist_ok=True)
             probe = out / ".write_test.tmp"
@@ -435,22 +471,55 @@ class Preparer:
     # -- main ----------------------------------------------------------------------------------------------
 
     def run(self) -> dict:
+        """Validate everything that can be validated before writing (arguments — already by
+        :class:`PrepConfig` —, inputs, their first bytes, the tokenizer files, the output folder), then run.
+
+        A fresh run that fails on bad input (any ``ValueError``: empty or garbled corpus, corrupt file, ...)
+        or before completing any segment leaves nothing behind, not even the folders it created.  An
+        interrupted run (KeyboardInterrupt, kill) and a fresh run that fails for another reason (disk full)
+        after completing segments keep them for the resume, and so does a resumed run.
+        """
         cfg = self.cfg
         files = list_inputs(cfg.inputs, cfg.format)
+        for w in sniff_inputs(files, cfg.format, cfg.max_garbage_frac):
+            self._warn(w)
+        self.given = self._given_tokenizer()
         fingerprint, inputs, tok_src = self._fingerprint(files)
         existed = self.out.exists()
+        created = next((p for p in reversed([self.out, *self.out.parents]) if not p.exists()), None)
         resume = self._check_output(fingerprint)
         try:
             return self._run(files, fingerprint, inputs, tok_src, resume)
-        except ValueError:
-            # Bad input (an empty corpus, invalid UTF-8 with --on-decode-error fail, broken JSON/XML, ...):
-            # a fresh run leaves nothing behind.  An interrupted run (KeyboardInterrupt, kill) keeps its
-            # completed segments for the resume, and so does a resumed run.
-            if resume is None:
+        except Exception as e:
+            done = [j for j, r in self.manifest.get("segments", {}).items() if r.get("status") == "complete"]
+            if resume is None and (isinstance(e, ValueError) or not done):
                 shutil.rmtree(self.out, ignore_errors=True)
                 if existed:
                     self.out.mkdir(exist_ok=True)
+                elif created is not None:
+                    d = self.out.parent  # parent folders this run created, if still empty
+                    while d == created or created in d.parents:
+                        try:
+                            d.rmdir()
+                        except OSError:
+                            break
+                        d = d.parent
+            elif resume is None:
+                self._warn(f"{len(done)} completed segment(s) kept in {self.out}; fix the cause and re-run the same "
+                           "command to resume")
             raise
+
+    def _given_tokenizer(self):
+        """Load (and so validate) a given tokenizer file before anything is written; None when training."""
+        cfg = self.cfg
+        mml = cfg.max_tokens + 2
+        if cfg.vocab:
+            return toks.from_vocab(cfg.vocab, cfg.lowercase, mml)
+        if cfg.spm_model:
+            return toks.from_spm(cfg.spm_model, mml)
+        if cfg.tokenizer_json:
+            return toks.from_tokenizer_json(cfg.tokenizer_json, mml)
+        return None
 
     def _run(self, files, fingerprint, inputs, tok_src, resume) -> dict:
         cfg = self.cfg
@@ -471,6 +540,7 @@ class Preparer:
                                  "re-run with --overwrite to rebuild it")
             shutil.rmtree(self.parts, ignore_errors=True)  # killed just before its clean-up
             self._log(f"{self.out}: already complete and verified; nothing to do")
+            self.manifest = resume
             return resume
         m.update({
             "format_version": FORMAT_VERSION,
@@ -485,9 +555,11 @@ class Preparer:
             "id_offset": FAIRSEQ_NSPECIAL,
             "num_shards": cfg.shards,
             "splits": list(SPLITS),
+            "owner": {"host": socket.gethostname(), "pid": os.getpid()},
         })
         m.setdefault("segments", {})
         m.setdefault("shards", [])
+        m["warnings"] = list(dict.fromkeys([*m.get("warnings", []), *self.warnings]))  # an earlier attempt's too
         self.manifest = m
         self._save()
 
@@ -507,18 +579,13 @@ class Preparer:
         merged_all = len(m["shards"]) == cfg.shards and all(s.get("status") == "complete" for s in m["shards"])
         if not merged_all:
             self._stream(files, dtype, vocab_size, seg_bytes, nseg, total)
+        totals, dropped = self._totals()
+        check_not_mostly_garbage({**totals, "dropped": dropped}, cfg.max_garbage_frac, cfg.inputs)
 
         # 3. merge parts into shards
         self._merge_shards()
 
         # 4. totals, dict.txt, done
-        totals = Counter()
-        dropped = Counter()
-        for rec in m["segments"].values():
-            for k, v in rec["counts"].items():
-                if k != "dropped":
-                    totals[k] += v
-            dropped.update(rec["counts"]["dropped"])
         if totals["documents"] == 0:
             raise EmptyCorpusError(
                 f"empty corpus: no documents left in {', '.join(cfg.inputs)} after cleaning "
@@ -538,6 +605,8 @@ class Preparer:
             "dropped": {r: dropped.get(r, 0) for r in DROP_REASONS},
             "decode_replacements": totals["decode_replacements"],
             "control_chars_removed": totals["control_chars_removed"],
+            "chars_read": totals["chars_read"],
+            "garbled_chars": totals["garbled_chars"],
             "empty_sentences": totals["empty_sentences"],
             "overlong_sentences": totals["overlong_sentences"],
             "overlong_extra_items": totals["overlong_extra_items"],
@@ -546,14 +615,39 @@ class Preparer:
         elapsed = time.time() - t0
         m["timing"] = {"seconds": round(elapsed, 3), "input_mb_per_s": round(total / 1e6 / max(elapsed, 1e-9), 3),
                        "docs_per_s": round(totals["documents_read"] / max(elapsed, 1e-9), 1), "workers": cfg.workers}
+        for w in hygiene_report(m["counts"], cfg.max_garbage_frac)[1]:
+            self._warn(w)
+        empty = [s["shard"] for s in m["shards"] if s["train"]["items"] == 0]
+        if empty:
+            self._warn(f"{len(empty)} of {cfg.shards} train shards are empty (shard{', shard'.join(map(str, empty))}): "
+                       f"{totals['documents']} documents for --shards {cfg.shards}; alum-train refuses empty shards "
+                       f"and fairseq cannot load them — re-run with --shards {max(1, min(cfg.shards - len(empty), totals['documents']))} "
+                       "or fewer")
+        for s in m["shards"]:
+            if s["valid"]["items"] == 0 and cfg.valid_fraction > 0:
+                self._warn(f"shard{s['shard']}/valid is empty (corpus too small for --valid-fraction "
+                           f"{cfg.valid_fraction}); fairseq cannot load an empty split — raise --valid-fraction")
         m["status"] = "complete"
         self._save()
         shutil.rmtree(self.parts, ignore_errors=True)
-        for s in m["shards"]:
-            if s["valid"]["items"] == 0 and cfg.valid_fraction > 0:
-                self._log(f"warning: shard{s['shard']}/valid is empty (corpus too small for --valid-fraction "
-                          f"{cfg.valid_fraction}); fairseq cannot load an empty split — raise --valid-fraction")
         return m
+
+    def _totals(self) -> tuple[Counter, Counter]:
+        """Counters summed over the segments of the manifest: (totals, dropped by reason)."""
+        totals, dropped = Counter(), Counter()
+        for rec in self.manifest["segments"].values():
+            for k, v in rec["counts"].items():
+                if k != "dropped":
+                    totals[k] += v
+            dropped.update(rec["counts"]["dropped"])
+        return totals, dropped
+
+    def _warn(self, msg: str) -> None:
+        """A warning: printed whatever --no-progress says, and kept in the manifest's ``warnings``."""
+        self.warnings.append(msg)
+        if "warnings" in self.manifest and msg not in self.manifest["warnings"]:
+            self.manifest["warnings"].append(msg)  # saved with the manifest's next write
+        print(f"alum-prep: warning: {msg}", file=sys.stderr)
 
     def _save(self) -> None:
         _write_json(self.out / MANIFEST, self.manifest)
@@ -567,7 +661,8 @@ class Preparer:
 
     def _initargs(self, tokenizer_file, dtype):
         c = self.cfg
-        return (c.format, c.keep_headings, c.min_doc_chars, tokenizer_file, c.max_tokens, dtype, c.sentence_splitter)
+        return (c.format, c.keep_headings, c.min_doc_chars, tokenizer_file, c.max_tokens, dtype, c.sentence_splitter,
+                c.max_garbage_frac)
 
     # -- tokenizer -----------------------------------------------------------------------------------------
 
@@ -580,18 +675,21 @@ class Preparer:
 
             return AutoTokenizer.from_pretrained(str(tdir))
         mml = cfg.max_tokens + 2
-        if cfg.vocab:
-            hf, info = toks.from_vocab(cfg.vocab, cfg.lowercase, mml)
-        elif cfg.spm_model:
-            hf, info = toks.from_spm(cfg.spm_model, mml)
-        elif cfg.tokenizer_json:
-            hf, info = toks.from_tokenizer_json(cfg.tokenizer_json, mml)
+        if self.given is not None:
+            hf, info = self.given
         else:
             self._log(f"training a {cfg.train_tokenizer} tokenizer (vocab {cfg.vocab_size}) on the corpus")
             workdir = self.out / "tokenizer_train.tmp"
             sent_file = self._write_sentences(files, workdir / "sentences.txt", cfg.tokenizer_train_sentences)
             hf, info = toks.train(cfg.train_tokenizer, lambda: _read_lines(sent_file), cfg.vocab_size,
-                                  cfg.lowercase, mml, workdir, cfg.tokenizer_train_sentences, cfg.seed)
+                                  cfg.lowercase, mml, workdir, cfg.tokenizer_train_sentences, cfg.seed,
+                                  byte_fallback=cfg.spm_byte_fallback)
+            got = len(hf.backend_tokenizer.get_vocab(with_added_tokens=True))
+            info["requested_vocab_size"] = cfg.vocab_size
+            if got < cfg.vocab_size:
+                self._warn(f"--vocab-size {cfg.vocab_size} was not reached: the corpus supports only {got} tokens "
+                           f"(special tokens included), so the vocabulary has {got}; the trainer found no more "
+                           "pieces to add — use a larger corpus or a smaller --vocab-size")
         toks.save(hf, tdir)
         if cfg.train_tokenizer and cfg.train_tokenizer.startswith("spm"):
             shutil.copy(self.out / "tokenizer_train.tmp" / "spm.model", tdir / "spm.model")
@@ -619,14 +717,16 @@ class Preparer:
         items = ((None, d.text) for d in self._docs(files) if d.text is not None)
         n = 0
         bar = None
+        stats = Counter()
         with open(path, "w", encoding="utf-8") as fh, _Runner(self.cfg.workers, self._initargs(None, None)) as runner:
             if self.cfg.progress:
                 from tqdm import tqdm
 
                 bar = tqdm(desc="sentences for tokenizer training", unit="sent", file=sys.stderr)
-            for _, per_doc in runner.map(work_sentences, _chunks(items)):
+            for _, res in runner.map(work_sentences, _chunks(items)):
+                stats.update(res["stats"])
                 k = n
-                for sents in per_doc:
+                for sents in res["sents"]:
                     for sent in sents:
                         fh.write(sent + "\n")
                         n += 1
@@ -636,6 +736,13 @@ class Preparer:
                     break
         if bar is not None:
             bar.close()
+        if n == 0:  # nothing to train on: say why (garbage first, it has the more useful message)
+            check_not_mostly_garbage({**stats, "dropped": {"garbled": stats["garbled"]}}, self.cfg.max_garbage_frac,
+                                     self.cfg.inputs)
+            raise EmptyCorpusError(
+                f"empty corpus: no sentence to train a tokenizer on in {', '.join(self.cfg.inputs)} "
+                f"({stats['documents_read']} documents read, all empty, too short or garbled); check --format and the inputs"
+            )
         return path
 
     # -- streaming pass ------------------------------------------------------------------------------------
@@ -659,7 +766,7 @@ class Preparer:
                     done.add(j)
                     seen.update(bytes(r) for r in np.load(sdir / "digests.npy"))
                     continue
-                self._log(f"segment {j} fails verification ({problem}); redoing it")
+                self._warn(f"segment {j} fails verification ({problem}); redoing it")
             m["segments"].pop(str(j), None)
             shutil.rmtree(self.parts / f"seg{j:05d}", ignore_errors=True)
         if done:
@@ -745,6 +852,7 @@ class Preparer:
                         c = cur["counts"]
                         c["decode_replacements"] += delta
                         c["documents_read"] += 1
+                        c.update(res["stats"][i])
                         n = res["nitems"][i]
                         sizes = res["sizes"][item_lo : item_lo + n]
                         ntok = int(sizes.sum())
@@ -775,9 +883,6 @@ class Preparer:
                         cur["per_split"][f"shard{k}/{split}"] += 1
                         state["docs"] += 1
                     flush_counts()
-                    if metas:
-                        for key in ("control_chars_removed", "empty_sentences"):
-                            cur["counts"][key] += res["stats"].get(key, 0)
                     if bar is not None:
                         el = max(time.time() - state["t0"], 1e-9)
                         bar.set_postfix(docs=state["docs"], docs_s=f"{state['docs'] / el:.0f}", refresh=False)
@@ -819,7 +924,7 @@ class Preparer:
                 if not self.parts.exists():
                     raise ValueError(f"{self.out}: shard{k} fails verification ({problems[0]}) and its parts are gone; "
                                      "re-run with --overwrite to rebuild")
-                self._log(f"shard{k} fails verification ({problems[0]}); rebuilding it")
+                self._warn(f"shard{k} fails verification ({problems[0]}); rebuilding it")
             rec = {"shard": k, "status": "running"}
             for split in SPLITS:
                 parts = [str(self.parts / f"seg{j:05d}" / f"shard{k}" / split) for j in range(m["num_segments"])
@@ -842,6 +947,31 @@ class Preparer:
             self._save()
         m["shards"] = shards
         self._save()
+
+
+def _failed_start(old: dict) -> bool:
+    """True when a parsed manifest belongs to a run that completed nothing and is not running now (its
+    process, recorded in ``owner``, is gone from this host).  A run recorded on another host is never
+    assumed gone; a live one on this host is an error."""
+    if not old.get("fingerprint") or old.get("status") == "complete":
+        return False
+    if any(r.get("status") == "complete" for r in old.get("segments", {}).values()):
+        return False
+    if any(s.get("status") == "complete" for s in old.get("shards", [])):
+        return False
+    owner = old.get("owner") or {}
+    if not isinstance(owner.get("pid"), int) or owner["pid"] == os.getpid() and owner.get("host") == socket.gethostname():
+        return True  # written by this process (a caught interrupt) or by a version that did not record it
+    if owner.get("host") != socket.gethostname():  # cannot tell whether it still runs: only --overwrite
+        return False
+    try:
+        os.kill(owner["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
+    raise ValueError(f"another alum-prep (pid {owner['pid']}) seems to be writing this folder; wait for it or "
+                     "stop it, or choose another --out")
 
 
 def _read_lines(path: Path) -> Iterator[str]:

@@ -43,10 +43,11 @@ import os
 import re
 import tarfile
 import xml.etree.ElementTree as ET
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
+
+from .hygiene import check_tar_end, read_error
 
 FORMATS = ("wikitext", "wikiextractor", "wiki-xml", "owt", "text", "jsonl")
 LINE_LIMIT = 16 * 1024 * 1024
@@ -186,6 +187,8 @@ def list_inputs(inputs: list[str | os.PathLike], fmt: str) -> list[Path]:
             if not found:
                 raise ValueError(f"{p}: folder has no input files for --format {fmt}")
             files.extend(found)
+        elif not p.is_file():  # a device (/dev/urandom), FIFO or socket: endless or unrepeatable
+            raise ValueError(f"{p}: not a regular file; write the data to a file first")
         else:
             files.append(p)
     for f in files:
@@ -232,9 +235,10 @@ class Reader:
                 }[self.fmt]
                 try:
                     yield from fn(path, raw, base)
-                except (EOFError, lzma.LZMAError, tarfile.TarError, zlib.error, gzip.BadGzipFile) as e:
-                    raise ValueError(f"{path}: compressed data is truncated or corrupt ({e}); re-download or "
-                                     "re-compress the file") from None
+                except MemoryError:
+                    raise
+                except Exception as e:  # any reader's or decompressor's error names the file (see hygiene.read_error)
+                    raise read_error(path, e) from None
             base += path.stat().st_size
 
     # Lines of a (possibly compressed) file as (text, 1-based line number, global position).
@@ -411,6 +415,7 @@ class Reader:
             elif not member.name.endswith(".txt"):
                 continue
             yield RawDoc(self.decoder.decode(data, inner, 0), pos, inner)
+        check_tar_end(tar, where)
 
 
 def _decompress_bytes(name: str, data: bytes, where: str) -> bytes:

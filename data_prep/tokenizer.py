@@ -75,6 +75,7 @@ def from_vocab(vocab_file: str | os.PathLike, lowercase: bool | None, model_max_
     vocab_file = Path(vocab_file)
     if not vocab_file.is_file():
         raise FileNotFoundError(f"{vocab_file}: --vocab file not found")
+    check_text_vocab(vocab_file)
     seen: dict[str, int] = {}
     with open(vocab_file, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
@@ -92,6 +93,28 @@ def from_vocab(vocab_file: str | os.PathLike, lowercase: bool | None, model_max_
     return _wrap(tok, BERT_SPECIALS, model_max_length), {"kind": "wordpiece", "lowercase": lowercase}
 
 
+def check_text_vocab(vocab_file: Path) -> None:
+    """Refuse a ``--vocab`` file that is not a UTF-8 text vocab.txt, naming it and the likely right flag."""
+    data = vocab_file.read_bytes()
+    what = "a WordPiece vocab.txt (UTF-8 text, one token per line)"
+    if not data.strip():
+        raise ValueError(f"{vocab_file}: --vocab file is empty; --vocab takes {what}")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(
+            f"{vocab_file}: not a text vocab file (invalid UTF-8 at byte {e.start}, line {line}); --vocab takes {what} — "
+            "a sentencepiece .model goes to --spm-model, a tokenizer.json to --tokenizer-json"
+        ) from None
+    if "\x00" in text:
+        raise ValueError(f"{vocab_file}: not a text vocab file (it holds NUL bytes: binary data); --vocab takes {what} — "
+                         "a sentencepiece .model goes to --spm-model")
+    if text.lstrip().startswith("{"):
+        raise ValueError(f"{vocab_file}: looks like JSON, not a vocab.txt; pass a HuggingFace tokenizer.json with "
+                         "--tokenizer-json (--vocab takes one token per line)")
+
+
 def _spm_to_tokenizers(model_file: str | os.PathLike):
     """sentencepiece ``.model`` -> (tokenizers.Tokenizer, special token names, model type name)."""
     from sentencepiece import sentencepiece_model_pb2 as pb
@@ -106,6 +129,9 @@ def _spm_to_tokenizers(model_file: str | os.PathLike):
             raise ValueError(f"{model_file}: not a sentencepiece model ({e})") from None
     spec = proto.trainer_spec
     pieces = [(p.piece, p.score) for p in proto.pieces]
+    if not pieces:  # protobuf parses many byte strings (even empty ones) as an empty message
+        raise ValueError(f"{model_file}: not a sentencepiece model (no pieces in it); --spm-model takes the .model "
+                         "file written by sentencepiece training")
     if spec.model_type == pb.TrainerSpec.UNIGRAM:
         model = Unigram(pieces, unk_id=spec.unk_id, byte_fallback=spec.byte_fallback)
         kind = "spm-unigram"
@@ -126,6 +152,8 @@ def _spm_to_tokenizers(model_file: str | os.PathLike):
     tok.normalizer = normalizers.Sequence(norms)
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    if spec.byte_fallback:  # "<0xE2><0x82><0xAC>" pieces decode back to the character they encode
+        tok.decoder = decoders.Sequence([decoders.ByteFallback(), tok.decoder])
     # Control (3) and user-defined (4) pieces are atomic; control pieces are special.
     added = [AddedToken(p.piece, special=p.type == 3, normalized=False) for p in proto.pieces if p.type in (3, 4)]
     if added:
@@ -166,13 +194,18 @@ def from_tokenizer_json(path: str | os.PathLike, model_max_length: int):
 
 
 def train(kind: str, sentences: Callable[[], Iterator[str]], vocab_size: int, lowercase: bool | None,
-          model_max_length: int, workdir: Path, max_sentences: int = 10_000_000, seed: int = 1234):
+          model_max_length: int, workdir: Path, max_sentences: int = 10_000_000, seed: int = 1234,
+          byte_fallback: bool = True):
     """Train a tokenizer on the corpus.  ``sentences()`` returns a fresh iterator over cleaned sentences.
 
     sentencepiece training is reproducible (fixed seed, one thread); ``tokenizers``' WordPiece trainer is
     not bit-reproducible when candidate pieces tie in frequency (hash-map order), so two trainings on the
     same corpus may number a few tokens differently.  The trained tokenizer is saved once and reused when
     a killed run resumes, so one data-bin is always encoded with one tokenizer.
+
+    sentencepiece models get ``byte_fallback`` (default): 256 ``<0xNN>`` pieces, so a character outside
+    the vocabulary (below ``character_coverage``) is encoded as its UTF-8 bytes instead of ``<unk>``;
+    without it a model emits ``<unk>`` even on its own training text.
     """
     if kind == "wordpiece":
         from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
@@ -196,26 +229,39 @@ def train(kind: str, sentences: Callable[[], Iterator[str]], vocab_size: int, lo
         workdir.mkdir(parents=True, exist_ok=True)
         prefix = workdir / "spm"
         spm.set_random_generator_seed(seed)  # sentence sampling/shuffling: reproducible
-        # RoBERTa/fairseq order: <s>=0 <pad>=1 </s>=2 <unk>=3, then <mask> as a control symbol (4).
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=_capped(sentences(), max_sentences),
-            model_prefix=str(prefix),
-            model_type=kind.split("-")[1],
-            vocab_size=vocab_size,
-            bos_id=0, pad_id=1, eos_id=2, unk_id=3,
-            bos_piece="<s>", pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
-            control_symbols=["<mask>"],
-            character_coverage=0.9995,
-            input_sentence_size=max_sentences,
-            shuffle_input_sentence=True,
-            hard_vocab_limit=False,  # a small corpus may not support the full size; never fail on it
-            minloglevel=2,
-            num_threads=1,
-        )
+        try:
+            _train_spm(spm, sentences, max_sentences, prefix, kind, vocab_size, byte_fallback)
+        except RuntimeError as e:  # sentencepiece's own checks ("Vocabulary size is smaller than ...")
+            m = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", str(e))
+            if m:
+                raise ValueError(f"--vocab-size {m.group(1)} is too small for this corpus: its characters"
+                                 f"{' and the 256 byte pieces' if byte_fallback else ''} and the special tokens need "
+                                 f"at least {m.group(2)}; raise --vocab-size") from None
+            raise ValueError(f"sentencepiece training failed: {str(e).strip().splitlines()[0]}") from None
         hf, info = from_spm(str(prefix) + ".model", model_max_length)
         info["kind"] = kind
         return hf, info
     raise ValueError(f"--train-tokenizer must be one of {', '.join(TRAIN_KINDS)}, got {kind!r}")
+
+
+def _train_spm(spm, sentences, max_sentences, prefix, kind, vocab_size, byte_fallback) -> None:
+    # RoBERTa/fairseq order: <s>=0 <pad>=1 </s>=2 <unk>=3, then <mask> as a control symbol (4).
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_capped(sentences(), max_sentences),
+        model_prefix=str(prefix),
+        model_type=kind.split("-")[1],
+        vocab_size=vocab_size,
+        bos_id=0, pad_id=1, eos_id=2, unk_id=3,
+        bos_piece="<s>", pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
+        control_symbols=["<mask>"],
+        character_coverage=0.9995,
+        byte_fallback=byte_fallback,
+        input_sentence_size=max_sentences,
+        shuffle_input_sentence=True,
+        hard_vocab_limit=False,  # a small corpus may not support the full size; never fail on it
+        minloglevel=2,
+        num_threads=1,
+    )
 
 
 def _capped(it: Iterable[str], n: int) -> Iterator[str]:

@@ -497,7 +497,7 @@ def test_train_sentencepiece_matches_sentencepiece_ids(tmp_path, corpus_file, ki
     from transformers import AutoTokenizer
 
     out = tmp_path / "out"
-    m = run_small([corpus_file], "text", out, train_tokenizer=kind, vocab_size=120, valid_fraction=0.0)
+    m = run_small([corpus_file], "text", out, train_tokenizer=kind, vocab_size=400, valid_fraction=0.0)
     tdir = out / "tokenizer"
     hf = AutoTokenizer.from_pretrained(str(tdir))
     sp = spm.SentencePieceProcessor(model_file=str(tdir / "spm.model"))
@@ -528,7 +528,7 @@ def test_fairseq_dictionary_with_roberta_specials(tmp_path, corpus_file):
     from fairseq.data import Dictionary, data_utils
 
     out = tmp_path / "out"
-    run_small([corpus_file], "text", out, train_tokenizer="spm-bpe", vocab_size=120)
+    run_small([corpus_file], "text", out, train_tokenizer="spm-bpe", vocab_size=400)
     d = Dictionary.load(str(out / "dict.txt"))
     tokens = [line.split(" ")[0] for line in (out / "dict.txt").read_text(encoding="utf-8").splitlines()]
     assert len(d) == 4 + len(tokens)
