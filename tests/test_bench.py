@@ -208,3 +208,36 @@ def test_suite_errors_name_file_and_key(setup, tmp_path):
           r"robust set 'advglue'.*\['entailment', 'not_entailment'\].*model labels \['0', '1'\]")
     with pytest.raises(ValueError, match="two checkpoints are named 'A'"):
         B.parse_checkpoints([cks[0], cks[0]])
+
+
+def test_launch_bench_array_dry_run_and_task_command(setup, tmp_path):
+    """alum-launch bench writes an array of one task per run and a collecting job; the array task's command,
+    run here with SLURM_ARRAY_TASK_ID set, does run i (reused here: it finished above)."""
+    import os
+
+    from launch.cli import main as launch_main
+
+    d, cks, out, res, adv = setup
+    rc = launch_main(["bench", "--suite", str(d / "suite.yaml"), "--checkpoints", *cks, "--out", str(out),
+                      "--gpus", "1", "--time", "2:00:00", "--partition", "gpu", "--max-parallel", "4", "--dry-run"])
+    assert rc == 0
+    script = (out / "slurm" / "bench-out.sbatch").read_text()
+    collect = (out / "slurm" / "bench-out-collect.sbatch").read_text()
+    assert "#SBATCH --array=0-7%4" in script and "#SBATCH --gres=gpu:1" in script
+    assert "#SBATCH --time=2:00:00" in script and "#SBATCH --partition=gpu" in script
+    assert '--run-index "$SLURM_ARRAY_TASK_ID"' in script and "--device cuda" in script
+    assert "--array" not in collect and "--run-index" not in collect
+    cmd = next(l for l in script.splitlines() if l.startswith("python -m alum_pretrain.finetune.bench"))
+    cmd = cmd.replace("--device cuda", "--device cpu").replace("python -m", f"{sys.executable} -m", 1)
+    # runs are numbered checkpoint x task x method x seed: 3 = A / rte / plain / seed 2
+    cache3 = out / "runs" / "A" / "rte" / "plain" / "seed2" / "eval" / "advglue.json"
+    cache2 = out / "runs" / "A" / "rte" / "plain" / "seed1" / "eval" / "advglue.json"
+    cache3.unlink()
+    cache2.unlink()
+    r = subprocess.run(["bash", "-c", cmd], env={**os.environ, "SLURM_ARRAY_TASK_ID": "3"}, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    assert cache3.is_file() and not cache2.is_file()
+    rc = launch_main(["bench", "--suite", str(d / "suite.yaml"), "--checkpoints", *cks, "--out", str(out),
+                      "--max-parallel", "0", "--dry-run"])
+    assert rc == 2
