@@ -20,8 +20,9 @@ CPU scale (default; ~30-40 minutes on 2 shared cores)::
     nice -n 10 python benchmarks/alum_vs_standard.py --init-from MINILM_DIR --out runs/direction
 
 Paper-scale GPU run (see docs/bench.md): ``--shared-steps 10000 --arm-steps 100000 --batch-size 32
---global-batch 256 --seq-len 512 --precision bf16 --train-examples 0 --max-length 128 --epochs 3
---seeds 1,2,3,4,5 --device cuda`` with full GLUE train/dev files.
+--global-batch 256 --seq-len 512 --precision bf16 --eval-batches 100
+--seeds 1,2,3,4,5 --device cuda --sst2-examples 0 --rte-examples 0 --sst2-dev 0 --sst2-max-length 128
+--rte-max-length 128 --epochs 3 --ft-batch 32 --ft-lr 2e-5``.
 
 Prints ``name=value`` lines at the end (``median_diff_<column>=...``) for scripts.
 """
@@ -55,7 +56,7 @@ def pretrain(args, out: Path, init_from: Path, steps: int, alpha: float, log: Pa
             "--train.max_steps", str(steps), "--train.batch_size", str(args.batch_size),
             "--train.global_batch_size", str(args.global_batch or args.batch_size),
             "--train.precision", args.precision, "--train.seed", str(args.pretrain_seed),
-            "--train.eval_every", str(steps), "--train.eval_batches", "20", "--train.save_every", str(steps),
+            "--train.eval_every", str(steps), "--train.eval_batches", str(args.eval_batches), "--train.save_every", str(steps),
             "--train.log_every", "10", "--train.progress=false", "--train.device", args.device,
             "--train.output_dir", str(out)], log)
     hf = out.with_name(out.name + "-hf")
@@ -89,8 +90,8 @@ def main(argv=None) -> int:
     p.add_argument("--corpus", default=str(SHARED / "wikitext-2-raw" / "wiki.test.raw"),
                    help="WikiText raw file prepared when --data-bin is not given")
     p.add_argument("--glue", default=str(SHARED / "glue"), help="folder with SST-2/ and RTE/ (GLUE TSV)")
-    p.add_argument("--shared-steps", type=int, default=100, help="standard steps that train the fresh MLM head")
-    p.add_argument("--arm-steps", type=int, default=60, help="steps of each arm (standard, ALUM) from the shared checkpoint")
+    p.add_argument("--shared-steps", type=int, default=40, help="standard steps that train the fresh MLM head")
+    p.add_argument("--arm-steps", type=int, default=20, help="steps of each arm (standard, ALUM) from the shared checkpoint")
     p.add_argument("--alpha", type=float, default=10.0, help="ALUM weight of the ALUM arm (paper: 10)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch")
     p.add_argument("--global-batch", type=int, default=0, help="sequences per optimizer step (0 = --batch-size)")
@@ -99,11 +100,16 @@ def main(argv=None) -> int:
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--pretrain-seed", type=int, default=1)
     p.add_argument("--seeds", default="1,2,3", help="fine-tuning seeds (>= 3 for a median)")
-    p.add_argument("--train-examples", type=int, default=384, help="fine-tuning examples per task (0 = all)")
-    p.add_argument("--dev-examples", type=int, default=0, help="dev examples per task (0 = all)")
-    p.add_argument("--max-length", type=int, default=64, help="fine-tuning max tokens")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--ft-lr", type=float, default=1e-4, help="fine-tuning learning rate")
+    p.add_argument("--sst2-examples", type=int, default=256, help="SST-2 training sentences of >= 6 words (0 = all)")
+    p.add_argument("--rte-examples", type=int, default=128, help="RTE training pairs (0 = all)")
+    p.add_argument("--sst2-dev", type=int, default=400, help="SST-2 dev examples (0 = all 872)")
+    p.add_argument("--sst2-max-length", type=int, default=32, help="SST-2 fine-tuning max tokens")
+    p.add_argument("--rte-max-length", type=int, default=64, help="RTE fine-tuning max tokens")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--ft-batch", type=int, default=16, help="fine-tuning batch size")
+    p.add_argument("--ft-lr", type=float, default=2e-4, help="fine-tuning learning rate")
+    p.add_argument("--eval-batches", type=int, default=14, help="validation MLM batches (14 x 8 = the whole "
+                   "WikiText-2 valid split at 64 tokens)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     args = p.parse_args(argv)
 
@@ -127,15 +133,16 @@ def main(argv=None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     suite = {
         "seeds": seeds, "methods": ["plain"],
-        "finetune": {"data": {"max_length": args.max_length, "max_dev_examples": args.dev_examples},
-                     "optim": {"epochs": args.epochs, "lr": args.ft_lr, "batch_size": 32}},
+        "finetune": {"optim": {"epochs": args.epochs, "lr": args.ft_lr, "batch_size": args.ft_batch}},
         "tasks": [
             {"name": "sst2", "task": "sst2",
-             "train": str(subset_tsv(glue / "SST-2" / "train.tsv", data / "sst2-train.tsv", args.train_examples, 6)),
-             "dev": str(glue / "SST-2" / "dev.tsv")},
+             "train": str(subset_tsv(glue / "SST-2" / "train.tsv", data / "sst2-train.tsv", args.sst2_examples, 6)),
+             "dev": str(glue / "SST-2" / "dev.tsv"),
+             "finetune": {"data": {"max_length": args.sst2_max_length, "max_dev_examples": args.sst2_dev}}},
             {"name": "rte", "task": "rte",
-             "train": str(subset_tsv(glue / "RTE" / "train.tsv", data / "rte-train.tsv", args.train_examples)),
-             "dev": str(glue / "RTE" / "dev.tsv")},
+             "train": str(subset_tsv(glue / "RTE" / "train.tsv", data / "rte-train.tsv", args.rte_examples)),
+             "dev": str(glue / "RTE" / "dev.tsv"),
+             "finetune": {"data": {"max_length": args.rte_max_length}}},
         ]}
     import yaml
 

@@ -241,3 +241,32 @@ def test_launch_bench_array_dry_run_and_task_command(setup, tmp_path):
     rc = launch_main(["bench", "--suite", str(d / "suite.yaml"), "--checkpoints", *cks, "--out", str(out),
                       "--max-parallel", "0", "--dry-run"])
     assert rc == 2
+
+
+def test_lost_best_model_is_retrained(setup, monkeypatch):
+    d, cks, out, res, adv = setup
+    run = out / "runs" / "B" / "sst2" / "plain" / "seed2"
+    shutil.rmtree(run / "best")
+    again = B.bench(str(d / "suite.yaml"), cks, str(out), device="cpu", progress=False)
+    rec = next(r for r in again["runs"] if r["checkpoint"] == "B" and r["task"] == "sst2" and r["seed"] == 2)
+    assert not rec["reused"] and (run / "best" / "config.json").is_file()
+    assert [r["reused"] for r in again["runs"]].count(False) == 1
+    # the same seed and data give the same fine-tuned model (CPU determinism)
+    old = next(r for r in res["runs"] if r["checkpoint"] == "B" and r["task"] == "sst2" and r["seed"] == 2)
+    assert rec["dev"] == old["dev"]
+
+
+def test_summary_with_non_finite_values():
+    """A diverged run (NaN metric) is counted apart, never folded into a median."""
+    suite = B.Suite("s.yaml", [1, 2, 3], [B.TaskEntry("stsb", "stsb", "t", "d", ["plain"], {}, [])])
+    recs = [{"checkpoint": ck, "task": "stsb", "method": "plain", "seed": s, "metric": "pearson",
+             "dev": {"pearson": v}, "robust": {}}
+            for ck, vals in (("A", [0.5, 0.7, float("nan")]), ("B", [0.6, 0.6, 0.9])) for s, v in zip([1, 2, 3], vals)]
+    out = B.summarise(suite, ["A", "B"], recs)
+    a = out["summary"]["A"]["plain"]["stsb/dev"]
+    assert (a["n"], a["non_finite"], a["median"]) == (2, 1, pytest.approx(60.0))
+    p = out["paired"][0]["columns"]["stsb/dev"]
+    assert sorted(p["differences"]) == ["1", "2"] and p["median"] == pytest.approx(0.0)
+    assert (p["wins"], p["losses"]) == (1, 1)
+    table = B.markdown_table(out, [1, 2, 3])
+    assert "60.0 (50.0–70.0) [1 non-finite]" in table and "| B − A | plain | +0.0 [1+ 1− 0=]" in table

@@ -67,7 +67,7 @@ SET_FORMATS = ("advglue", "anli", "glue")
 # Set by the suite for every run: a suite that sets them itself is an error.
 _RUN_KEYS = ("model.path", "data.task", "data.train", "data.dev", "run.method", "run.seed", "run.out")
 # Keys that may change between invocations without invalidating a finished run (bookkeeping/speed only).
-_SPEED_ONLY = ("run.out", "run.progress", "run.log_every", "run.device", "optim.eval_batch_size")
+_SPEED_ONLY = ("run.out", "run.progress", "run.log_every", "run.device", "run.resume", "optim.eval_batch_size")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -440,6 +440,11 @@ def execute(run: Run, sets: dict, *, device: str = "auto", progress: bool = Fals
         run.cfg.run.progress = progress
         if device != "auto":
             run.cfg.run.device = device
+        if (run.dir / "checkpoint.pt").is_file() and not (run.dir / "best" / "config.json").is_file():
+            # the epoch checkpoint exists but the best model it refers to is gone: resuming would skip
+            # the finished epochs and never write best/ again, so this run starts over
+            log.warning("%s: best/ is missing although checkpoint.pt exists; fine-tuning this run again", run.dir)
+            run.cfg.run.resume = "never"
         log.info("run %d: %s / %s / %s / seed %d -> %s", run.index, run.checkpoint, run.task.name, run.method,
                  run.seed, run.dir)
         res = finetune(run.cfg)
