@@ -97,6 +97,9 @@ def test_anli_reader_and_errors(tmp_path):
     assert s.name == "anli-r2-dev" and s.task == "mnli"
     assert [e.label for e in s.examples] == ["entailment", "neutral", "contradiction", "entailment"]
     assert s.ids == ["u0", "u1", "u2", "u3"]
+    official = tmp_path / "R2" / "test.jsonl"          # v1.0 release: the premise is called "context"
+    official.write_text(f.read_text().replace('"premise"', '"context"'))
+    assert [e.text_a for e in read_anli(official).examples] == PREMISES[:4]
     lines = f.read_text().splitlines()
     lines[2] = lines[2].replace('"label": "c"', '"label": "x"')
     f.write_text("\n".join(lines) + "\n")

@@ -9,7 +9,8 @@ vocabulary and the GLUE task that gives the names their meaning):
   ``sentence1``/``sentence2``) and GLUE's *integer* labels (SST-2: 1 positive; QQP: 1 duplicate; MNLI:
   0 entailment, 1 neutral, 2 contradiction; QNLI/RTE: 0 entailment, 1 not_entailment).
 * **ANLI** rounds (``R1/dev.jsonl`` ... ``R3/test.jsonl``, :func:`read_anli`): JSON lines with ``uid,
-  premise, hypothesis, label``, label ``e``/``n``/``c``; evaluated with an MNLI-trained model.
+  premise, hypothesis, label``, label ``e``/``n``/``c`` (the official v1.0 files call the premise
+  ``context``: both are read); evaluated with an MNLI-trained model.
 * **GLUE layout** (:func:`read_glue_layout`): any TSV/JSONL the fine-tuning reader understands (the GLUE
   dev files, or custom field names), labels as written in the file.
 
@@ -176,10 +177,12 @@ def read_anli(path: str | Path, limit: int = 0) -> LabelledSet:
                     raise _fail(path, f":{i}", f"not valid JSON ({exc.msg})") from None
                 if not isinstance(obj, dict):
                     raise _fail(path, f":{i}", "expected a JSON object per line")
+                if "premise" not in obj and "context" in obj:   # the official v1.0 files name it "context"
+                    obj["premise"] = obj["context"]
                 for f in ("premise", "hypothesis"):
                     if not isinstance(obj.get(f), str):
-                        raise _fail(path, f":{i}", f"missing text field {f!r} (ANLI lines have uid, premise, "
-                                                   f"hypothesis, label; fields here: {sorted(obj)})")
+                        raise _fail(path, f":{i}", f"missing text field {f!r} (ANLI lines have uid, premise (or "
+                                                   f"context), hypothesis, label; fields here: {sorted(obj)})")
                 lab = obj.get("label")
                 if lab not in ANLI_LABELS:
                     raise _fail(path, f":{i}", f"label {lab!r} is not one of e, n, c (ANLI's labels)")
