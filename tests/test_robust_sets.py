@@ -267,3 +267,30 @@ def test_permuted_id2label_in_model_is_followed_and_permuted_suite_map_caught(tm
     with pytest.raises(ValueError, match="a permuted map"):
         evaluate_labelled_set(tmp_path / "m", s, model_task="rte", workdir=tmp_path / "w", device="cpu",
                               label_map={"entailment": "not_entailment", "not_entailment": "entailment"})
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16bit_checkpoint_and_caller_autocast_evaluate_in_float32(tmp_path, dtype):
+    """A checkpoint saved in 16 bits (foreign checkpoints often are) is evaluated in float32, and a caller's
+    autocast region does not leak into the evaluation: the reference is the float32 forward of the
+    (16-bit-rounded) weights.  This tiny model's logits are centred, so 16-bit arithmetic flips many of
+    its predictions - the precision trap made visible."""
+    from transformers import AutoModelForSequenceClassification
+
+    labels = ["contradiction", "entailment", "neutral"]
+    pairs = list(zip(PREMISES, HYPOS))
+    model, tok, pred32 = diverse_classifier(tmp_path / "m32", labels, pairs, 3)   # float32 predictions
+    model.to(dtype).save_pretrained(tmp_path / "m16")
+    tok.save_pretrained(tmp_path / "m16")
+    ref = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m16").float().eval()
+    assert next(ref.parameters()).dtype == torch.float32
+    pred = _predict(ref, tok, pairs)
+    code = {"entailment": "e", "neutral": "n", "contradiction": "c"}
+    anli_file(tmp_path / "a.jsonl", [code[labels[y]] for y in pred])
+    for where in ("m16", "m32"):
+        if where == "m32":   # same check for the float32 checkpoint under the caller's 16-bit autocast
+            anli_file(tmp_path / "a.jsonl", [code[labels[y]] for y in pred32])
+        with torch.autocast("cpu", dtype=dtype):
+            rep = evaluate_labelled_set(tmp_path / where, read_anli(tmp_path / "a.jsonl"), model_task="mnli",
+                                        workdir=tmp_path / "w", max_length=32, device="cpu")
+        assert rep["accuracy"] == 1.0, where

@@ -623,9 +623,8 @@ def bench(suite_path: str, checkpoints: list[str], out: str, *, run_index: Optio
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="alum-bench", description=__doc__.split("\n\n")[0],
-                                epilog="The suite format is described in docs/bench.md and in this module's "
-                                       "docstring (python -m pydoc alum_pretrain.finetune.bench).")
+    p = argparse.ArgumentParser(prog="alum-bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoints", nargs="+", required=True, metavar="[NAME=]DIR",
                    help="HF checkpoint folders (alum-export output, MiniLM, bert-base ...); the first is the "
                         "baseline of the paired rows; NAME defaults to the folder name")
