@@ -270,3 +270,16 @@ def test_summary_with_non_finite_values():
     assert (p["wins"], p["losses"]) == (1, 1)
     table = B.markdown_table(out, [1, 2, 3])
     assert "60.0 (50.0–70.0) [1 non-finite]" in table and "| B − A | plain | +0.0 [1+ 1− 0=]" in table
+
+
+def test_cli_prints_table_and_bad_method_names_suite(setup, capsys, tmp_path):
+    d, cks, out, res, adv = setup
+    assert B.main(["--checkpoints", *cks, "--suite", str(d / "suite.yaml"), "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert (out / "results.md").read_text().strip() in printed and "| B − A | plain |" in printed
+    s = yaml.safe_load((d / "suite.yaml").read_text())
+    s["tasks"][1]["methods"] = ["plain", "alumm"]
+    (d / "bad-method.yaml").write_text(yaml.safe_dump(s))
+    assert B.main(["--checkpoints", *cks, "--suite", str(d / "bad-method.yaml"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"{d / 'bad-method.yaml'}: task 'rte', method 'alumm'" in err and "must be one of" in err

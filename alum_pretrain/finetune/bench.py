@@ -288,10 +288,12 @@ def plan_runs(suite: Suite, checkpoints: dict[str, str], out: Path, overrides: O
                     raw = _merge(raw, {"model": {"path": path}, "data": {"task": t.task, "train": t.train,
                                                                           "dev": t.dev},
                                        "run": {"method": m, "seed": s, "out": str(d)}})
+                    where = f"{suite.path}: task {t.name!r}"
                     try:
-                        cfg = config_from_dict(FinetuneConfig, raw, _source=f"{suite.path}: task {t.name!r} finetune")
+                        cfg = config_from_dict(FinetuneConfig, raw, _source=f"{where} finetune")
                     except ValueError as exc:
-                        raise ValueError(f"{exc}") from None
+                        msg = str(exc)
+                        raise ValueError(msg if msg.startswith(where) else f"{where}, method {m!r}: {msg}") from None
                     runs.append(Run(len(runs), ck, t, m, s, d, cfg))
     return runs
 
