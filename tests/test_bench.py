@@ -283,3 +283,18 @@ def test_cli_prints_table_and_bad_method_names_suite(setup, capsys, tmp_path):
     assert B.main(["--checkpoints", *cks, "--suite", str(d / "bad-method.yaml"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert f"{d / 'bad-method.yaml'}: task 'rte', method 'alumm'" in err and "must be one of" in err
+
+
+def test_16bit_checkpoint_is_fine_tuned_in_float32(tmp_path):
+    """A checkpoint stored in float16/bfloat16 is fine-tuned from float32 master weights (transformers would
+    load it in 16 bits, and AdamW on 16-bit weights loses small updates)."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from alum_pretrain.finetune.tasks import get_task
+    from alum_pretrain.finetune.trainer import load_model
+
+    cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    for dtype in (torch.float16, torch.bfloat16):
+        BertForMaskedLM(cfg).to(dtype).save_pretrained(tmp_path / str(dtype))
+        m = load_model(str(tmp_path / str(dtype)), get_task("rte"))
+        assert {p.dtype for p in m.parameters()} == {torch.float32}
