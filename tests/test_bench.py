@@ -269,7 +269,7 @@ def test_summary_with_non_finite_values():
     assert sorted(p["differences"]) == ["1", "2"] and p["median"] == pytest.approx(0.0)
     assert (p["wins"], p["losses"]) == (1, 1)
     table = B.markdown_table(out, [1, 2, 3])
-    assert "60.0 (50.0–70.0) [1 non-finite]" in table and "| B − A | plain | +0.0 [1+ 1− 0=]" in table
+    assert "60.0 (50.0–70.0) [1 failed/non-finite]" in table and "| B − A | plain | +0.0 [1+ 1− 0=]" in table
 
 
 def test_cli_prints_table_and_bad_method_names_suite(setup, capsys, tmp_path):
@@ -298,3 +298,31 @@ def test_16bit_checkpoint_is_fine_tuned_in_float32(tmp_path):
         BertForMaskedLM(cfg).to(dtype).save_pretrained(tmp_path / str(dtype))
         m = load_model(str(tmp_path / str(dtype)), get_task("rte"))
         assert {p.dtype for p in m.parameters()} == {torch.float32}
+
+
+def test_failed_run_is_recorded_and_others_kept(setup, monkeypatch, tmp_path):
+    """A run that fails (here: its fine-tuning raises, as a diverged run would) is recorded, its cells count
+    it as missing, the other runs are kept, and the next invocation redoes only it."""
+    d, cks, out, res, adv = setup
+    work = tmp_path / "out"
+    shutil.copytree(out, work)
+    # the copied runs point at the old folder in their saved config (run.out is bookkeeping only)
+    victim = work / "runs" / "A" / "rte" / "plain" / "seed1"
+    shutil.rmtree(victim)
+    import alum_pretrain.finetune.trainer as T
+
+    real = T.finetune
+
+    def boom(cfg):
+        raise FloatingPointError("non-finite loss at step 3")
+
+    monkeypatch.setattr(T, "finetune", boom)
+    assert B.main(["--checkpoints", *cks, "--suite", str(d / "suite.yaml"), "--out", str(work), "--no-progress"]) == 1
+    got = json.loads((work / "results.json").read_text())
+    assert [f["index"] for f in got["failed"]] == [2] and "non-finite loss" in got["failed"][0]["error"]
+    cell = got["summary"]["A"]["plain"]["rte/dev"]
+    assert cell["n"] == 1 and cell["non_finite"] == 1
+    assert "[1 failed/non-finite]" in (work / "results.md").read_text()
+    monkeypatch.setattr(T, "finetune", real)
+    again = B.bench(str(d / "suite.yaml"), cks, str(work), device="cpu", progress=False)
+    assert again["failed"] == [] and [r["reused"] for r in again["runs"]].count(False) == 1

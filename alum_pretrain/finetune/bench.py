@@ -546,11 +546,11 @@ def markdown_table(summary: dict, seeds: list) -> str:
             for c in cols:
                 s = row.get(c["key"])
                 if not s or s["median"] is None:
-                    cells.append("n/a" if not s else f"n/a ({s['non_finite']} non-finite)")
+                    cells.append("n/a" if not s else f"n/a ({s['non_finite']} failed/non-finite)")
                     continue
                 cell = f"{s['median']:.1f} ({s['min']:.1f}–{s['max']:.1f})"
                 if s["non_finite"]:
-                    cell += f" [{s['non_finite']} non-finite]"
+                    cell += f" [{s['non_finite']} failed/non-finite]"
                 cells.append(cell)
             lines.append(f"| {ck} | {m} | " + " | ".join(cells) + " |")
     for p in summary["paired"]:
@@ -601,19 +601,34 @@ def bench(suite_path: str, checkpoints: list[str], out: str, *, run_index: Optio
         if not 0 <= run_index < len(runs):
             raise ValueError(f"--run-index {run_index}: the suite has runs 0..{len(runs) - 1}")
         runs = [runs[run_index]]
+    for run in runs:   # a run that finished with other settings is refused before any work is done
+        finished_results(run)
     outp.mkdir(parents=True, exist_ok=True)
-    records = []
+    records, failed = [], []
     try:
         from tqdm.auto import tqdm
         bar = tqdm(runs, desc="alum-bench", disable=not progress or len(runs) < 2)
     except ImportError:  # pragma: no cover
         bar = runs
     for run in bar:
-        records.append(execute(run, sets, device=device, progress=progress and len(runs) == 1))
+        if run_index is not None:   # one array task: its failure is the task's failure
+            records.append(execute(run, sets, device=device, progress=progress))
+            continue
+        try:
+            records.append(execute(run, sets, device=device, progress=progress and len(runs) == 1))
+        except (ValueError, RuntimeError, FloatingPointError, OSError) as exc:
+            # one failed run (diverged, bad file found late, disk full ...) must not cost the others: it is
+            # recorded, counted as missing in its cells, and redone by the next invocation
+            log.error("run %d (%s) failed: %s", run.index, run.dir, exc)
+            failed.append({"index": run.index, "dir": str(run.dir), "error": f"{type(exc).__name__}: {exc}"})
+            records.append({"index": run.index, "checkpoint": run.checkpoint, "task": run.task.name,
+                            "method": run.method, "seed": run.seed, "dir": str(run.dir), "reused": False,
+                            "metric": get_task(run.task.task).metric, "dev": {}, "robust": {},
+                            "error": failed[-1]["error"]})
     if run_index is not None:
         return {"runs": records}
     result = {"suite": str(Path(suite_path).resolve()), "checkpoints": cks, "seeds": suite.seeds,
-              "runs": records}
+              "runs": records, "failed": failed}
     result.update(summarise(suite, list(cks), records))
     _write_json_atomic(outp / "results.json", result)
     table = markdown_table(result, suite.seeds)
@@ -661,6 +676,12 @@ def main(argv=None) -> int:
     if args.run_index is None:
         print(res["table"])
         print(f"results: {Path(args.out) / 'results.json'}, {Path(args.out) / 'results.md'}")
+        if res["failed"]:
+            for f in res["failed"]:
+                print(f"alum-bench: run {f['index']} failed ({f['dir']}): {f['error']}", file=sys.stderr)
+            print(f"alum-bench: {len(res['failed'])} run(s) failed; re-run the same command to redo them",
+                  file=sys.stderr)
+            return 1
     return 0
 
 
