@@ -111,6 +111,9 @@ def main(argv=None) -> int:
     p.add_argument("--eval-batches", type=int, default=14, help="validation MLM batches (14 x 8 = the whole "
                    "WikiText-2 valid split at 64 tokens)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    p.add_argument("--tasks", default="sst2,rte", help="fine-tuning tasks (of sst2, rte)")
+    p.add_argument("--bench-name", default="bench", help="alum-bench output folder inside --out (another name "
+                   "keeps a second fine-tuning setting apart from the first; pre-training is shared)")
     args = p.parse_args(argv)
 
     out = Path(args.out).resolve()
@@ -128,7 +131,8 @@ def main(argv=None) -> int:
             "alum": pretrain(args, out / "alum", shared, args.arm_steps, args.alpha, log)}
 
     glue = Path(args.glue)
-    data = out / "glue-subsets"
+    suffix = "" if args.bench_name == "bench" else f"-{args.bench_name}"
+    data = out / f"glue-subsets{suffix}"
     data.mkdir(exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
     suite = {
@@ -144,12 +148,17 @@ def main(argv=None) -> int:
              "dev": str(glue / "RTE" / "dev.tsv"),
              "finetune": {"data": {"max_length": args.rte_max_length}}},
         ]}
+    tasks = args.tasks.split(",")
+    if not tasks or not set(tasks) <= {"sst2", "rte"}:
+        sys.exit(f"--tasks {args.tasks!r}: choose from sst2, rte")
+    suite["tasks"] = [t for t in suite["tasks"] if t["name"] in tasks]
     import yaml
 
-    (out / "suite.yaml").write_text(yaml.safe_dump(suite, sort_keys=False), encoding="utf-8")
+    suite_file = out / f"suite{suffix}.yaml"
+    suite_file.write_text(yaml.safe_dump(suite, sort_keys=False), encoding="utf-8")
     from alum_pretrain.finetune.bench import bench
 
-    res = bench(str(out / "suite.yaml"), [f"standard={arms['standard']}", f"alum={arms['alum']}"], str(out / "bench"),
+    res = bench(str(suite_file), [f"standard={arms['standard']}", f"alum={arms['alum']}"], str(out / args.bench_name),
                 device=args.device, progress=False)
     print()
     for name in ("shared", "standard", "alum"):
