@@ -4,6 +4,7 @@
     alum-launch slurm --config run.yaml --nodes 2 --time 48:00:00 --partition gpu --dry-run
     alum-launch local --config run.yaml [--nproc-per-node N]          # torchrun --standalone here
     alum-launch presets                                                # the paper's runs
+    alum-launch bench --suite S.yaml --checkpoints A B --out DIR       # alum-bench as a job array
 
 ``slurm`` writes OUTPUT/slurm/NAME.sbatch and the resolved run config OUTPUT/slurm/NAME.yaml (what every
 worker reads), then submits the script with sbatch (not with --dry-run) and prints the job id and log.
@@ -89,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="auto = cuda when available (one process per GPU), else cpu (gloo)")
 
     sub.add_parser("presets", help="list the paper presets")
+    from .bench_array import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
@@ -200,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "presets":
             return cmd_presets()
+        if args.command == "bench":
+            from .bench_array import cmd_bench
+
+            return cmd_bench(args)
         if args.command == "slurm":
             return cmd_slurm(args, extra)
         return cmd_local(args, extra)

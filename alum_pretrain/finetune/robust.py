@@ -135,7 +135,10 @@ class Classifier:
         dev = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
         self.device = torch.device(dev)
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir)
-        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir).to(self.device).eval()
+        # float32 whatever dtype the checkpoint was saved in (a 16-bit foreign checkpoint would otherwise run
+        # in 16 bits on CPU and flip close predictions); probs() also runs outside any caller's autocast
+        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32)
+        self.model = self.model.to(self.device).eval()
         self.max_length, self.batch_size = max_length, batch_size
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
@@ -148,7 +151,8 @@ class Classifier:
             b = [p[1] for p in chunk] if chunk[0][1] is not None else None
             enc = self.tokenizer(a, b, truncation=True, max_length=self.max_length, padding=True,
                                  return_tensors="pt").to(self.device)
-            out.append(torch.softmax(self.model(**enc).logits.float(), -1).cpu().numpy())
+            with torch.autocast(self.device.type, enabled=False):
+                out.append(torch.softmax(self.model(**enc).logits.float(), -1).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.model.config.num_labels))
 
 

@@ -71,6 +71,7 @@ def load_model(path: str, spec: TaskSpec, *, hidden_dropout=None, attention_drop
             setattr(config, attr, value)
     model = AutoModelForSequenceClassification.from_pretrained(
         p, config=config, ignore_mismatched_sizes=not same_head)
+    model = model.float()  # float32 master weights: transformers loads a 16-bit checkpoint in its own dtype
     return model.to(device)
 
 
