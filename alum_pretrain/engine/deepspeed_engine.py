@@ -11,8 +11,8 @@ What stays exactly as in the DDP engine (:mod:`alum_pretrain.engine.setup`, ``tr
   the per-sample masking and ALUM noise, the global loss normalisation and the loop;
 * precision: float32 weights and ``torch.autocast`` in bf16/fp16 (DeepSpeed's ``torch_autocast`` mode,
   *not* its pure-16-bit ``fp16``/``bf16`` modes, which would put the ALUM perturbation of ~1e-5 below the
-  resolution of 16-bit embeddings); fp16 adds a dynamic ``torch.amp.GradScaler`` inside the ZeRO
-  optimizer, which skips the update on an overflow like DDP's scaler does;
+  resolution of 16-bit embeddings); fp16 adds dynamic loss scaling with GradScaler's policy
+  (:func:`use_dynamic_loss_scaler`): an overflow skips the update and halves the scale, as under DDP;
 * gradient reduction in float32 (``lower_precision_safe_modules: []``: no layer's gradients are
   communicated in 16 bits), averaged over ranks like DDP, so the same loss gives the same update;
 * the global batch arithmetic (``train_micro_batch_size_per_gpu`` = ``train.batch_size``,
@@ -152,7 +152,37 @@ def initialize(cfg: TrainConfig, env: D.DistEnv, step_module: torch.nn.Module, o
     engine, _opt, _loader, _sched = deepspeed.initialize(
         model=step_module, optimizer=optimizer, lr_scheduler=scheduler,
         config=ds_config(cfg, grad_accum, env.world_size))
+    if cfg.train.precision == "fp16" and cfg.deepspeed.zero_stage >= 1:
+        use_dynamic_loss_scaler(engine)
     return engine
+
+
+# torch.amp.GradScaler's policy: start at 2**16, halve and skip the step on inf/nan, double after 2000
+# consecutive good steps (no hysteresis).
+LOSS_SCALE_ARGS = {"init_scale": 2.0**16, "scale_window": 2000, "min_scale": 2.0**-24, "delayed_shift": 1,
+                   "consecutive_hysteresis": False, "raise_error_at_min_scale": False}
+
+
+def use_dynamic_loss_scaler(engine) -> None:
+    """fp16 under ZeRO 1-3: scale the loss with DeepSpeed's dynamic loss scaler, not the engine's GradScaler.
+
+    In ``torch_autocast`` fp16 mode DeepSpeed 0.19's ZeRO optimizers scale the loss with a
+    ``torch.amp.GradScaler`` but compute the gradient norm, and clip, as if the loss were unscaled (their
+    own ``loss_scale`` stays 1): the logged norm is ~65536x too large and clipping shrinks every update
+    by that factor.  Their dynamic loss scaler is the path that ZeRO's norm, clipping, overflow skip and
+    checkpoint all account for, so it is installed instead, with GradScaler's policy (LOSS_SCALE_ARGS);
+    a non-finite gradient norm then skips the step and halves the scale, as with DDP's GradScaler."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+
+    opt = engine.optimizer
+    for attr in ("torch_autocast_gradscaler", "loss_scaler", "dynamic_loss_scale", "custom_loss_scaler"):
+        if not hasattr(opt, attr):
+            raise RuntimeError(f"{type(opt).__name__} has no {attr!r}: this DeepSpeed version's ZeRO optimizer "
+                               "differs from 0.19; pin deepspeed==0.19.8 or use --train.precision=bf16")
+    opt.torch_autocast_gradscaler = None
+    opt.loss_scaler = DynamicLossScaler(dtype=torch.float16, **LOSS_SCALE_ARGS)
+    opt.dynamic_loss_scale = True
+    opt.custom_loss_scaler = False
 
 
 def _no_shm_comm_build() -> None:
