@@ -282,6 +282,18 @@ def test_export_of_a_zero3_checkpoint_has_logit_parity(ds_runs, tmp_path):
     assert (a.prediction_logits - b.prediction_logits).abs().max() < 1e-4
     assert (a.seq_relationship_logits - b.seq_relationship_logits).abs().max() < 1e-4
 
+    # Fault: the consolidated model/ weights are damaged; --from-zero-shards rebuilds them from the shards.
+    run = tmp_path / "damaged"
+    shutil.copytree(ds_runs["zero3"], run)
+    st = run / "checkpoints" / f"step-{STEPS}" / "model" / "model.safetensors"
+    st.write_bytes(st.read_bytes()[:1000])
+    assert export_main([str(run), str(tmp_path / "hf2"), "--from-zero-shards"]) == 0
+    from safetensors.torch import load_file
+
+    x, y = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "hf2" / "model.safetensors"))
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    assert export_main([str(ds_runs["ddp"]), str(tmp_path / "hf3"), "--from-zero-shards"]) == 2  # no shards there
+
 
 @pytest.mark.multirank
 def test_sigusr1_to_one_rank_saves_all_shards_and_exits_0(ds_runs, tmp_path):

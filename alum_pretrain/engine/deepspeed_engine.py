@@ -347,3 +347,40 @@ def consolidate_zero(step_dir: Path) -> dict[str, torch.Tensor]:
     sd = get_fp32_state_dict_from_zero_checkpoint(str(Path(step_dir) / DS_DIR), tag=DS_TAG)
     prefix = "model.hf."  # PretrainStep.model (PretrainModel) .hf (the HF model)
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def hf_model_from_zero_shards(step_dir: Path, model_dir: Path):
+    """The HF model of ``model_dir/config.json`` with the fp32 weights rebuilt from the step's ZeRO shards.
+
+    For ``alum-export --from-zero-shards``: the shards (every rank's fp32 partition) are the weights the
+    optimizer holds, independent of the consolidated ``model/`` safetensors (which may be missing or damaged).
+    Returns ``(model, state_dict)``; raises ValueError naming the file when the shards are incomplete."""
+    from transformers import AutoConfig, AutoModelForMaskedLM, AutoModelForPreTraining
+
+    step_dir, model_dir = Path(step_dir), Path(model_dir)
+    if not is_deepspeed_checkpoint(step_dir):
+        raise ValueError(f"{step_dir}: no {DS_DIR}/{DS_TAG}/ folder: only --train.engine=deepspeed checkpoints "
+                         "have ZeRO shards (export this one without --from-zero-shards)")
+    if not (model_dir / "config.json").is_file():
+        raise ValueError(f"{model_dir}/config.json missing: the architecture of the shards is unknown")
+    config = AutoConfig.from_pretrained(str(model_dir))
+    archs = getattr(config, "architectures", None) or []
+    auto = AutoModelForPreTraining if any(a.endswith("ForPreTraining") for a in archs) else AutoModelForMaskedLM
+    model = auto.from_config(config)
+    try:
+        sd = consolidate_zero(step_dir)
+    except (OSError, RuntimeError, ValueError, KeyError, AssertionError) as exc:
+        raise ValueError(f"{step_dir / DS_DIR / DS_TAG}: the ZeRO shards cannot be consolidated "
+                         f"({type(exc).__name__}: {exc}); the checkpoint is damaged or incomplete") from exc
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    really_missing = [k for k in missing if not _is_tied(model, k)]  # a tied copy is loaded via its twin
+    if unexpected or really_missing:
+        raise ValueError(f"{step_dir / DS_DIR}: the ZeRO shards do not match {model_dir}/config.json: missing "
+                         f"{really_missing[:5]}, unexpected {unexpected[:5]}")
+    return model, sd
+
+
+def _is_tied(model: torch.nn.Module, key: str) -> bool:
+    """True when parameter ``key`` shares its storage with another parameter that is not ``key``."""
+    p = model.get_parameter(key)
+    return any(q is p and name != key for name, q in model.named_parameters(remove_duplicate=False))
