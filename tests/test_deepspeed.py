@@ -327,3 +327,35 @@ def test_sigusr1_to_one_rank_saves_all_shards_and_exits_0(ds_runs, tmp_path):
     model = final_weights(out)
     shards = consolidate_zero(ckpts[0])
     assert max(float((model[k] - shards[k]).abs().max()) for k in model) == 0.0
+
+
+# ------------------------------------------------------------------------------------------------------
+# Fault injection: a non-finite loss never reaches the weights
+# ------------------------------------------------------------------------------------------------------
+
+
+@requires_ds
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_nonfinite_loss_skips_the_update_under_zero2(tmp_path, precision):
+    """NaN loss at steps 3 and 4 (ALUM on): ZeRO skips both updates (non-finite gradient norm), the weights
+    stay finite and equal those of a run that never took those two updates' data into the weights."""
+    from safetensors.torch import load_file
+
+    databin = make_stdlib_databin(tmp_path / "db", n_docs=30)
+    out = tmp_path / "run"
+    args = train_args(databin, out, 5, *COMMON, "--train.eval_every=0", "--train.save_every=2",
+                      f"--train.precision={precision}", *Z2)
+    env = {**_env(), "NAN_STEPS": "3,4", "MICRO_PER_STEP": "1"}
+    r = subprocess.run([sys.executable, "tests/ds_nan_probe.py", *args], env=env, cwd=str(ROOT),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    log = read_log(out)
+    assert [x["step"] for x in log] == [1, 2, 3, 4, 5]
+    for x in log:
+        assert (x["step"] in (3, 4)) == (not torch.isfinite(torch.tensor(x["grad_norm"])).item()), x
+    # steps 3 and 4 changed nothing: the weights after step 4 are those saved after step 2
+    w2 = load_file(str(out / "checkpoints" / "step-2" / "model" / "model.safetensors"))
+    w4 = load_file(str(out / "checkpoints" / "step-4" / "model" / "model.safetensors"))
+    assert max_weight_diff(w2, w4) == 0.0
+    w5 = final_weights(out)
+    assert all(torch.isfinite(v).all() for v in w5.values()) and max_weight_diff(w4, w5) > 0

@@ -346,7 +346,7 @@ def consolidate_zero(step_dir: Path) -> dict[str, torch.Tensor]:
 
     sd = get_fp32_state_dict_from_zero_checkpoint(str(Path(step_dir) / DS_DIR), tag=DS_TAG)
     prefix = "model.hf."  # PretrainStep.model (PretrainModel) .hf (the HF model)
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return {k[len(prefix):]: v.detach() for k, v in sd.items() if k.startswith(prefix)}
 
 
 def hf_model_from_zero_shards(step_dir: Path, model_dir: Path):
