@@ -154,9 +154,10 @@ def test_resume_refuses_a_changed_world_size_or_a_ddp_checkpoint(tmp_path):
 
 
 @requires_ds
-@pytest.mark.parametrize("precision, offload", [("fp16", "none"), ("bf16", "cpu")])
-def test_zero2_matches_ddp_under_16bit_autocast(tmp_path, precision, offload):
-    """(bf16 also runs the AdamW update on the host: ZeRO-Offload with torch's AdamW.)"""
+@pytest.mark.parametrize("precision, offload, stage", [("fp16", "none", 2), ("bf16", "cpu", 2), ("fp16", "none", 0)])
+def test_zero_matches_ddp_under_16bit_autocast(tmp_path, precision, offload, stage):
+    """ZeRO-2 in fp16 (dynamic loss scaling) and bf16 with the AdamW update on the host (ZeRO-Offload with
+    torch's AdamW); stage 0 in fp16 (DeepSpeed's own GradScaler path; the norm is taken by the engine)."""
     databin = make_stdlib_databin(tmp_path / "db", n_docs=40)
     extra = (*COMMON, "--train.grad_accum=2", "--train.eval_every=0", f"--train.precision={precision}")
     ddp, ds = tmp_path / "ddp", tmp_path / "ds"
@@ -166,7 +167,8 @@ def test_zero2_matches_ddp_under_16bit_autocast(tmp_path, precision, offload):
         assert run_train(databin, ddp, 4, *extra) == 0
     finally:
         torch.set_num_threads(n)
-    r = _single(train_args(databin, ds, 4, *extra, *Z2, f"--deepspeed.offload_optimizer={offload}"))
+    r = _single(train_args(databin, ds, 4, *extra, "--train.engine=deepspeed", f"--deepspeed.zero_stage={stage}",
+                           f"--deepspeed.offload_optimizer={offload}"))
     assert r.returncode == 0, r.stderr[-4000:]
     a, b = read_log(ddp), read_log(ds)
     assert len(b) == 4 and any(x["adv"] > 0 for x in b)

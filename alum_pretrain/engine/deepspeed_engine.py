@@ -217,8 +217,15 @@ def optimizer_step(engine) -> tuple[torch.Tensor, float]:
     """Unscale, clip, update, schedule, zero the gradients; returns ``(grad_norm before clipping, lr used)``."""
     assert engine.is_gradient_accumulation_boundary(), "optimizer_step() must follow the last micro-batch"
     lr = float(engine.get_lr()[0])
+    stage0_norm = None
+    if not engine.zero_optimization():  # stage 0 does not report the norm: take it from the reduced .grad
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        stage0_norm = torch.nn.utils.get_total_norm(grads).float() if grads else torch.zeros(())
+        scaler = grad_scaler(engine)
+        if scaler is not None and scaler.is_enabled():  # fp16: the gradients are still scaled here
+            stage0_norm = stage0_norm / scaler.get_scale()
     engine.step()
-    norm = engine.get_global_grad_norm()
+    norm = engine.get_global_grad_norm() if stage0_norm is None else stage0_norm
     if norm is None:
         norm = float("nan")
     return torch.as_tensor(norm, dtype=torch.float32).detach().reshape(()), lr
