@@ -211,8 +211,21 @@ def _verify_identity_map(src_dir: Path, out_dir: Path) -> int:
     return len(a)
 
 
+def _verify_against(state: dict[str, torch.Tensor], out_dir: Path) -> int:
+    """Every exported tensor equals the consolidated ZeRO tensor of the same name."""
+    from safetensors.torch import load_file
+
+    n = 0
+    for f in sorted(out_dir.glob("*.safetensors")):
+        for k, v in load_file(str(f)).items():
+            if k not in state or state[k].shape != v.shape or not torch.equal(state[k].to(v.dtype), v):
+                raise ExportError(f"exported tensor {k} differs from the ZeRO shards' consolidated weights")
+            n += 1
+    return n
+
+
 def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, tokenizer: str | None = None,
-           overwrite: bool = False) -> Path:
+           overwrite: bool = False, from_zero_shards: bool = False) -> Path:
     """Export CKPT (see the module docstring) to the HF folder OUT; returns OUT."""
     from transformers import AutoTokenizer
 
@@ -222,7 +235,13 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, tokenizer: str | 
         raise ExportError(f"{out}: already exists; choose another OUT or pass --overwrite")
     cfg = load_run_config(step, run)
     tok_src = find_tokenizer(cfg, run, tokenizer)
-    model = load_hf_model(model_dir)  # raises on missing / mismatched tensors
+    zero_sd = None
+    if from_zero_shards:  # a DeepSpeed checkpoint: the weights from every rank's ZeRO shard (zero_to_fp32)
+        from .engine.deepspeed_engine import hf_model_from_zero_shards
+
+        model, zero_sd = hf_model_from_zero_shards(step if step is not None else model_dir.parent, model_dir)
+    else:
+        model = load_hf_model(model_dir)  # raises on missing / mismatched tensors
     tok = AutoTokenizer.from_pretrained(str(tok_src))
     if len(tok) > model.config.vocab_size:
         raise ExportError(f"tokenizer {tok_src} has {len(tok)} tokens but the model's vocabulary is "
@@ -239,7 +258,7 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, tokenizer: str | 
     with atomic_dir(out) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
-        n = _verify_identity_map(model_dir, tmp)
+        n = _verify_identity_map(model_dir, tmp) if zero_sd is None else _verify_against(zero_sd, tmp)
         (tmp / "README.md").write_text(_model_card(model_dir, _step_number(step), model, cfg, tok_src),
                                        encoding="utf-8")
     log.info("exported %s (%s, %d tensors) with tokenizer %s -> %s", model_dir, type(model).__name__, n, tok_src, out)
@@ -278,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokenizer folder to ship with the model (default: the run's data.path/tokenizer, else "
                         "model.init_from)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it already exists")
+    p.add_argument("--from-zero-shards", action="store_true",
+                   help="DeepSpeed checkpoints (--train.engine=deepspeed): rebuild the fp32 weights from every "
+                        "rank's ZeRO shard in step-N/deepspeed/ with DeepSpeed's zero_to_fp32 instead of reading "
+                        "step-N/model/ (e.g. when model/model.safetensors is missing or damaged)")
     return p
 
 
@@ -290,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
 
             out = export_fairseq(args.ckpt, args.out, tokenizer=args.tokenizer, overwrite=args.overwrite)
         else:
-            out = export(args.ckpt, args.out, tokenizer=args.tokenizer, overwrite=args.overwrite)
+            out = export(args.ckpt, args.out, tokenizer=args.tokenizer, overwrite=args.overwrite,
+                         from_zero_shards=args.from_zero_shards)
     except ValueError as e:
         print(f"alum-export: error: {e}", file=sys.stderr)
         return 2

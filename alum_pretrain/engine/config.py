@@ -6,8 +6,9 @@ Sections and keys (``alum-train --help`` lists every key with its default)::
     model.*     a size preset (from scratch) or an HF folder to continue from
     masking.*   :class:`alum_pretrain.masking.MaskingConfig` (curriculum 5 % -> 25 %, 80/10/10)
     alum.*      :class:`alum_pretrain.adversarial.ALUMConfig` (alpha, epsilon, step_size, ...)
-    optim.*     AdamW + linear warm-up / linear decay + gradient clipping
-    train.*     steps, batch, precision, logging / evaluation / checkpoint cadence
+    optim.*     AdamW (or LAMB under DeepSpeed on CUDA) + linear warm-up / linear decay + gradient clipping
+    train.*     steps, batch, precision, engine (ddp | deepspeed), logging / evaluation / checkpoint cadence
+    deepspeed.* ZeRO stage and offload when train.engine=deepspeed (see alum_pretrain.engine.deepspeed_engine)
 
 Result-changing vs speed-only (STYLE.md 3): :data:`SPEED_ONLY` names the keys that may differ when a
 run resumes from a checkpoint (workers, compile, logging cadence, ...); every other key changes the
@@ -75,8 +76,13 @@ class OptimConfig:
     grad_clip: float = opt(1.0, "clip the global gradient L2 norm to this value (0 = no clipping)")
     betas: tuple[float, float] = opt((0.9, 0.999), "AdamW betas")
     eps: float = opt(1e-6, "AdamW epsilon (BERT: 1e-6)")
+    name: Literal["adamw", "lamb"] = opt(
+        "adamw", "optimizer: adamw (torch AdamW; DeepSpeed's FusedAdam under --train.engine=deepspeed on CUDA) "
+                 "or lamb (DeepSpeed's FusedLamb: needs --train.engine=deepspeed on a CUDA device)")
 
     def __post_init__(self) -> None:
+        if self.name not in ("adamw", "lamb"):
+            raise _bad("optim.name", self.name, "must be adamw or lamb")
         if not self.lr > 0:
             raise _bad("optim.lr", self.lr, "must be > 0")
         if self.weight_decay < 0:
@@ -116,8 +122,14 @@ class LoopConfig:
     num_workers: int = opt(0, "DataLoader worker processes per rank (speed only)")
     compile: bool = opt(False, "torch.compile the transformer encoder (speed only)")
     progress: bool = opt(True, "tqdm progress bar on rank 0")
+    engine: Literal["ddp", "deepspeed"] = opt(
+        "ddp", "ddp: torch DistributedDataParallel (every rank holds the full fp32 AdamW state); deepspeed: "
+               "DeepSpeed ZeRO (--deepspeed.zero_stage shards optimizer state / gradients / parameters; needs "
+               "the [deepspeed] extra)")
 
     def __post_init__(self) -> None:
+        if self.engine not in ("ddp", "deepspeed"):
+            raise _bad("train.engine", self.engine, "must be ddp or deepspeed")
         for key in ("max_steps", "batch_size", "grad_accum", "log_every", "keep_last"):
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -131,6 +143,45 @@ class LoopConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """DeepSpeed ZeRO settings (used only with --train.engine=deepspeed; precision, batch, clipping, LR
+    schedule and optimizer come from the train.* and optim.* keys, exactly as for DDP)."""
+
+    zero_stage: int = opt(2, "ZeRO stage: 0 = plain data parallel, 1 = shard optimizer state, 2 = + gradients, "
+                             "3 = + parameters")
+    offload_optimizer: Literal["none", "cpu"] = opt(
+        "none", "cpu: keep the optimizer state (and its step) in host memory (ZeRO-Offload; stage >= 1)")
+    offload_param: Literal["none", "cpu"] = opt("none", "cpu: keep the parameters in host memory (stage 3 only)")
+    reduce_bucket_size: int = opt(50_000_000, "elements per gradient reduce bucket (speed/memory only)")
+    allgather_bucket_size: int = opt(50_000_000, "elements per parameter all-gather bucket, stages 1-2 "
+                                                 "(speed/memory only)")
+    param_persistence_threshold: int = opt(
+        100_000, "ZeRO-3: parameters with fewer elements stay whole on every rank instead of being partitioned "
+                 "(speed/memory only; 0 = partition everything)")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.zero_stage, bool) or self.zero_stage not in (0, 1, 2, 3):
+            raise _bad("deepspeed.zero_stage", self.zero_stage, "must be 0, 1, 2 or 3")
+        if self.offload_optimizer not in ("none", "cpu"):
+            raise _bad("deepspeed.offload_optimizer", self.offload_optimizer, "must be none or cpu")
+        if self.offload_param not in ("none", "cpu"):
+            raise _bad("deepspeed.offload_param", self.offload_param, "must be none or cpu")
+        if self.offload_optimizer != "none" and self.zero_stage == 0:
+            raise _bad("deepspeed.offload_optimizer", self.offload_optimizer,
+                       "optimizer offload needs --deepspeed.zero_stage >= 1")
+        if self.offload_param != "none" and self.zero_stage != 3:
+            raise _bad("deepspeed.offload_param", self.offload_param,
+                       "parameter offload needs --deepspeed.zero_stage=3")
+        for key in ("reduce_bucket_size", "allgather_bucket_size"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise _bad(f"deepspeed.{key}", v, "must be an integer >= 1")
+        v = self.param_persistence_threshold
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise _bad("deepspeed.param_persistence_threshold", v, "must be an integer >= 0")
+
+
+@dataclass
 class TrainConfig:
     """alum-train: MLM (+NSP) pre-training with ALUM under the masking-rate curriculum."""
 
@@ -140,6 +191,7 @@ class TrainConfig:
     alum: ALUMConfig = section(ALUMConfig)
     optim: OptimConfig = section(OptimConfig)
     train: LoopConfig = section(LoopConfig)
+    deepspeed: DeepSpeedConfig = section(DeepSpeedConfig)
 
 
 # Keys that only change speed or bookkeeping, never the trained weights: they may differ on resume.
@@ -155,6 +207,9 @@ SPEED_ONLY = (
     "train.keep_last",
     "train.device",
     "data.valid_split",
+    "deepspeed.reduce_bucket_size",
+    "deepspeed.allgather_bucket_size",
+    "deepspeed.param_persistence_threshold",
     # How the global batch is split into micro-batches does not change the math (per-sample masking
     # and global loss normalisation, see engine/step.py); the resolved global batch is compared instead.
     "train.batch_size",

@@ -48,6 +48,7 @@ class Run:
     gen_device: torch.device
     flops_per_token: float = 0.0
     peak_flops: Optional[float] = None
+    engine: Any = None  # the DeepSpeed engine (= step_module) under --train.engine=deepspeed, else None
 
     def sample_ids(self, micro: int) -> torch.Tensor:
         """Global index, within the optimizer step, of each row of this rank's micro-batch ``micro``.
@@ -188,13 +189,23 @@ def build_run(cfg: TrainConfig, env: D.DistEnv) -> Run:
         model.base.encoder.compile()
 
     step_module: torch.nn.Module = PretrainStep(model, cfg.alum, cfg.data.nsp)
-    if env.distributed:
+    if env.distributed and tc.engine == "ddp":
         step_module = DDP(step_module, device_ids=[env.device.index] if env.device.type == "cuda" else None,
                           broadcast_buffers=False)
-    optimizer = build_optimizer(model, cfg.optim, env.device)
+    if tc.engine == "deepspeed":
+        from . import deepspeed_engine as DS
+        optimizer = DS.build_optimizer(model, cfg.optim, env.device)
+    elif cfg.optim.name != "adamw":
+        raise ValueError(f"--optim.name={cfg.optim.name}: LAMB comes from DeepSpeed; use --train.engine=deepspeed "
+                         "(on a GPU) or --optim.name=adamw")
+    else:
+        optimizer = build_optimizer(model, cfg.optim, env.device)
     scheduler = build_scheduler(optimizer, cfg.optim, tc.max_steps)
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[tc.precision]
-    scaler = torch.amp.GradScaler(env.device.type, enabled=tc.precision == "fp16")
+    scaler = torch.amp.GradScaler(env.device.type, enabled=tc.precision == "fp16" and tc.engine == "ddp")
+    engine = None
+    if tc.engine == "deepspeed":  # DeepSpeed owns loss scaling, reduction, clipping, the step and the schedule
+        engine = step_module = DS.initialize(cfg, env, step_module, optimizer, scheduler, grad_accum)
 
     common = dict(mode=cfg.data.mode, nsp=cfg.data.nsp, max_seq_len=cfg.data.max_seq_len, batch_size=tc.batch_size,
                   seed=tc.seed, rank=env.rank, world_size=env.world_size, shard_mode=cfg.data.shard_mode,
@@ -218,7 +229,7 @@ def build_run(cfg: TrainConfig, env: D.DistEnv) -> Run:
     run = Run(cfg=cfg, env=env, out=out, model=model, step_module=step_module, optimizer=optimizer,
               scheduler=scheduler, scaler=scaler, amp_dtype=amp_dtype, loader=loader, valid=valid,
               valid_state0=valid_state0, masker=masker, grad_accum=grad_accum, global_batch=global_batch,
-              logger=logger, gen_device=env.device)
+              logger=logger, gen_device=env.device, engine=engine)
     run.peak_flops = peak_flops(env.device)
     if run.peak_flops:
         run.flops_per_token = _flops_per_token(model, cfg.data.max_seq_len)
@@ -249,6 +260,9 @@ def _train_state(run: Run, step: int) -> dict:
 
 def save(run: Run, step: int) -> None:
     """Checkpoint ``step`` (every rank takes part in gathering RNG states; rank 0 writes)."""
+    if run.engine is not None:  # DeepSpeed: every rank also writes its ZeRO shard into the same step-N folder
+        from .deepspeed_engine import save as ds_save
+        return ds_save(run, step)
     rngs = D.gather_objects(run.env, C.rng_state())
     if run.env.is_main:
         state = _train_state(run, step)
@@ -281,12 +295,18 @@ def restore(run: Run) -> int:
             f"{ckpt}: cannot resume: the global batch was {state['global_batch']} sequences and is now "
             f"{run.global_batch} (--train.batch_size x --train.grad_accum x world size, or "
             "--train.global_batch_size); keep the global batch to resume")
-    loaded = M.load_model(ckpt / C.MODEL_DIR)
-    run.model.load_state_dict(loaded.state_dict())
-    del loaded
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.scaler.load_state_dict(state["scaler"])
+    if run.engine is not None:  # DeepSpeed: weights, ZeRO optimizer shards, schedule, fp16 loss scale
+        from .deepspeed_engine import load as ds_load
+        ds_load(run, ckpt, state)
+    elif state.get("engine") == "deepspeed":
+        raise ValueError(f"{ckpt}: written by the DeepSpeed engine; resume it with --train.engine=deepspeed")
+    else:
+        loaded = M.load_model(ckpt / C.MODEL_DIR)
+        run.model.load_state_dict(loaded.state_dict())
+        del loaded
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        run.scaler.load_state_dict(state["scaler"])
     run.loader.load_state_dict(state["loader"])
     rngs = state["rng"]
     if len(rngs) == env.world_size:
