@@ -230,3 +230,40 @@ def test_num_workers_auto_and_host_only_keys():
     with pytest.raises(ValueError, match="--train.num_workers=-2"):
         LoopConfig(num_workers=-2)
     assert "sample_ids" in HOST_ONLY_KEYS
+
+
+# --------------------------------------------------------------------------------------------------
+# no host read of the attention mask inside the model
+# --------------------------------------------------------------------------------------------------
+
+def test_sdpa_gets_a_4d_mask_no_host_check_same_logits(monkeypatch):
+    """HF's ``padding_mask.all()`` (a device sync per forward on GPU) is never reached, and the masked-only
+    logits equal HF's own forward with the 2-D mask, on a padded batch."""
+    from transformers import masking_utils
+
+    from alum_pretrain.models import PretrainModel, build_scratch_model
+
+    torch.manual_seed(0)
+    hf = build_scratch_model("tiny", 120, 0, nsp=True, attn_implementation="sdpa").eval()
+    assert hf.config._attn_implementation == "sdpa"
+    m = PretrainModel(hf)
+    B, T = 3, 12
+    ids = torch.randint(5, 120, (B, T))
+    attn = torch.ones(B, T, dtype=torch.long)
+    attn[0, 8:] = 0
+    attn[2, 5:] = 0
+    ids = ids.masked_fill(attn == 0, 0)
+    tt = torch.zeros(B, T, dtype=torch.long)
+    ref = hf(input_ids=ids, attention_mask=attn, token_type_ids=tt)  # HF's own 2-D path (may check .all())
+
+    calls = []
+    orig = masking_utils._ignore_bidirectional_mask_sdpa
+    monkeypatch.setattr(masking_utils, "_ignore_bidirectional_mask_sdpa",
+                        lambda *a, **k: calls.append(1) or orig(*a, **k))
+    pos = torch.arange(B * T)
+    with torch.no_grad():
+        mlm, nsp = m.heads_from_embeds(m.embed(ids, tt), attn, tt, pos, True)
+    assert calls == []
+    real = attn.reshape(-1).bool()
+    torch.testing.assert_close(mlm[real], ref.prediction_logits.reshape(B * T, -1)[real], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(nsp, ref.seq_relationship_logits, atol=1e-5, rtol=1e-4)
