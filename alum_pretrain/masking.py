@@ -271,22 +271,16 @@ _GOLDEN = 0x9E37_79B9  # 2^32 / golden ratio: spreads consecutive counters over 
 _KIND_COUNT, _KIND_SCORE, _KIND_DECISION, _KIND_RANDOM = 0, 1, 2, 3
 
 
-def _xor(a: torch.Tensor, b) -> torch.Tensor:
-    """``a ^ b`` for non-negative int64 values, as ``(a | b) - (a & b)``: the same bits, but several times
-    faster on CPU, where torch's int64 ``bitwise_xor`` is not vectorised."""
-    return (a | b) - (a & b)
-
-
 def _mix32(x: torch.Tensor) -> torch.Tensor:
     """A bijective 32-bit integer hash with near-ideal avalanche (the improved ``lowbias32`` of C. Wellons'
     hash-prospector: xorshift-multiply twice).  Input and output are int64 tensors holding values in
     [0, 2^32); both multipliers are < 2^31, so every product stays below 2^63 - exact in int64 on every
     device, no reliance on signed overflow."""
-    x = _xor(x, x >> 16)
+    x = x ^ (x >> 16)
     x = (x * 0x21F0_AAAD) & _M32
-    x = _xor(x, x >> 15)
+    x = x ^ (x >> 15)
     x = (x * 0x735A_2D97) & _M32
-    return _xor(x, x >> 15)
+    return x ^ (x >> 15)
 
 
 def _mix32_int(x: int) -> int:
@@ -312,8 +306,8 @@ def _sample_keys(seed: int, step: int, stream: int, sample_ids: torch.Tensor) ->
     ha, hb = _chain(words, 0x243F_6A88), _chain(words, 0x85A3_08D3)  # two salts (digits of pi)
     ids = sample_ids.long()
     lo, hi = ids & _M32, (ids >> 32) & _M32
-    ka = _mix32((_xor(_mix32(_xor(lo, ha)), hi) + _GOLDEN) & _M32)
-    kb = _mix32((_xor(_mix32(_xor(lo, hb)), hi) + _GOLDEN) & _M32)
+    ka = _mix32(((_mix32(lo ^ ha) ^ hi) + _GOLDEN) & _M32)
+    kb = _mix32(((_mix32(lo ^ hb) ^ hi) + _GOLDEN) & _M32)
     return ka, kb
 
 
@@ -321,7 +315,7 @@ def _uniforms(ka: torch.Tensor, kb: torch.Tensor, counters: torch.Tensor) -> tor
     """float64 uniforms in [0, 1) with 32-bit resolution: (B,) keys x (N,) counters -> (B, N)."""
     c = (counters.long()[None, :] * _GOLDEN) & _M32  # (1, N); counters < 2^31 keep the product < 2^63
     x = _mix32((ka[:, None] + c) & _M32)  # (B, N) round 1, keyed by ka
-    x = _mix32(_xor(x, kb[:, None]))  # round 2, keyed by kb
+    x = _mix32(x ^ kb[:, None])  # round 2, keyed by kb
     return x.double() * (1.0 / 4294967296.0)
 
 
