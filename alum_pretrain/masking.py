@@ -24,11 +24,18 @@
   so every word is selected with marginal probability ``rate`` and the expected fraction of masked
   *tokens* is also exactly ``rate``.  The 80/10/10 decision is drawn once per word and applied to all
   its tokens (a random-replacement word gets an independent random id per token).
-* **Deterministic and resumable**: masking is drawn at train time from :func:`step_generator`
-  ``(seed, step, rank)``, a ``torch.Generator`` seeded from a hash (numpy ``SeedSequence``) of those
-  integers, so a resumed run masks each step exactly as an uninterrupted run would.  Draws happen on the
+* **Deterministic and resumable**: :func:`mask_tokens` draws from a ``torch.Generator`` such as
+  :func:`step_generator` ``(seed, step, rank)`` (seeded from a numpy ``SeedSequence`` hash of those
+  integers), so a resumed run masks each step exactly as an uninterrupted run would.  Draws happen on the
   generator's device (CPU by default) and are moved to the input's device, so the masks do not depend
   on where the batch lives.
+* **Per-sample, vectorised** (:func:`mask_batch`, what both training engines call): every random number
+  of sample ``i`` is a pure function of ``(seed, step, sample_ids[i], stream, position, kind)`` computed by
+  a counter-based hash (:func:`sample_uniforms`: the ``lowbias32`` integer mixer applied twice with a
+  64-bit per-sample key), so the whole ``(B, T)`` batch is masked by a handful of tensor ops - no Python
+  loop, no per-sample generator - while the mask of a sample still does not depend on which batch,
+  micro-batch, process or padding length it arrives in.  Integer arithmetic is exact on every device,
+  so CPU and GPU give identical masks.
 """
 
 from __future__ import annotations
@@ -42,7 +49,8 @@ import torch
 
 from .config import opt
 
-__all__ = ["MaskingConfig", "SCHEDULES", "mask_rate", "mask_tokens", "step_generator", "IGNORE_INDEX"]
+__all__ = ["MaskingConfig", "SCHEDULES", "mask_rate", "mask_tokens", "mask_batch", "sample_uniforms", "step_generator",
+           "IGNORE_INDEX"]
 
 SCHEDULES = ("curriculum", "constant")
 IGNORE_INDEX = -100  # label at unselected positions (torch cross_entropy's default ignore_index)
@@ -161,42 +169,12 @@ def mask_tokens(
     Returns ``(masked_input_ids (B, T), labels (B, T))`` with ``labels = -100`` where not selected and
     the original id where selected.  The input is not modified.
     """
-    if input_ids.dim() != 2:
-        raise ValueError(f"mask_tokens: input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
-    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-        raise ValueError(f"mask_tokens: input_ids must be an integer tensor, got {input_ids.dtype}")
-    if tuple(special_mask.shape) != tuple(input_ids.shape) or special_mask.dtype != torch.bool:
-        raise ValueError(f"mask_tokens: special_mask must be a bool tensor of shape {tuple(input_ids.shape)}, "
-                         f"got {special_mask.dtype} {tuple(special_mask.shape)}")
-    if continuation is not None and (tuple(continuation.shape) != tuple(input_ids.shape)
-                                     or continuation.dtype != torch.bool):
-        raise ValueError(f"mask_tokens: continuation must be a bool tensor of shape {tuple(input_ids.shape)}, "
-                         f"got {continuation.dtype} {tuple(continuation.shape)}")
-    rate = float(rate)
-    if not (0.0 <= rate <= 1.0):
-        raise ValueError(f"mask_tokens: rate={rate} must be in [0, 1]")
-    if not (0.0 <= mask_prob <= 1.0 and 0.0 <= random_prob <= 1.0 and mask_prob + random_prob <= 1.0 + 1e-12):
-        raise ValueError(f"mask_tokens: mask_prob={mask_prob}, random_prob={random_prob} must be in [0, 1] "
-                         "with a sum <= 1")
-    if random_prob > 0 and (random_pool is None or random_pool.numel() == 0):
-        raise ValueError("mask_tokens: random_pool must hold at least one id when random_prob > 0")
+    rate = _check_inputs("mask_tokens", input_ids, special_mask, continuation, rate, mask_prob, random_prob,
+                         random_pool)
 
     out_device = input_ids.device
     gdev = generator.device if generator is not None else torch.device("cpu")
     B, T = input_ids.shape
-
-    cand = ~special_mask.to(gdev)  # (B, T) maskable tokens
-    # Units = what gets selected: single tokens, or whole words (start token + continuations).
-    if continuation is None:
-        unit_start = cand
-    else:
-        cont = continuation.to(gdev)
-        prev_cand = torch.zeros_like(cand)
-        prev_cand[:, 1:] = cand[:, :-1]
-        unit_start = cand & (~cont | ~prev_cand)  # a continuation after a special/position 0 starts a word
-    unit_id = unit_start.long().cumsum(1) - 1  # (B, T) index of each token's unit (valid where cand)
-    unit_id = unit_id.clamp_min(0)
-    n_units = unit_start.sum(1)  # (B,)
 
     # Random draws, always in the same order and shapes so (generator state) -> masks is a pure function.
     u_count = torch.rand(B, generator=generator, device=gdev)  # (B,)
@@ -208,6 +186,56 @@ def mask_tokens(
         rand_ids = pool[torch.randint(pool.numel(), (B, T), generator=generator, device=gdev)]  # (B, T)
     else:
         rand_ids = None
+    masked, labels = _apply_masking(
+        input_ids.to(gdev), special_mask.to(gdev), None if continuation is None else continuation.to(gdev), rate,
+        u_count, scores, decision, rand_ids, mask_id=mask_id, mask_prob=mask_prob, random_prob=random_prob)
+    return masked.to(out_device), labels.to(out_device)
+
+
+def _check_inputs(fn: str, input_ids, special_mask, continuation, rate, mask_prob, random_prob, random_pool) -> float:
+    if input_ids.dim() != 2:
+        raise ValueError(f"{fn}: input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        raise ValueError(f"{fn}: input_ids must be an integer tensor, got {input_ids.dtype}")
+    if tuple(special_mask.shape) != tuple(input_ids.shape) or special_mask.dtype != torch.bool:
+        raise ValueError(f"{fn}: special_mask must be a bool tensor of shape {tuple(input_ids.shape)}, "
+                         f"got {special_mask.dtype} {tuple(special_mask.shape)}")
+    if continuation is not None and (tuple(continuation.shape) != tuple(input_ids.shape)
+                                     or continuation.dtype != torch.bool):
+        raise ValueError(f"{fn}: continuation must be a bool tensor of shape {tuple(input_ids.shape)}, "
+                         f"got {continuation.dtype} {tuple(continuation.shape)}")
+    rate = float(rate)
+    if not (0.0 <= rate <= 1.0):
+        raise ValueError(f"{fn}: rate={rate} must be in [0, 1]")
+    if not (0.0 <= mask_prob <= 1.0 and 0.0 <= random_prob <= 1.0 and mask_prob + random_prob <= 1.0 + 1e-12):
+        raise ValueError(f"{fn}: mask_prob={mask_prob}, random_prob={random_prob} must be in [0, 1] "
+                         "with a sum <= 1")
+    if random_prob > 0 and (random_pool is None or random_pool.numel() == 0):
+        raise ValueError(f"{fn}: random_pool must hold at least one id when random_prob > 0")
+    return rate
+
+
+def _apply_masking(ids: torch.Tensor, special: torch.Tensor, cont: Optional[torch.Tensor], rate: float,
+                   u_count: torch.Tensor, scores: torch.Tensor, decision: torch.Tensor,
+                   rand_ids: Optional[torch.Tensor], *, mask_id: int, mask_prob: float,
+                   random_prob: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Selection + 80/10/10 from given uniforms (all on one device): the math shared by both samplers.
+
+    ``u_count`` (B,) the rounding draw of k; ``scores`` (B, T) and ``decision`` (B, T) indexed by *unit*
+    (token or word) number; ``rand_ids`` (B, T) replacement ids indexed by token position (or None)."""
+    B, T = ids.shape
+    dev = ids.device
+    cand = ~special  # (B, T) maskable tokens
+    # Units = what gets selected: single tokens, or whole words (start token + continuations).
+    if cont is None:
+        unit_start = cand
+    else:
+        prev_cand = torch.zeros_like(cand)
+        prev_cand[:, 1:] = cand[:, :-1]
+        unit_start = cand & (~cont | ~prev_cand)  # a continuation after a special/position 0 starts a word
+    unit_id = unit_start.long().cumsum(1) - 1  # (B, T) index of each token's unit (valid where cand)
+    unit_id = unit_id.clamp_min(0)
+    n_units = unit_start.sum(1)  # (B,)
 
     # k = floor(rate * n + U): E[k] = rate * n exactly; at least one when rate > 0 and n > 0.
     k = torch.floor(rate * n_units.double() + u_count.double()).long()  # (B,)
@@ -216,9 +244,9 @@ def mask_tokens(
     k = torch.minimum(k, n_units)
 
     # Uniform selection of k units without replacement: the k smallest random scores among valid units.
-    unit_index = torch.arange(T, device=gdev).expand(B, T)  # (B, T)
+    unit_index = torch.arange(T, device=dev).expand(B, T)  # (B, T)
     scores = scores.masked_fill(unit_index >= n_units[:, None], 2.0)  # invalid unit slots sort last
-    order = scores.argsort(dim=1)
+    order = scores.argsort(dim=1, stable=True)
     rank = torch.empty_like(order).scatter_(1, order, unit_index.contiguous())  # rank of unit j in row b
     unit_selected = rank < k[:, None]  # (B, T) indexed by unit
 
@@ -227,9 +255,144 @@ def mask_tokens(
     to_mask = selected & (dec < mask_prob)
     to_random = selected & (dec >= mask_prob) & (dec < mask_prob + random_prob)
 
-    ids = input_ids.to(gdev)
     labels = torch.where(selected, ids, torch.full_like(ids, IGNORE_INDEX))
     masked = ids.masked_fill(to_mask, mask_id)
     if rand_ids is not None:
         masked = torch.where(to_random, rand_ids.to(ids.dtype), masked)
-    return masked.to(out_device), labels.to(out_device)
+    return masked, labels
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Counter-based per-sample randomness (vectorised over the batch)
+# ---------------------------------------------------------------------------------------------------------
+_M32 = 0xFFFF_FFFF
+_GOLDEN = 0x9E37_79B9  # 2^32 / golden ratio: spreads consecutive counters over the 32-bit ring
+# Counter layout per sample: 4 * position + kind, so a position's draws do not depend on the padded length.
+_KIND_COUNT, _KIND_SCORE, _KIND_DECISION, _KIND_RANDOM = 0, 1, 2, 3
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective 32-bit integer hash with near-ideal avalanche (the improved ``lowbias32`` of C. Wellons'
+    hash-prospector: xorshift-multiply twice).  Input and output are int64 tensors holding values in
+    [0, 2^32); both multipliers are < 2^31, so every product stays below 2^63 - exact in int64 on every
+    device, no reliance on signed overflow."""
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0_AAAD) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A_2D97) & _M32
+    return x ^ (x >> 15)
+
+
+def _mix32_int(x: int) -> int:
+    """:func:`_mix32` on a Python int (the same function; used for the per-call part of the key)."""
+    x &= _M32
+    x ^= x >> 16
+    x = (x * 0x21F0_AAAD) & _M32
+    x ^= x >> 15
+    x = (x * 0x735A_2D97) & _M32
+    return x ^ (x >> 15)
+
+
+def _chain(words: Sequence[int], salt: int) -> int:
+    h = salt
+    for w in words:
+        h = _mix32_int((h ^ w) + _GOLDEN)
+    return h
+
+
+def _sample_keys(seed: int, step: int, stream: int, sample_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two independent 32-bit keys per sample (B,) from (seed, step, stream, sample id), all 64-bit inputs."""
+    words = [seed & _M32, seed >> 32, step & _M32, step >> 32, stream & _M32, stream >> 32]
+    ha, hb = _chain(words, 0x243F_6A88), _chain(words, 0x85A3_08D3)  # two salts (digits of pi)
+    ids = sample_ids.long()
+    lo, hi = ids & _M32, (ids >> 32) & _M32
+    ka = _mix32(((_mix32(lo ^ ha) ^ hi) + _GOLDEN) & _M32)
+    kb = _mix32(((_mix32(lo ^ hb) ^ hi) + _GOLDEN) & _M32)
+    return ka, kb
+
+
+def _uniforms(ka: torch.Tensor, kb: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """float64 uniforms in [0, 1) with 32-bit resolution: (B,) keys x (N,) counters -> (B, N)."""
+    c = (counters.long()[None, :] * _GOLDEN) & _M32  # (1, N); counters < 2^31 keep the product < 2^63
+    x = _mix32((ka[:, None] + c) & _M32)  # (B, N) round 1, keyed by ka
+    x = _mix32(x ^ kb[:, None])  # round 2, keyed by kb
+    return x.double() * (1.0 / 4294967296.0)
+
+
+def _check_key_ints(fn: str, **ints) -> None:
+    for name, v in ints.items():
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not (0 <= int(v) < 2**64):
+            raise ValueError(f"{fn}: {name}={v!r} must be an integer in [0, 2**64)")
+
+
+def _check_sample_ids(fn: str, sample_ids: torch.Tensor, B: int) -> None:
+    if not torch.is_tensor(sample_ids) or sample_ids.dim() != 1 or sample_ids.numel() != B:
+        raise ValueError(f"{fn}: sample_ids must be a 1-D tensor of {B} ids (one per row), got "
+                         f"{getattr(sample_ids, 'shape', type(sample_ids).__name__)}")
+    if sample_ids.dtype.is_floating_point or sample_ids.dtype == torch.bool:
+        raise ValueError(f"{fn}: sample_ids must be integers, got {sample_ids.dtype}")
+    # (checked on the host only: on a GPU the check itself would be a device->host synchronisation)
+    if B and sample_ids.device.type == "cpu" and bool((sample_ids < 0).any()):
+        raise ValueError(f"{fn}: sample_ids must be >= 0 (global sample indices), got min {int(sample_ids.min())}")
+
+
+def sample_uniforms(seed: int, step: int, sample_ids: torch.Tensor, stream: int, counters: torch.Tensor) -> torch.Tensor:
+    """Uniform [0, 1) numbers ``(B, N)``: entry ``[b, j]`` is a pure function of
+    ``(seed, step, sample_ids[b], stream, counters[j])`` - the same value whatever else is in the batch,
+    on whatever device ``sample_ids`` lives (the counters are moved there)."""
+    _check_key_ints("sample_uniforms", seed=seed, step=step, stream=stream)
+    _check_sample_ids("sample_uniforms", sample_ids, sample_ids.numel() if torch.is_tensor(sample_ids) else -1)
+    if counters.dim() != 1 or counters.dtype.is_floating_point or (
+            counters.numel() and (int(counters.min()) < 0 or int(counters.max()) >= 2**31)):
+        raise ValueError("sample_uniforms: counters must be a 1-D integer tensor with values in [0, 2**31)")
+    ka, kb = _sample_keys(int(seed), int(step), int(stream), sample_ids)
+    return _uniforms(ka, kb, counters.to(sample_ids.device))
+
+
+def mask_batch(
+    input_ids: torch.Tensor,
+    rate: float,
+    *,
+    mask_id: int,
+    special_mask: torch.Tensor,
+    random_pool: Optional[torch.Tensor],
+    seed: int,
+    step: int,
+    sample_ids: torch.Tensor,
+    stream: int = 0,
+    continuation: Optional[torch.Tensor] = None,
+    mask_prob: float = 0.8,
+    random_prob: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`mask_tokens` for a whole batch with per-sample randomness, vectorised (no Python loop).
+
+    Row ``b``'s mask is a pure function of ``(seed, step, sample_ids[b], stream)`` and the row's own
+    tokens/special/continuation flags: splitting the batch in any way, reordering it, padding it to
+    another length or running it on another device gives every sample the same mask.  ``sample_ids``:
+    ``(B,)`` non-negative integers, e.g. the global index of the sample within the optimizer step
+    (native engine) or the dataset id (fairseq).  Same selection rule and 80/10/10 as :func:`mask_tokens`;
+    the draws come from :func:`sample_uniforms` instead of a ``torch.Generator``.  Runs on the device of
+    ``input_ids``.  Returns ``(masked_input_ids (B, T), labels (B, T))``; the input is not modified.
+    """
+    rate = _check_inputs("mask_batch", input_ids, special_mask, continuation, rate, mask_prob, random_prob,
+                         random_pool)
+    _check_key_ints("mask_batch", seed=seed, step=step, stream=stream)
+    B, T = input_ids.shape
+    if T >= 2**28:
+        raise ValueError(f"mask_batch: sequence length {T} is too long for the per-position counters (< 2**28)")
+    _check_sample_ids("mask_batch", sample_ids, B)
+    dev = input_ids.device
+    ka, kb = _sample_keys(int(seed), int(step), int(stream), sample_ids.to(dev))
+    pos = torch.arange(T, device=dev, dtype=torch.int64) * 4  # (T,)
+    u_count = _uniforms(ka, kb, torch.full((1,), _KIND_COUNT, device=dev, dtype=torch.int64))[:, 0]  # (B,)
+    scores = _uniforms(ka, kb, pos + _KIND_SCORE)  # (B, T) per unit
+    decision = _uniforms(ka, kb, pos + _KIND_DECISION)  # (B, T) per unit
+    rand_ids = None
+    if random_prob > 0:
+        assert random_pool is not None
+        pool = random_pool.to(dev).long().reshape(-1)
+        u = _uniforms(ka, kb, pos + _KIND_RANDOM)  # (B, T)
+        rand_ids = pool[(u * pool.numel()).long().clamp_max(pool.numel() - 1)]  # (B, T)
+    return _apply_masking(input_ids, special_mask.to(dev),
+                          None if continuation is None else continuation.to(dev), rate, u_count, scores,
+                          decision, rand_ids, mask_id=mask_id, mask_prob=mask_prob, random_prob=random_prob)

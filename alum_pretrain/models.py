@@ -342,8 +342,22 @@ class PretrainModel(nn.Module):
         kw = {k: v for k, v in kw.items() if v is not None and k in accepted}
         return emb(input_ids=input_ids, **kw)  # (B, T, H)
 
+    def _model_mask(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The attention mask handed to HF, built so that HF never reads it on the host.
+
+        With a 2-D mask and SDPA attention, HF checks ``padding_mask.all()`` in every forward to decide
+        whether it may drop the mask - a device->host synchronisation per forward (1 per standard step,
+        K + 2 per ALUM step) that stalls the CPU's kernel queue on a GPU.  A 4-D mask is passed through
+        as-is, so the (B, 1, T, T) boolean mask SDPA would build from the 2-D one is handed over directly
+        (an expanded view: no memory).  Other attention implementations keep the 2-D mask."""
+        if (attention_mask is None or attention_mask.dim() != 2
+                or getattr(self.config, "_attn_implementation", None) != "sdpa"):
+            return attention_mask
+        B, T = attention_mask.shape
+        return attention_mask.bool()[:, None, None, :].expand(B, 1, T, T)  # True = attend
+
     def _encode(self, embeds, attention_mask, token_type_ids):
-        kw = dict(attention_mask=attention_mask, token_type_ids=self._token_types(token_type_ids),
+        kw = dict(attention_mask=self._model_mask(attention_mask), token_type_ids=self._token_types(token_type_ids),
                   position_ids=self._position_ids(attention_mask))
         if self.perturb_at == "word":
             return self.base(inputs_embeds=embeds, **kw)
@@ -387,7 +401,7 @@ class PretrainModel(nn.Module):
             log.warning("%s: no masked-only LM head path for this architecture; running the full HF forward and "
                         "gathering the masked positions (correct, slower)", type(self.hf).__name__)
             self._warned = True
-        kw = dict(attention_mask=attention_mask, token_type_ids=self._token_types(token_type_ids),
+        kw = dict(attention_mask=self._model_mask(attention_mask), token_type_ids=self._token_types(token_type_ids),
                   position_ids=self._position_ids(attention_mask))
         accepted = inspect.signature(self.hf.forward).parameters
         kw = {k: v for k, v in kw.items() if v is not None and k in accepted}  # e.g. DistilBERT: no token types

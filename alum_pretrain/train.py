@@ -141,15 +141,18 @@ def run_training(cfg: TrainConfig) -> dict:
     _STOP["signal"] = None
     old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
     env = None
+    failed = True  # until train() returns: the exception path must not run collectives (D.cleanup)
     try:
         env = D.setup(cfg.train.device)
         setup_logging(env.rank)
-        return train(cfg, env)
+        result = train(cfg, env)
+        failed = False
+        return result
     finally:
         for s, h in old.items():
             signal.signal(s, h)
         if env is not None:
-            D.cleanup(env)
+            D.cleanup(env, failed=failed)
 
 
 def main(argv: list[str] | None = None) -> int:

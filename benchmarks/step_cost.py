@@ -3,8 +3,9 @@
     python benchmarks/step_cost.py                      # GPU: BERT-base, seq 128, bf16; CPU: mini, fp32
     python benchmarks/step_cost.py --preset base --batch-size 32 --device cpu
 
-Times three steps (forward, backward, AdamW step each), interleaved in rounds so that drift in machine
-load hits all three alike, and reports the median:
+Times three steps (masking on the host + host->device copy, forward, backward, clip, AdamW step each; fp16
+adds the GradScaler's unscale/step/update as in alum-train) on a padded sentence-pair batch, interleaved in
+rounds so that drift in machine load hits all three alike, and reports the median:
 
 (a) ``hf``        HF ``BertForPreTraining(..., labels=, next_sentence_label=)``: full (B, T, V) logits
 (b) ``standard``  the project's step (:class:`alum_pretrain.engine.step.PretrainStep`, ALUM off): the LM
@@ -37,18 +38,24 @@ from alum_pretrain.models import PretrainModel, build_scratch_model  # noqa: E40
 
 
 def make_batch(B: int, T: int, V: int, seed: int) -> dict:
-    """A BERT pair batch of random word ids: [CLS] A [SEP] B [SEP], no padding (timing only)."""
+    """A padded BERT pair batch: [CLS] A [SEP] B [SEP] [PAD]..., row lengths uniform in [T/2, T].
+
+    Padding matters for timing: with an all-ones attention mask HF drops the mask and SDPA may take its
+    fastest kernel, which real (padded) sentence-pair batches never get."""
     g = torch.Generator().manual_seed(seed)
     cls, sep, pad, mask = 2, 3, 0, 4
     ids = torch.randint(10, V, (B, T), generator=g)
+    lengths = torch.randint(T // 2, T + 1, (B,), generator=g)  # (B,)
+    pos = torch.arange(T)[None, :]
+    cut = (lengths // 2)[:, None]  # end of segment A
     ids[:, 0] = cls
-    cut = T // 2
-    ids[:, cut] = sep
-    ids[:, -1] = sep
-    tt = torch.zeros(B, T, dtype=torch.long)
-    tt[:, cut + 1:] = 1
-    special = (ids == cls) | (ids == sep)
-    return {"input_ids": ids, "attention_mask": torch.ones(B, T, dtype=torch.long), "token_type_ids": tt,
+    ids = torch.where(pos == cut, torch.full_like(ids, sep), ids)
+    ids = torch.where(pos == lengths[:, None] - 1, torch.full_like(ids, sep), ids)
+    attn = (pos < lengths[:, None]).long()
+    ids = ids.masked_fill(attn == 0, pad)
+    tt = ((pos > cut) & (attn == 1)).long()
+    special = (ids == cls) | (ids == sep) | (ids == pad)
+    return {"input_ids": ids, "attention_mask": attn, "token_type_ids": tt,
             "special_mask": special, "continuation": torch.zeros(B, T, dtype=torch.bool),
             "next_sentence_label": torch.randint(0, 2, (B,), generator=g)}, mask, pad
 
@@ -62,7 +69,8 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--vocab", type=int, default=30522, help="vocabulary size (BERT: 30522)")
     p.add_argument("--mask-rate", type=float, default=0.15)
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16" if cuda else "fp32")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16" if cuda else "fp32",
+                   help="fp32, bf16 autocast, or fp16 autocast with a dynamic GradScaler (as alum-train)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median reported)")
     p.add_argument("--steps", type=int, default=10 if cuda else 3, help="steps per method per round")
     p.add_argument("--warmup", type=int, default=3 if cuda else 1)
@@ -75,13 +83,23 @@ def main(argv=None) -> int:
     model = PretrainModel(hf)
     opt = build_optimizer(model, OptimConfig(lr=1e-5), dev)
     masker = Masker(MaskingConfig(), mask_id, torch.arange(10, args.vocab), seed=0)
-    mb = masker(batch, args.mask_rate, 0, torch.arange(args.batch_size))
-    N, B = mb["n_masked"], args.batch_size
-    d = {k: (v.to(dev) if torch.is_tensor(v) and k != "sample_ids" else v) for k, v in mb.items()}
-    gens = sample_generators(0, 0, mb["sample_ids"], STREAM_ALUM, dev)
+    B = args.batch_size
+    sample_ids = torch.arange(B)
     step_std = PretrainStep(model, ALUMConfig(alpha=0.0), nsp=True)
     step_alum = PretrainStep(model, ALUMConfig(k_steps=1), nsp=True)
-    amp = (torch.autocast(dev.type, dtype=torch.bfloat16) if args.precision == "bf16" else None)
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    amp = torch.autocast(dev.type, dtype=dtype) if dtype is not None else None
+    scaler = torch.amp.GradScaler(dev.type, enabled=args.precision == "fp16")
+    counter = {"step": 0}
+
+    def masked_batch():
+        """Masking + host->device copy of this step, inside the timing (as in the training loop)."""
+        counter["step"] += 1
+        mb = masker(batch, args.mask_rate, counter["step"], sample_ids)
+        cuda_dev = dev.type == "cuda"
+        d = {k: ((v.pin_memory() if cuda_dev else v).to(dev, non_blocking=cuda_dev) if torch.is_tensor(v) else v)
+             for k, v in mb.items() if k != "sample_ids"}
+        return d, float(mb["n_masked"])
 
     def fwd(fn):
         if amp is None:
@@ -90,19 +108,22 @@ def main(argv=None) -> int:
             return fn()
 
     def hf_step():
+        d, _ = masked_batch()
         out = fwd(lambda: hf(input_ids=d["input_ids"], attention_mask=d["attention_mask"],
                              token_type_ids=d["token_type_ids"], labels=d["labels"],
                              next_sentence_label=d["next_sentence_label"]))
-        out.loss.backward()
+        scaler.scale(out.loss).backward()
 
     def std_step():
-        loss, _ = fwd(lambda: step_std(d, alum_on=False, mlm_denom=float(N), nsp_denom=float(B)))
-        loss.backward()
+        d, N = masked_batch()
+        loss, _ = fwd(lambda: step_std(d, alum_on=False, mlm_denom=N, nsp_denom=float(B)))
+        scaler.scale(loss).backward()
 
     def alum_step():
-        loss, _ = fwd(lambda: step_alum(d, alum_on=True, mlm_denom=float(N), nsp_denom=float(B),
-                                        alum_generators=gens))
-        loss.backward()
+        d, N = masked_batch()
+        gens = sample_generators(0, counter["step"], sample_ids, STREAM_ALUM, dev)
+        loss, _ = fwd(lambda: step_alum(d, alum_on=True, mlm_denom=N, nsp_denom=float(B), alum_generators=gens))
+        scaler.scale(loss).backward()
 
     def timed(fn, n):
         if dev.type == "cuda":
@@ -110,8 +131,10 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         for _ in range(n):
             fn()
+            scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             opt.zero_grad(set_to_none=True)
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -128,10 +151,12 @@ def main(argv=None) -> int:
 
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     n_params = sum(p.numel() for p in model.parameters())
+    real = int(batch["attention_mask"].sum())
     print(f"device {name}; preset {args.preset} ({n_params / 1e6:.1f}M parameters, vocab {args.vocab}); "
-          f"batch {B} x seq {args.seq_len}; {N} masked tokens ({args.mask_rate:.0%}); {args.precision}; "
-          f"median of {args.rounds} rounds x {args.steps} steps")
-    tokens = B * args.seq_len
+          f"padded pair batch {B} x seq {args.seq_len} ({real / (B * args.seq_len):.0%} real tokens); mask rate "
+          f"{args.mask_rate:.0%}, masking and host->device copy inside the timing; {args.precision}"
+          f"{' + GradScaler' if args.precision == 'fp16' else ''}; median of {args.rounds} rounds x {args.steps} steps")
+    tokens = B * args.seq_len  # padded: what the encoder computes on
     print(f"{'step':<10} {'ms/step':>10} {'tokens/s':>12} {'vs standard':>12}")
     for k in methods:
         print(f"{k:<10} {1e3 * med[k]:>10.1f} {tokens / med[k]:>12.0f} {med[k] / med['standard']:>11.2f}x")

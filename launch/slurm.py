@@ -109,7 +109,37 @@ def _environment(res: Resources, job: Job) -> list[str]:
                 'rm -f "$ALUM_FAIRSEQ_STOP_FILE"']
     for k, v in job.env:
         out.append(f"export {k}={shlex.quote(v)}")
+    out += _node_setup(job)
     return out
+
+
+def _node_setup(job: Job) -> list[str]:
+    """``alum_node_setup``: what every node's step task does before exec'ing the launcher (an exported
+    shell function; srun passes the environment, functions included, to the tasks)."""
+    node_log = shlex.quote(str(job.slurm_dir)) + f'/{job.name}-"$SLURM_JOB_ID"-node"$SLURM_NODEID".log'
+    return [
+        "# Run by every node's step task before the launcher starts (srun passes exported functions on):",
+        "# * GLOO_SOCKET_IFNAME: the gloo control group (stop flag, counts; all traffic of a CPU run) binds to",
+        "#   the interface holding this node's address towards the head node, not to whatever the hostname",
+        "#   resolves to (127.0.1.1 on many images: a cross-node hang).  Export it yourself to override.",
+        "# * a per-node log: this node's output also goes to slurm/NAME-JOBID-nodeN.log (tee inherits the",
+        "#   ignored stop signal, so it outlives the save-and-exit of the workers).",
+        "alum_node_setup() {",
+        '  if [ -z "${GLOO_SOCKET_IFNAME:-}" ] && command -v ip >/dev/null 2>&1; then',
+        "    local head_ip dev",
+        "    head_ip=$(getent ahostsv4 \"$HEAD_NODE\" | awk 'NR == 1 {print $1}')",
+        "    dev=$(ip -o -4 route get \"$head_ip\" 2>/dev/null | sed -n 's/.* dev \\([^ ]*\\).*/\\1/p')",
+        '    if [ -z "$dev" ] || [ "$dev" = lo ]; then  # on the head node: the interface that holds its address',
+        "      dev=$(ip -o -4 addr show 2>/dev/null | awk -v a=\"$head_ip\" 'index($4, a \"/\") == 1 {print $2; exit}')",
+        "    fi",
+        '    if [ -n "$dev" ] && [ "$dev" != lo ]; then export GLOO_SOCKET_IFNAME="$dev"; fi',
+        "  fi",
+        f"  exec > >(tee -a {node_log}) 2>&1",
+        '  echo "[alum-launch] node ${SLURM_NODEID} ($(hostname)): GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-unset}"',
+        "}",
+        "export -f alum_node_setup",
+        "export HEAD_NODE",
+    ]
 
 
 def _command(res: Resources, job: Job) -> str:
@@ -204,6 +234,8 @@ def render(res: Resources, job: Job) -> str:
         "PORT": str(job.port) if job.port else "$((20000 + SLURM_JOB_ID % 20000))",
         "ENVIRONMENT": "\n".join(_environment(res, job)),
         "PROCS_PER_NODE": str(res.procs_per_node),
+        # the sbatch value when given; else every CPU SLURM gave this job on the node
+        "STEP_CPUS": str(res.cpus_per_task) if res.cpus_per_task else '"${SLURM_CPUS_ON_NODE:-1}"',
         "ON_SIGNAL": _on_signal(res, job),
         "COMMAND": _command(res, job),
         "ON_EXIT": _on_exit(job),

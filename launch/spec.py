@@ -268,6 +268,12 @@ def resolve_run(config_path: str | None, preset: dict | None, res: Resources, *,
         global_batch = micro * accum * world
         notes.append(f"global batch {global_batch} = {micro} x {accum} x {world} processes "
                      "(no train.global_batch_size set: it grows with the process count)")
+    preset_precision = _get_dotted((preset or {}).get("config") or {}, "train.precision")
+    if preset_precision and preset_precision != tc.precision:
+        # preset < --config merging can silently swap the preset's precision (a DGX-2 preset's fp16 for bf16)
+        notes.append(f"WARNING: train.precision={tc.precision} overrides the preset's {preset_precision}"
+                     + (" (V100 / DGX-2 GPUs have no bf16: alum-train refuses bf16 below compute capability 8.0 "
+                        "at start-up; use fp16 there)" if tc.precision == "bf16" else ""))
     tc.batch_size, tc.grad_accum = micro, accum
     if device is not None:
         tc.device = device
@@ -361,15 +367,35 @@ def fairseq_train_argv(cfg: Any, res: Resources) -> list[str]:
              "--skip-invalid-size-inputs-valid-test"]
     if t.eval_every:
         argv += ["--validate-interval-updates", str(t.eval_every)]
-    if t.precision == "fp16":
-        argv += ["--fp16"]
-    elif t.precision == "bf16":
-        argv += ["--bf16"]
-    if t.num_workers:
-        argv += ["--num-workers", str(t.num_workers)]
+    argv += fairseq_precision_flags(t.precision, alum_on=a.alpha > 0, gpus=res.gpus_per_node)
+    workers = t.num_workers if t.num_workers >= 0 else (2 if res.gpus_per_node > 0 else 0)  # -1 = auto
+    if workers:
+        argv += ["--num-workers", str(workers)]
     if res.gpus_per_node == 0:
         argv += ["--cpu"]
     return argv
+
+
+def fairseq_precision_flags(precision: str, *, alum_on: bool, gpus: int) -> list[str]:
+    """fairseq 0.12 flags for ``--train.precision`` (ValueError when fairseq cannot honour it).
+
+    * ``fp16`` with ALUM: ``--amp`` (torch autocast, float32 weights and embeddings).  fairseq's ``--fp16``
+      keeps the *weights* in fp16: the word embeddings (|e| ~ 0.05) then have a resolution of ~3e-5, above
+      ALUM's eps = sigma = 1e-5, and the perturbation would be rounded away without an error.  Without
+      ALUM, ``--fp16`` (fp16 weights with an fp32 master copy) is fairseq's usual fast path.
+    * ``bf16``: refused.  In fairseq 0.12 ``--bf16`` selects the TPU/XLA code path and crashes at start on
+      GPUs, and ``--amp`` autocasts to fp16 only.
+    * CPU runs (``gpus == 0``): no flag (fairseq's 16-bit paths are CUDA-only).
+    """
+    if precision == "bf16":
+        raise ValueError("--train.precision=bf16 with --engine fairseq: fairseq 0.12 cannot train in bf16 on GPUs "
+                         "(its --bf16 is the TPU/XLA path and crashes at start; its --amp is fp16-only); use "
+                         "--train.precision=fp16 (emitted as --amp) or the native engine, which runs bf16 autocast")
+    if precision == "fp32" or gpus == 0:
+        return []
+    if precision != "fp16":
+        raise ValueError(f"--train.precision={precision!r}: expected fp32, bf16 or fp16")
+    return ["--amp"] if alum_on else ["--fp16"]
 
 
 def shell_join(argv: list[str]) -> str:
@@ -384,4 +410,5 @@ def check_job_name(name: str) -> str:
 
 __all__ = ["split_batch", "Resources", "resources_from", "preset_names", "load_preset", "deep_merge", "Resolved",
            "resolve_run", "write_config", "native_train_argv", "fairseq_train_argv", "fairseq_user_dir",
+           "fairseq_precision_flags",
            "shell_join", "check_job_name", "ENGINES"]

@@ -180,8 +180,9 @@ def test_native_script_wiring(tmp_path, capsys, nodes):
         assert line in script, line
     assert "SLURM_JOB_ID" not in script.split("OUTPUT_DIR=")[1].splitlines()[0]  # per job name, not id
     argv = _step_command(script)
-    assert argv[:4] == ["srun", "--nodes=$SLURM_NNODES", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
-    assert argv[4:7] == ["bash", "-c", 'trap "" USR1; exec "$@"']
+    assert argv[:5] == ["srun", "--nodes=$SLURM_NNODES", "--ntasks-per-node=1", "--cpus-per-task=96",
+                        "--kill-on-bad-exit=1"]  # srun no longer inherits sbatch's --cpus-per-task
+    assert argv[5:8] == ["bash", "-c", 'trap "" USR1; alum_node_setup; exec "$@"']
     tr = argv[argv.index("torchrun"):]
     opts = dict(zip(tr[1::2], tr[2::2]))
     # world size = nnodes x nproc_per_node; ranks come from the c10d rendezvous on the head node
@@ -223,7 +224,7 @@ def test_fairseq_script_wiring(tmp_path, capsys, nodes):
     assert Path(opts["--user-dir"]) == ROOT / "alum_pretrain" / "fairseq_ext"
     assert int(opts["--batch-size"]) * int(opts["--update-freq"]) * nodes * 16 == 256
     assert opts["--save-dir"] == str(tmp_path / "runs" / "bert-alum" / "checkpoints")
-    assert "--fp16" in fs and opts["--max-update"] == "100000"
+    assert "--amp" in fs and "--fp16" not in fs and opts["--max-update"] == "100000"  # ALUM on: autocast, fp32 weights
     assert '> "$OUTPUT_DIR/COMPLETED.tmp"' in script
     # stop signal -> forwarded to the step (the plugin saves and exits 0), not an immediate requeue
     assert 'kill -USR1 "$STEP_PID"' in script and '[ ! -e "$ALUM_FAIRSEQ_STOP_FILE" ]' in script
@@ -374,7 +375,7 @@ def test_usr2_signal_is_trapped_ignored_by_the_step_and_forwarded_as_usr1(tmp_pa
     rc, script, err = _launch(["slurm", "--config", run, "--signal", "USR2@120", "--dry-run"], capsys)
     assert rc == 0, err
     assert "#SBATCH --signal=B:USR2@120" in script and "trap on_stop_signal USR2" in script
-    assert _step_command(script)[6] == 'trap "" USR1 USR2; exec "$@"'
+    assert _step_command(script)[7] == 'trap "" USR1 USR2; alum_node_setup; exec "$@"'
     assert 'kill -USR1 "$STEP_PID"' in script  # alum-train's save signal, whatever SLURM sent
     rc, _, err = _launch(["slurm", "--config", run, "--signal", "KILL@10", "--dry-run"], capsys)
     assert rc == 2 and "--signal" in err

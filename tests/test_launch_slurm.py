@@ -126,6 +126,11 @@ def test_preempted_job_saves_requeues_and_resumes_to_the_uninterrupted_weights(c
     assert f"on {nodes} node(s) [" in text and f"world size {nodes}" in text, text[-4000:]
     assert "got SIGUSR1" in text and "requeueing job" in text, text[-4000:]
     assert "(restart 1/1)" in text and "run completed" in text, text[-4000:]
+    # every node's step task ran the per-node set-up: its own log file, and gloo never bound to loopback
+    for node in range(nodes):
+        node_log = out / "slurm" / f"alum-slurm-test-{job_id}-node{node}.log"
+        assert node_log.exists() and "GLOO_SOCKET_IFNAME=" in node_log.read_text(), node_log
+    assert "GLOO_SOCKET_IFNAME=lo" not in text
 
     # The first run saved at the step it stopped, strictly inside the run; the requeued one went on from there.
     stopped = re.search(r"signal \S+ received: saved step (\d+)", text)

@@ -119,7 +119,8 @@ class LoopConfig:
     eval_batches: int = opt(20, "validation batches per evaluation (per process)")
     save_every: int = opt(1000, "checkpoint every N steps (0 = only at the end and on SIGTERM/SIGUSR1)")
     keep_last: int = opt(3, "keep the newest K checkpoints (older ones are deleted)")
-    num_workers: int = opt(0, "DataLoader worker processes per rank (speed only)")
+    num_workers: int = opt(-1, "DataLoader worker processes per rank (speed only); -1 = auto: 2 on CUDA (batches "
+                               "are built while the GPU computes), 0 on CPU")
     compile: bool = opt(False, "torch.compile the transformer encoder (speed only)")
     progress: bool = opt(True, "tqdm progress bar on rank 0")
     engine: Literal["ddp", "deepspeed"] = opt(
@@ -134,7 +135,9 @@ class LoopConfig:
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise _bad(f"train.{key}", v, "must be an integer >= 1")
-        for key in ("global_batch_size", "eval_every", "eval_batches", "save_every", "num_workers", "seed"):
+        if not isinstance(self.num_workers, int) or isinstance(self.num_workers, bool) or self.num_workers < -1:
+            raise _bad("train.num_workers", self.num_workers, "must be an integer >= 0, or -1 (auto)")
+        for key in ("global_batch_size", "eval_every", "eval_batches", "save_every", "seed"):
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise _bad(f"train.{key}", v, "must be an integer >= 0")

@@ -70,10 +70,38 @@ def setup(device: str = "auto") -> DistEnv:
     return env
 
 
-def cleanup(env: DistEnv) -> None:
-    if env.distributed and dist.is_initialized():
+def cleanup(env: DistEnv, failed: bool = False) -> None:
+    """Tear the process groups down.
+
+    After a normal end (``failed=False``) every rank is here: a barrier, then destroy.  On the exception
+    path (``failed=True``: this rank raised - CUDA OOM, a data error, a bug) there must be NO collective:
+    the other ranks are blocked inside a different one (an NCCL all-reduce in backward, the gloo stop-flag
+    all-reduce), so a barrier would never match and every rank would wait for the 30-minute timeout.
+    Instead the groups are aborted locally and the exception propagates: this process exits non-zero
+    within seconds, torchrun sees the failure and stops the other workers (and gloo peers get a closed
+    connection and raise at once).
+    """
+    if not (env.distributed and dist.is_initialized()):
+        return
+    if not failed:
         dist.barrier(group=env.control_group)
         dist.destroy_process_group()
+        return
+    abort_process_groups()
+
+
+def abort_process_groups() -> None:
+    """Abort every process group of this process without talking to the other ranks (never blocks)."""
+    if not dist.is_initialized():
+        return
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    try:
+        if abort is not None:
+            abort()  # ncclCommAbort on NCCL; closes gloo's pairs; local only
+        else:  # older torch: destroying a gloo/NCCL group is local when nothing of ours is pending
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - best effort on a path that is already failing; never mask the cause
+        pass
 
 
 def all_reduce_cpu(env: DistEnv, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
@@ -114,5 +142,5 @@ def broadcast_object(env: DistEnv, obj: Any) -> Any:
     return box[0]
 
 
-__all__ = ["DistEnv", "setup", "cleanup", "all_reduce_cpu", "all_reduce_device", "any_rank",
+__all__ = ["DistEnv", "setup", "cleanup", "abort_process_groups", "all_reduce_cpu", "all_reduce_device", "any_rank",
            "gather_objects", "broadcast_object"]

@@ -19,24 +19,80 @@ import torch
 
 LOG = logging.getLogger("alum_pretrain.train")
 
-# Dense bf16/fp16 peak FLOP/s of common training GPUs (for MFU); unknown devices report no MFU.
-_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12, "V100": 125e12,
-               "A6000": 155e12, "4090": 165e12}
+# Dense peak FLOP/s per (GPU, math mode), from NVIDIA's datasheets (no sparsity), for MFU.  The first
+# matching name fragment wins, so the specific variants come before the generic ones ("H100 PCIe" before
+# "H100" = SXM).  Math modes: "bf16"/"fp16" tensor cores (autocast), "tf32" (fp32 weights with TF32
+# matmuls allowed), "fp32" (plain fp32 FMA).  A missing entry means the GPU cannot run that mode at speed
+# (V100: no bf16, no TF32) and no MFU is reported.  Unknown GPUs report no MFU.
+_PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H100 NVL", {"bf16": 835e12, "fp16": 835e12, "tf32": 418e12, "fp32": 60e12}),
+    ("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "tf32": 378e12, "fp32": 51e12}),
+    ("H200 NVL", {"bf16": 835e12, "fp16": 835e12, "tf32": 418e12, "fp32": 60e12}),
+    ("H100", {"bf16": 989e12, "fp16": 989e12, "tf32": 495e12, "fp32": 67e12}),  # SXM5 ("H100 80GB HBM3")
+    ("H200", {"bf16": 989e12, "fp16": 989e12, "tf32": 495e12, "fp32": 67e12}),  # SXM
+    ("A100", {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
+    ("V100S", {"fp16": 130e12, "fp32": 16.4e12}),
+    ("V100-PCIE", {"fp16": 112e12, "fp32": 14e12}),
+    ("V100 PCIe", {"fp16": 112e12, "fp32": 14e12}),
+    ("V100", {"fp16": 125e12, "fp32": 15.7e12}),  # SXM2 (DGX-2)
+    ("L4", {"bf16": 121e12, "fp16": 121e12, "tf32": 60e12, "fp32": 30e12}),
+    ("A6000", {"bf16": 155e12, "fp16": 155e12, "tf32": 77e12, "fp32": 38.7e12}),
+    ("4090", {"bf16": 165e12, "fp16": 165e12, "tf32": 82.6e12, "fp32": 82.6e12}),
+)
 
 
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, v in _PEAK_FLOPS.items():
-        if key in name:
-            return v
+def math_mode(precision: str, tf32: bool | None = None) -> str:
+    """The tensor-core mode a run's matmuls use: ``bf16``/``fp16`` under autocast; for ``fp32``, ``tf32``
+    when TF32 matmuls are allowed (``torch.get_float32_matmul_precision() != "highest"``), else ``fp32``."""
+    if precision in ("bf16", "fp16"):
+        return precision
+    if precision != "fp32":
+        raise ValueError(f"precision {precision!r}: expected fp32, bf16 or fp16")
+    if tf32 is None:
+        tf32 = torch.get_float32_matmul_precision() != "highest"
+    return "tf32" if tf32 else "fp32"
+
+
+def peak_flops_for(name: str, mode: str) -> float | None:
+    """Dense peak FLOP/s of the GPU called ``name`` (``torch.cuda.get_device_name``) in ``mode``, or None."""
+    for key, table in _PEAK_FLOPS:
+        if key.lower() in name.lower():
+            return table.get(mode)
     return None
 
 
+def peak_flops(device: torch.device, precision: str = "bf16") -> float | None:
+    """Peak FLOP/s of ``device`` for a run at ``precision`` (fp32 / bf16 / fp16); None on CPU or unknown GPUs."""
+    if device.type != "cuda":
+        return None
+    mode = math_mode(precision)
+    if mode == "tf32" and torch.cuda.get_device_capability(device) < (8, 0):
+        mode = "fp32"  # TF32 needs Ampere or newer; the setting is ignored below
+    return peak_flops_for(torch.cuda.get_device_name(device), mode)
+
+
 def flops_per_token(n_params_non_embedding: int, num_layers: int, hidden: int, seq_len: int) -> float:
-    """Training FLOPs per token of one standard step (forward + backward = 3 forwards): 6N + attention."""
+    """Training FLOPs per token of one standard step (forward + backward = 3 forwards): 6N + attention.
+
+    Counted per *padded* token: the encoder computes on every position of the (B, T) batch, padding
+    included.  The tied MLM decoder (hidden x vocab, shared with the word embeddings and so not in N) runs
+    on the masked positions only: see :func:`decoder_flops_per_masked_token`."""
     return 6.0 * n_params_non_embedding + 12.0 * num_layers * hidden * seq_len
+
+
+def decoder_flops_per_masked_token(hidden: int, vocab: int) -> float:
+    """Training FLOPs of the tied MLM decoder per masked token: 6 * hidden * vocab (forward 2HV, backward 4HV)."""
+    return 6.0 * hidden * vocab
+
+
+def mfu(padded_tokens: float, masked_tokens: float, seconds: float, *, flops_per_padded_token: float,
+        decoder_flops_per_masked: float, step_units: float, peak: float, world_size: int) -> float:
+    """Model FLOPs utilisation: executed model FLOPs / (elapsed time x peak x GPUs).
+
+    ``padded_tokens``/``masked_tokens``: totals over all ranks in ``seconds``; ``step_units``: executed
+    forward-equivalents relative to a standard step (1 = standard; ALUM K steps = (6 + 2K) / 3)."""
+    flops = (padded_tokens * flops_per_padded_token + masked_tokens * decoder_flops_per_masked) * step_units
+    return flops / (max(seconds, 1e-9) * peak * world_size)
 
 
 class RunLogger:

@@ -22,9 +22,13 @@ from ..data.pretrain import build_loader, build_token_tables
 from . import checkpoint as C
 from . import distributed as D
 from .config import SPEED_ONLY, TrainConfig, resolve_grad_accum
-from .metrics import RunLogger, flops_per_token, peak_flops
+from .gpu import check_device
+from .metrics import RunLogger, decoder_flops_per_masked_token, flops_per_token, mfu, peak_flops
 from .optim import build_optimizer, build_scheduler
 from .step import STREAM_EVAL_MASK, Masker, PretrainStep, mlm_eval_batch
+
+
+HOST_ONLY_KEYS = ("sample_ids",)  # batch entries the step module never sees (kept on the host)
 
 
 @dataclass
@@ -46,8 +50,9 @@ class Run:
     global_batch: int
     logger: RunLogger
     gen_device: torch.device
-    flops_per_token: float = 0.0
-    peak_flops: Optional[float] = None
+    flops_per_token: float = 0.0  # per padded token (encoder)
+    peak_flops: Optional[float] = None  # of this GPU at this precision
+    decoder_flops: float = 0.0  # per masked token (tied MLM decoder)
     engine: Any = None  # the DeepSpeed engine (= step_module) under --train.engine=deepspeed, else None
 
     def sample_ids(self, micro: int) -> torch.Tensor:
@@ -75,9 +80,23 @@ class Run:
             yield batch
 
     def to_device(self, batch: dict) -> dict:
-        nb = self.env.device.type == "cuda"
-        return {k: (v.to(self.env.device, non_blocking=nb) if isinstance(v, torch.Tensor) and k != "sample_ids" else v)
-                for k, v in batch.items()}
+        """The batch on the training device, without a host-device synchronisation.
+
+        On CUDA each tensor is copied from pinned (page-locked) memory with ``non_blocking=True``: a copy
+        from ordinary pageable memory would make the host wait for it.  Host-only entries (``sample_ids``,
+        used to key the random streams) are dropped: DDP moves every tensor argument of ``forward`` to the
+        device with a blocking copy."""
+        cuda = self.env.device.type == "cuda"
+        out = {}
+        for k, v in batch.items():
+            if k in HOST_ONLY_KEYS:
+                continue
+            if isinstance(v, torch.Tensor):
+                if cuda and v.device.type == "cpu":
+                    v = v.pin_memory()
+                v = v.to(self.env.device, non_blocking=cuda)
+            out[k] = v
+        return out
 
     def new_accumulator(self) -> "Accumulator":
         return Accumulator(self)
@@ -96,6 +115,7 @@ class Accumulator:
         dev = self.run.env.device
         self.sums = torch.zeros(len(self.KEYS) + 1, device=dev)  # + grad-norm sum
         self.tokens = 0
+        self.padded = 0  # B x T per micro-batch: the encoder computes on padding too (MFU)
         self.masked = 0
         self.maskable = 0
         self.steps = 0
@@ -110,6 +130,7 @@ class Accumulator:
         if "adv" in metrics:
             self.alum_micro += 1
         self.tokens += int(batch["n_tokens"])
+        self.padded += batch["input_ids"].numel()  # shape metadata: no device sync
         self.masked += int(batch["n_masked"])
         self.maskable += int(batch["n_maskable"])
 
@@ -122,10 +143,10 @@ class Accumulator:
     def flush(self, step: int) -> dict:
         run, env = self.run, self.run.env
         sums = D.all_reduce_device(env, self.sums.clone())  # mlm/nsp/adv contributions sum over ranks
-        counts = D.all_reduce_cpu(env, torch.tensor([self.tokens, self.masked, self.maskable, self.alum_micro],
-                                                    dtype=torch.float64))
+        counts = D.all_reduce_cpu(env, torch.tensor([self.tokens, self.masked, self.maskable, self.alum_micro,
+                                                     self.padded], dtype=torch.float64))
         s = sums.tolist()  # the host sync of this log interval
-        tokens, masked, maskable, alum_micro = counts.tolist()
+        tokens, masked, maskable, alum_micro, padded = counts.tolist()
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
         n = max(self.steps, 1)
         # Each rank's contributions carry the factor W (DDP averages over ranks): sum / W = the global mean.
@@ -150,7 +171,9 @@ class Accumulator:
             # executed FLOPs: a standard step = 3 forward-units; ALUM = 6 + 2K (module docstring of adversarial)
             k = run.cfg.alum.k_steps
             units = (3 * (self.steps - self.alum_steps) + (6 + 2 * k) * self.alum_steps) / (3 * n)
-            rec["mfu"] = tokens / elapsed * run.flops_per_token * units / (run.peak_flops * env.world_size)
+            rec["mfu"] = mfu(padded, masked, elapsed, flops_per_padded_token=run.flops_per_token,
+                             decoder_flops_per_masked=run.decoder_flops, step_units=units,
+                             peak=run.peak_flops, world_size=env.world_size)
         self._reset()
         return rec
 
@@ -170,6 +193,7 @@ def build_run(cfg: TrainConfig, env: D.DistEnv) -> Run:
     if not cfg.data.path:
         raise ValueError("--data.path is required: the data-bin folder written by `alum-prep`")
     grad_accum, global_batch = resolve_grad_accum(tc, env.world_size)
+    check_device(env.device, tc.precision)  # kernels for this GPU; no bf16 below compute capability 8.0
     cfg = _resolved_config(cfg, grad_accum)
     out = Path(tc.output_dir)
     if env.is_main:
@@ -209,7 +233,7 @@ def build_run(cfg: TrainConfig, env: D.DistEnv) -> Run:
 
     common = dict(mode=cfg.data.mode, nsp=cfg.data.nsp, max_seq_len=cfg.data.max_seq_len, batch_size=tc.batch_size,
                   seed=tc.seed, rank=env.rank, world_size=env.world_size, shard_mode=cfg.data.shard_mode,
-                  pad_to_max_len=True, num_workers=tc.num_workers, tables=tables)
+                  pad_to_max_len=True, num_workers=resolve_num_workers(tc.num_workers, env.device), tables=tables)
     loader = build_loader(databin, "train", **common)
     valid = valid_state0 = None
     if any(databin.has_split(k, cfg.data.valid_split) for k in range(databin.num_shards)):
@@ -230,10 +254,20 @@ def build_run(cfg: TrainConfig, env: D.DistEnv) -> Run:
               scheduler=scheduler, scaler=scaler, amp_dtype=amp_dtype, loader=loader, valid=valid,
               valid_state0=valid_state0, masker=masker, grad_accum=grad_accum, global_batch=global_batch,
               logger=logger, gen_device=env.device, engine=engine)
-    run.peak_flops = peak_flops(env.device)
+    run.peak_flops = peak_flops(env.device, tc.precision)
     if run.peak_flops:
         run.flops_per_token = _flops_per_token(model, cfg.data.max_seq_len)
+        emb = model.word_embeddings().weight
+        run.decoder_flops = decoder_flops_per_masked_token(emb.shape[1], emb.shape[0])
     return run
+
+
+def resolve_num_workers(num_workers: int, device: torch.device) -> int:
+    """``--train.num_workers``: -1 (auto) = 2 loader workers per process on CUDA, 0 on CPU (where workers
+    would compete with the training threads for the same cores)."""
+    if num_workers >= 0:
+        return num_workers
+    return 2 if device.type == "cuda" else 0
 
 
 def _flops_per_token(model: torch.nn.Module, seq_len: int) -> float:

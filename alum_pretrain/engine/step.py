@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adversarial import ALUMConfig, alum_regularizer, symmetric_kl
-from ..masking import IGNORE_INDEX, MaskingConfig, mask_tokens, step_generator
+from ..masking import IGNORE_INDEX, MaskingConfig, mask_batch, step_generator
 
 # step_generator streams (one consumer per stream id so draws never collide)
 STREAM_MASK = 0
@@ -53,11 +53,11 @@ def sample_generators(seed: int, step: int, sample_ids: torch.Tensor, stream: in
 
 @dataclass
 class Masker:
-    """Applies the masking-rate curriculum + 80/10/10 to an unmasked batch, one sample at a time.
+    """Applies the masking-rate curriculum + 80/10/10 to an unmasked batch with per-sample randomness.
 
-    Per-sample generators make the masks independent of batch size, accumulation and world size
-    (see the module docstring); the cost is B small CPU calls per micro-batch, done on the host while the
-    device is still busy with the previous step.
+    :func:`alum_pretrain.masking.mask_batch` keys every draw by (seed, step, global sample index, stream),
+    so the masks are independent of batch size, accumulation and world size (see the module docstring),
+    and masks the whole micro-batch in a few vectorised tensor ops on the host.
     """
 
     cfg: MaskingConfig
@@ -70,19 +70,14 @@ class Masker:
         ids = batch["input_ids"]  # (B, T) unmasked
         special = batch["special_mask"].bool()  # (B, T) True = never mask (specials + padding)
         cont = batch.get("continuation") if self.cfg.whole_word else None
-        gens = sample_generators(self.seed, step, sample_ids, stream)
-        masked, labels = [], []
-        for i, g in enumerate(gens):
-            m, lab = mask_tokens(
-                ids[i:i + 1], rate, mask_id=self.mask_id, special_mask=special[i:i + 1],
-                random_pool=self.random_pool, generator=g,
-                continuation=None if cont is None else cont[i:i + 1].bool(),
-                mask_prob=self.cfg.mask_prob, random_prob=self.cfg.random_prob)
-            masked.append(m)
-            labels.append(lab)
+        masked, labels = mask_batch(
+            ids, rate, mask_id=self.mask_id, special_mask=special, random_pool=self.random_pool,
+            seed=self.seed, step=step, sample_ids=sample_ids, stream=stream,
+            continuation=None if cont is None else cont.bool(),
+            mask_prob=self.cfg.mask_prob, random_prob=self.cfg.random_prob)
         out = dict(batch)
-        out["input_ids"] = torch.cat(masked)  # (B, T)
-        out["labels"] = torch.cat(labels)  # (B, T), -100 where not selected
+        out["input_ids"] = masked  # (B, T)
+        out["labels"] = labels  # (B, T), -100 where not selected
         # Flat masked positions and their targets, computed here on the host so that the device never
         # has to synchronise for a data-dependent shape (boolean indexing on GPU waits for the kernel).
         flat = out["labels"].reshape(-1)

@@ -3,9 +3,9 @@
 Differences from fairseq's ``masked_lm`` (what this task is for):
 
 * **Masking per update, not per dataset item.**  Batches leave the data loader *unmasked*;
-  :meth:`AlumMaskedLMTask.train_step` masks them with :func:`alum_pretrain.masking.mask_tokens` at the
+  :meth:`AlumMaskedLMTask.train_step` masks them with :func:`alum_pretrain.masking.mask_batch` at the
   rate of the masking-rate curriculum for the current ``update_num`` (ALUM Sec. 2.3: 5 % -> 25 % in 5
-  phases).  Each sample's mask is drawn from ``step_generator(seed, update_num, sample_id)``, so a
+  phases).  Each sample's mask is a pure function of ``(seed, update_num, sample_id)``, so a
   resumed run masks every update exactly as an uninterrupted one, whatever the number of workers or
   the gradient-accumulation split.
 * **Curriculum length is explicit.**  Progress = ``update_num / --mask-curriculum-updates``
@@ -53,14 +53,14 @@ from fairseq.tasks import FairseqTask, register_task
 
 from alum_pretrain.data.databin import DataBin
 from alum_pretrain.data.pretrain import build_token_tables
-from alum_pretrain.masking import IGNORE_INDEX, MaskingConfig, mask_tokens, step_generator
+from alum_pretrain.masking import IGNORE_INDEX, MaskingConfig, mask_batch
 
 from .datasets import NSPPairDataset, NSPSampleDataset, SentenceChunkDataset, load_doc_starts
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-# step_generator streams (as in the native engine): one consumer per stream so draws never collide.
+# randomness streams (as in the native engine): one consumer per stream so draws never collide.
 STREAM_MASK = 0
 STREAM_ALUM = 1
 STREAM_VALID_MASK = 2
@@ -286,35 +286,41 @@ class AlumMaskedLMTask(FairseqTask):
 
     # ---------------------------------------------------------------- masking
 
+    def _device_tables(self, device: torch.device) -> dict:
+        """The special-id list, continuation flags and random pool on ``device`` (copied once per device)."""
+        cache = self.__dict__.setdefault("_tables_on", {})
+        if device not in cache:
+            cache[device] = {
+                "special_ids": self.special_ids.to(device),
+                "continuation": self.continuation.to(device) if self.continuation is not None else None,
+                "random_pool": self.random_pool.to(device),
+            }
+        return cache[device]
+
     def mask_sample(self, sample: dict, rate: float, step: int, stream: int) -> dict:
         """Mask ``sample`` in place of its ``src_tokens``; adds ``target`` (pad off the masked positions)."""
         if not sample or "net_input" not in sample:
             return sample
         src = sample["net_input"]["src_tokens"]  # (B, T) unmasked
         pad = self.source_dictionary.pad()
-        cpu = src.cpu()
-        special = torch.isin(cpu, self.special_ids)  # (B, T) True = never mask (specials + padding)
-        cont = self.continuation[cpu] if self.continuation is not None else None  # (B, T)
-        masked, labels = [], []
-        # One generator per sample keyed by (seed, update, sample id): masks do not depend on batch
-        # composition, world size or accumulation, so resume reproduces them exactly.
-        for i, sid in enumerate(sample["id"].tolist()):
-            g = step_generator(int(self.cfg.seed), int(step), int(sid), stream=stream)
-            m, lab = mask_tokens(cpu[i:i + 1], rate, mask_id=self.mask_idx, special_mask=special[i:i + 1],
-                                 random_pool=self.random_pool, generator=g,
-                                 continuation=None if cont is None else cont[i:i + 1],
-                                 mask_prob=self.masking.mask_prob, random_prob=self.masking.random_prob)
-            masked.append(m)
-            labels.append(lab)
-        masked_t = torch.cat(masked)  # (B, T)
-        labels_t = torch.cat(labels)  # (B, T), -100 off the selected positions
+        # Masking runs where the batch lives (fairseq has already moved it to the GPU): no device->host copy
+        # of the tokens, and every op is integer arithmetic, so CPU and GPU give the same masks.
+        tables = self._device_tables(src.device)
+        special = torch.isin(src, tables["special_ids"])  # (B, T) True = never mask (specials + padding)
+        cont = tables["continuation"][src] if self.continuation is not None else None  # (B, T)
+        # Per-sample randomness keyed by (seed, update, sample id), vectorised over the batch: masks do not
+        # depend on batch composition, world size or accumulation, so resume reproduces them exactly.
+        masked_t, labels_t = mask_batch(
+            src, rate, mask_id=self.mask_idx, special_mask=special, random_pool=tables["random_pool"],
+            seed=int(self.cfg.seed), step=int(step), sample_ids=sample["id"].to(src.device), stream=stream,
+            continuation=cont, mask_prob=self.masking.mask_prob, random_prob=self.masking.random_prob)  # (B, T)
         target = torch.where(labels_t == IGNORE_INDEX, torch.full_like(labels_t, pad), labels_t)
         out = dict(sample)
         out["net_input"] = dict(sample["net_input"])
-        out["net_input"]["src_tokens"] = masked_t.to(src.device, non_blocking=True)
-        out["target"] = target.to(src.device, non_blocking=True)  # fairseq convention: pad = not predicted
+        out["net_input"]["src_tokens"] = masked_t
+        out["target"] = target  # fairseq convention: pad = not predicted
         out["mask_rate"] = float(rate)
-        out["n_maskable"] = int((~special).sum())
+        out["n_maskable"] = (~special).sum()  # a device tensor: no host sync in the task
         out["update_num"] = int(step)
         return out
 

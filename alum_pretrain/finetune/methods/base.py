@@ -82,6 +82,44 @@ def fixed_dropout(seed: Optional[int], device: torch.device) -> Iterator[None]:
         yield
 
 
+def sync_grads_fixed_order(params: list[torch.Tensor], world_size: int) -> None:
+    """Average ``.grad`` over processes with ONE flat all-reduce laid out by the parameter order alone.
+
+    Every rank must contribute a buffer of the same length in the same layout, whatever its minibatch
+    touched: a parameter with ``grad=None`` here (e.g. RIFT's head of a class absent from this rank's
+    minibatch) contributes zeros.  Building the buffer from only the parameters that have a gradient would
+    give the ranks buffers of different lengths (a hang or a crash) or, with equal lengths, add up the
+    gradients of different parameters.  One presence flag per parameter rides along in the same buffer:
+    a parameter that some rank touched gets the average (sum / world size) on every rank; one that no rank
+    touched keeps ``grad=None``, so the optimizer skips it exactly as a single process would.
+    """
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        return
+    sizes = [p.numel() for p in params]
+    total = sum(sizes)
+    flat = torch.zeros(total + len(params), dtype=torch.float32, device=params[0].device)  # grads + flags
+    offset = 0
+    for i, p in enumerate(params):
+        if p.grad is not None:
+            flat[offset:offset + sizes[i]].copy_(p.grad.reshape(-1))
+            flat[total + i] = 1.0
+        offset += sizes[i]
+    dist.all_reduce(flat)
+    present = (flat[total:] > 0).tolist()  # one host read per optimizer step (the step is host-driven anyway)
+    flat = flat[:total] / world_size
+    offset = 0
+    for i, p in enumerate(params):
+        n = sizes[i]
+        if present[i]:
+            g = flat[offset:offset + n].view_as(p).to(p.dtype)
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.copy_(g)
+        offset += n
+
+
 @dataclass
 class TrainContext:
     """What a method needs to run one update (built once by the trainer)."""
@@ -120,17 +158,7 @@ class TrainContext:
         """
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
-        grads = [p.grad for p in self.params() if p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= dist.get_world_size()
-        offset = 0
-        for g in grads:
-            n = g.numel()
-            g.copy_(flat[offset:offset + n].view_as(g))
-            offset += n
+        sync_grads_fixed_order(self.params(), dist.get_world_size())
 
     def optimizer_step(self) -> torch.Tensor:
         """all-reduce -> clip -> optimizer step -> LR-schedule step -> zero grads; returns the grad norm."""
