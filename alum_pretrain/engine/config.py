@@ -42,6 +42,9 @@ class DataConfig:
         "per_epoch", "per_epoch: one shard per epoch (fairseq's DATA=shard0:shard1); interleave: all shards "
         "mixed every epoch")
     valid_split: str = opt("valid", "split used for the periodic validation MLM loss/accuracy")
+    verify: Literal["size", "full"] = opt(
+        "size", "data-bin check before training: size = every shard file has the byte count manifest.json "
+        "records (instant); full = also its SHA-256 (reads the whole corpus once; catches bit flips)")
 
     def __post_init__(self) -> None:
         if self.nsp and self.mode != "pairs":
@@ -116,9 +119,15 @@ class LoopConfig:
     num_workers: int = opt(0, "DataLoader worker processes per rank (speed only)")
     compile: bool = opt(False, "torch.compile the transformer encoder (speed only)")
     progress: bool = opt(True, "tqdm progress bar on rank 0")
+    max_nonfinite: int = opt(5, "stop (exit code 3) after this many consecutive steps whose loss or gradient "
+                                "norm is NaN/Inf; such steps are skipped: no optimizer or LR-schedule update "
+                                "(fp16 loss-scale overflows with a finite loss are the GradScaler's and do not count)")
+    trust_checkpoint: bool = opt(False, "resume checkpoints whose train_state.pt needs the full unpickler "
+                                        "(written by versions before weights_only-safe states); only for "
+                                        "checkpoints you wrote yourself: unpickling can run code")
 
     def __post_init__(self) -> None:
-        for key in ("max_steps", "batch_size", "grad_accum", "log_every", "keep_last"):
+        for key in ("max_steps", "batch_size", "grad_accum", "log_every", "keep_last", "max_nonfinite"):
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise _bad(f"train.{key}", v, "must be an integer >= 1")
@@ -155,6 +164,9 @@ SPEED_ONLY = (
     "train.keep_last",
     "train.device",
     "data.valid_split",
+    "data.verify",
+    "train.max_nonfinite",
+    "train.trust_checkpoint",
     # How the global batch is split into micro-batches does not change the math (per-sample masking
     # and global loss normalisation, see engine/step.py); the resolved global batch is compared instead.
     "train.batch_size",
