@@ -86,10 +86,11 @@ def verify_checksums(root: str | os.PathLike, *, require: bool = False) -> bool:
             raise IntegrityError(f"{p}: missing (listed in {path})")
         size = p.stat().st_size
         if size != want["bytes"]:
-            raise IntegrityError(f"{p}: {size} bytes, {want['bytes']} when written (truncated or overwritten)")
+            raise IntegrityError(f"{p}: {size} bytes, {want['bytes']} when written (recorded in {CHECKSUMS}; "
+                                 "truncated or overwritten)")
         if sha256_file(p) != want["sha256"]:
-            raise IntegrityError(f"{p}: content differs from when it was written (SHA-256 mismatch: "
-                                 "bit rot or a partial copy)")
+            raise IntegrityError(f"{p}: content differs from when it was written (SHA-256 recorded in "
+                                 f"{CHECKSUMS} does not match: bit rot or a partial copy)")
     return True
 
 
