@@ -137,6 +137,10 @@ def load_checkpoint_state(path: str | os.PathLike, trust: bool = False) -> dict:
                     "hold (tensors, plain types, argparse.Namespace, OmegaConf configs, NumPy scalars); unpickling "
                     "it could run arbitrary code. If you trust the file, pass --trust-checkpoint")
             allowed = [g for g in (_resolve_global(n) for n in names) if g is not None]
+            if any(n.startswith("numpy") for n in names):  # a pickled dtype names its DType class at load time
+                import numpy as np
+
+                allowed += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
             with torch.serialization.safe_globals(allowed):
                 state = torch.load(path, map_location="cpu", weights_only=True)
     except FairseqExportError:
