@@ -216,7 +216,7 @@ def _verify_identity_map(src_dir: Path, out_dir: Path) -> int:
 def verify_source(model_dir: Path, step: Path | None) -> None:
     """The checkpoint is intact and finite, or ExportError naming the bad file and the reason.
 
-    A step folder's ``checksums.json`` (sizes + SHA-256, written by alum-train) is checked first; then every
+    A step folder's ``checksums.json`` (sizes + CRC-32, written by alum-train) is checked first; then every
     file's format (safetensors header, torch zip directory) and, finally, every weight for NaN/Inf."""
     from safetensors.torch import load_file
 

@@ -13,7 +13,7 @@ Atomicity: everything is written into ``step-N.tmp/``, every file is fsync'ed, t
 to ``step-N`` and the parent directory fsync'ed; a killed save leaves only a ``.tmp`` folder, which
 :func:`latest_checkpoint` ignores and the next save removes.  Keep-last-k deletes older ``step-*``.
 
-Self-verification: before the rename, each file is read back and its size and SHA-256 are recorded in
+Self-verification: before the rename, each file is read back and its size and CRC-32 are recorded in
 ``step-N/checksums.json`` (and the safetensors header / torch zip directory are parsed); older checkpoints
 are pruned only after that.  :func:`verify_checkpoint` re-checks the sums, loads ``train_state.pt`` with
 ``weights_only=True`` (RNG states, config and data positions are stored as tensors and plain types, so no
@@ -177,7 +177,7 @@ def _optimizer_tensors(state: dict) -> list[tuple[str, torch.Tensor]]:
 def verify_checkpoint(ckpt: Path, trust: bool = False) -> dict[str, Any]:
     """Check ``ckpt`` end to end and return its training state; IntegrityError naming the file and reason.
 
-    Checks: the recorded sizes and SHA-256 sums (checkpoints written before checksums existed are checked by
+    Checks: the recorded sizes and checksums (checkpoints written before checksums existed are checked by
     loading only), ``train_state.pt`` loads safely, the weights load, and weights and optimizer moments are
     finite."""
     ckpt = Path(ckpt)

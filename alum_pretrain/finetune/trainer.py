@@ -188,13 +188,13 @@ def _set_rng_state(st: dict) -> None:
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    """Temp name + fsync + size/SHA-256 sidecar (``checkpoint.pt.json``); the previous file is kept as
+    """Temp name + fsync + size/CRC-32 sidecar (``checkpoint.pt.json``); the previous file is kept as
     ``checkpoint.prev.pt`` until the next save, as the fallback when this one turns out damaged."""
     torch_save_verified(obj, path)
 
 
 def load_resume_state(path: Path, device, trust: bool = False) -> Optional[dict]:
-    """The newest intact of ``checkpoint.pt`` / ``checkpoint.prev.pt`` (verified: size, SHA-256, safe
+    """The newest intact of ``checkpoint.pt`` / ``checkpoint.prev.pt`` (verified: size, checksum, safe
     unpickling, finite weights), warning with the file and reason for a damaged one; None when neither
     exists, ValueError naming both when neither is usable."""
     problems = []
