@@ -42,7 +42,7 @@ class DataIntegrityError(ValueError):
 class OffsetDataset:
     """An :class:`MMapIndexedDataset` whose items come back as int64 tokenizer ids (disk id - offset).
 
-    With ``vocab_size``, every item is range-checked on read (two NumPy reductions over a sentence): an id
+    With ``vocab_size``, every item is range-checked on read (one NumPy reduction over a sentence): an id
     outside ``[0, vocab_size)`` - a ``.bin`` overwritten by another tool, a bit flip - raises
     :class:`DataIntegrityError` naming the shard, split and item instead of an IndexError in the model."""
 
@@ -59,7 +59,8 @@ class OffsetDataset:
 
     def __getitem__(self, i: int) -> np.ndarray:
         tok = self.ds[i].astype(np.int64) - self.offset
-        if self.vocab_size is not None and tok.size and (tok.min() < 0 or tok.max() >= self.vocab_size):
+        # one reduction for both bounds: a negative id viewed as uint64 is >= 2**63
+        if self.vocab_size is not None and tok.size and tok.view(np.uint64).max() >= self.vocab_size:
             bad = int(tok.max()) if tok.max() >= self.vocab_size else int(tok.min())
             raise DataIntegrityError(
                 f"{self.where} item {i}: token id {bad} is outside the vocabulary [0, {self.vocab_size}) "
