@@ -10,6 +10,10 @@ The loop below reads top to bottom: mask -> forward (clean + ALUM in one module)
 step -> log / evaluate / checkpoint.  Everything else is a component in :mod:`alum_pretrain.engine`.
 An existing run in ``train.output_dir`` is resumed from its latest checkpoint; SIGTERM/SIGUSR1 finish
 the current step, save a checkpoint and exit 0; ``OUTPUT/COMPLETED`` marks a finished run.
+A step whose loss or gradient norm is NaN/Inf is skipped (no update, no LR-schedule step; ``nonfinite_skipped``
+in the log); ``train.max_nonfinite`` of them in a row stop the run with exit code 3 naming the last good
+checkpoint.  Resume verifies checkpoints (checksums, safe loading, finite weights) and falls back past
+damaged ones (:mod:`alum_pretrain.engine.checkpoint`).
 """
 
 from __future__ import annotations
