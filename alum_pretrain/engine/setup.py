@@ -19,10 +19,10 @@ from .. import models as M
 from ..config import config_from_dict, config_to_dict, diff_configs, save_yaml
 from ..data.databin import DataBin, verify_databin
 from ..data.pretrain import build_loader, build_token_tables
+from ..integrity import first_nonfinite
 from . import checkpoint as C
 from . import distributed as D
 from .config import SPEED_ONLY, TrainConfig, resolve_grad_accum
-from ..integrity import first_nonfinite
 from .metrics import LOG, RunLogger, flops_per_token, peak_flops
 from .optim import build_optimizer, build_scheduler
 from .step import STREAM_EVAL_MASK, Masker, PretrainStep, mlm_eval_batch
@@ -126,7 +126,6 @@ class Accumulator:
         self.step_sums = torch.zeros(len(self.KEYS), device=dev)  # this step's micro-batches
         self.loss_steps = 0  # steps with a finite loss (the denominator of mlm/nsp/adv)
         self.grad_steps = 0  # steps with a finite gradient norm
-        self.alum_loss_steps = 0
         self.nonfinite = 0
         self.overflow = 0
         self.tokens = 0
@@ -152,7 +151,6 @@ class Accumulator:
         if loss_ok:
             self.sums[:-1] += self.step_sums
             self.loss_steps += 1
-            self.alum_loss_steps += int(alum_on)
         elif alum_on:
             self.alum_micro -= self.run.grad_accum  # delta_linf is averaged over the kept micro-batches
         self.step_sums.zero_()
