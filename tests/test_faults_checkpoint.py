@@ -1,7 +1,8 @@
 """Fault injection, native engine: kill -9 at each point of a run, damaged checkpoint files, NaN runs.
 
 Every case ends in an exact outcome: the resumed run's final weights equal an uninterrupted run's
-(max abs diff <= 1e-6, as in test_engine's resume test) and its log holds every step once; or a fallback to the named previous checkpoint; or an
+(max abs diff <= 1e-5: float rounding, where one lost or repeated step moves weights by ~1e-3) and its log
+holds every step once; or a fallback to the named previous checkpoint; or an
 error naming the file and the reason.  Seeded (train.seed=1), tiny preset, 6 steps.
 """
 
@@ -49,12 +50,13 @@ def reference(databin, tmp_path_factory) -> Path:
 
 def _assert_same_as_reference(out: Path, reference: Path) -> None:
     assert json.loads((out / "COMPLETED").read_text())["step"] == STEPS
-    # the same tolerance as test_engine's resume test (a resumed run matches to float rounding)
-    assert max_weight_diff(final_weights(out), final_weights(reference)) <= 1e-6
+    # float rounding only: a resumed run is not bit-identical on CPU (seen up to 3e-6 after the kill chain's
+    # several restarts), while one lost or repeated step moves the weights by ~lr = 1e-3
+    assert max_weight_diff(final_weights(out), final_weights(reference)) <= 1e-5
     assert [r["step"] for r in read_log(out)] == list(range(1, STEPS + 1))  # nothing lost, nothing twice
     ref = {r["step"]: r["loss"] for r in read_log(reference)}
     for r in read_log(out):
-        assert r["loss"] == pytest.approx(ref[r["step"]], rel=1e-6, abs=1e-9)
+        assert r["loss"] == pytest.approx(ref[r["step"]], rel=1e-5, abs=1e-9)
 
 
 def _interrupted_copy(reference: Path, tmp_path: Path, keep_upto: int) -> Path:
