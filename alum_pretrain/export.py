@@ -39,6 +39,8 @@ from typing import Any
 
 import torch
 
+from .integrity import (IntegrityError, apply_umask, check_structure, first_nonfinite, safe_torch_load,
+                        verify_checksums)
 from .models import load_hf_model
 
 log = logging.getLogger("alum_pretrain.export")
@@ -97,7 +99,7 @@ def resolve_checkpoint(ckpt: str | os.PathLike) -> tuple[Path, Path | None, Path
                       "(a step folder) or config.json + model.safetensors (a model folder)")
 
 
-def load_run_config(step: Path | None, run: Path | None) -> dict[str, Any]:
+def load_run_config(step: Path | None, run: Path | None, trust: bool = False) -> dict[str, Any]:
     """The run's resolved config as a dict (``RUN/config.yaml``, else the one inside ``train_state.pt``)."""
     if run is not None and (run / "config.yaml").is_file():
         import yaml
@@ -106,9 +108,9 @@ def load_run_config(step: Path | None, run: Path | None) -> dict[str, Any]:
             return yaml.safe_load(fh) or {}
     if step is not None and (step / STATE_FILE).is_file():
         try:
-            state = torch.load(step / STATE_FILE, map_location="cpu", weights_only=False)
-        except Exception as e:  # noqa: BLE001 - report which file is broken
-            raise ExportError(f"{step / STATE_FILE}: cannot be read ({e}); the checkpoint is damaged") from e
+            state = safe_torch_load(step / STATE_FILE, trust=trust, what="training state")
+        except IntegrityError as e:
+            raise ExportError(str(e)) from e
         cfg = state.get("config") if isinstance(state, dict) else None
         if isinstance(cfg, dict):
             return cfg
@@ -224,8 +226,38 @@ def _verify_against(state: dict[str, torch.Tensor], out_dir: Path) -> int:
     return n
 
 
+def verify_source(model_dir: Path, step: Path | None) -> None:
+    """The checkpoint is intact and finite, or ExportError naming the bad file and the reason.
+
+    A step folder's ``checksums.json`` (sizes + CRC-32, written by alum-train) is checked first; then every
+    file's format (safetensors header, torch zip directory) and, finally, every weight for NaN/Inf."""
+    from safetensors.torch import load_file
+
+    try:
+        if step is None or not verify_checksums(step):
+            for f in sorted((step or model_dir).rglob("*")):
+                if f.is_file() and f.suffix in (".safetensors", ".pt"):
+                    check_structure(f)
+        for f in sorted(model_dir.glob("*.safetensors")):
+            try:
+                weights = load_file(str(f))
+            except Exception as e:  # noqa: BLE001 - name the damaged file
+                raise IntegrityError(f"{f}: unreadable weights ({type(e).__name__}: {e})") from e
+            bad = first_nonfinite(weights)
+            if bad is not None:
+                raise IntegrityError(f"{f}: tensor {bad} holds NaN/Inf (the run diverged or the file is "
+                                     "damaged); export an earlier checkpoint (RUN/checkpoints/step-N)")
+    except IntegrityError as e:
+        others = []
+        if step is not None and step.parent.name == "checkpoints":
+            others = sorted((p for p in step.parent.glob("step-*") if p.is_dir() and p != step and
+                             not p.name.endswith(".tmp")), key=lambda p: p.stat().st_mtime)
+        hint = f"; other checkpoints: {', '.join(p.name for p in others)}" if others else ""
+        raise ExportError(f"cannot export: {e}{hint}") from e
+
+
 def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, tokenizer: str | None = None,
-           overwrite: bool = False, from_zero_shards: bool = False) -> Path:
+           overwrite: bool = False, trust: bool = False, from_zero_shards: bool = False) -> Path:
     """Export CKPT (see the module docstring) to the HF folder OUT; returns OUT."""
     from transformers import AutoTokenizer
 
@@ -233,15 +265,23 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, tokenizer: str | 
     out = Path(out)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
         raise ExportError(f"{out}: already exists; choose another OUT or pass --overwrite")
-    cfg = load_run_config(step, run)
+    if not from_zero_shards:  # (the ZeRO-shard path rebuilds and checks the weights from the shards itself)
+        verify_source(model_dir, step)
+    cfg = load_run_config(step, run, trust=trust)
     tok_src = find_tokenizer(cfg, run, tokenizer)
     zero_sd = None
     if from_zero_shards:  # a DeepSpeed checkpoint: the weights from every rank's ZeRO shard (zero_to_fp32)
         from .engine.deepspeed_engine import hf_model_from_zero_shards
 
         model, zero_sd = hf_model_from_zero_shards(step if step is not None else model_dir.parent, model_dir)
+        bad = first_nonfinite(zero_sd)
+        if bad is not None:
+            raise ExportError(f"{step}: the ZeRO shards' tensor {bad} holds NaN/Inf; export an earlier checkpoint")
     else:
-        model = load_hf_model(model_dir)  # raises on missing / mismatched tensors
+        try:
+            model = load_hf_model(model_dir)  # raises on missing / mismatched tensors
+        except (OSError, ValueError, RuntimeError) as e:
+            raise ExportError(f"{model_dir}: cannot load the model ({type(e).__name__}: {e})") from e
     tok = AutoTokenizer.from_pretrained(str(tok_src))
     if len(tok) > model.config.vocab_size:
         raise ExportError(f"tokenizer {tok_src} has {len(tok)} tokens but the model's vocabulary is "
@@ -273,6 +313,7 @@ def atomic_dir(out: Path):
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         yield tmp
+        apply_umask(tmp)  # mkdtemp made it 0700: an export is meant to be shared (0755/0644 under umask 022)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -301,6 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DeepSpeed checkpoints (--train.engine=deepspeed): rebuild the fp32 weights from every "
                         "rank's ZeRO shard in step-N/deepspeed/ with DeepSpeed's zero_to_fp32 instead of reading "
                         "step-N/model/ (e.g. when model/model.safetensors is missing or damaged)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle CKPT's train_state.pt / fairseq .pt with the full unpickler even when it holds "
+                        "more than tensors, plain types and fairseq's known config classes; unpickling can run "
+                        "arbitrary code, so only for files you wrote yourself or trust")
     return p
 
 
@@ -311,10 +356,11 @@ def main(argv: list[str] | None = None) -> int:
         if Path(args.ckpt).is_file() and args.ckpt.endswith(".pt"):  # a fairseq checkpoint (fairseq engine)
             from .fairseq_ext.export_hf import export_fairseq
 
-            out = export_fairseq(args.ckpt, args.out, tokenizer=args.tokenizer, overwrite=args.overwrite)
+            out = export_fairseq(args.ckpt, args.out, tokenizer=args.tokenizer, overwrite=args.overwrite,
+                                 trust=args.trust_checkpoint)
         else:
             out = export(args.ckpt, args.out, tokenizer=args.tokenizer, overwrite=args.overwrite,
-                         from_zero_shards=args.from_zero_shards)
+                         from_zero_shards=args.from_zero_shards, trust=args.trust_checkpoint)
     except ValueError as e:
         print(f"alum-export: error: {e}", file=sys.stderr)
         return 2

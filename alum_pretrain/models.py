@@ -450,6 +450,9 @@ def save_model(model: nn.Module, directory: str | os.PathLike) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
     try:
         hf.save_pretrained(str(tmp), safe_serialization=True)
+        from .integrity import apply_umask
+
+        apply_umask(tmp)  # mkdtemp makes 0700; the folder is meant to be shared (0755/0644 under umask 022)
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)

@@ -10,6 +10,10 @@ The loop below reads top to bottom: mask -> forward (clean + ALUM in one module)
 step -> log / evaluate / checkpoint.  Everything else is a component in :mod:`alum_pretrain.engine`.
 An existing run in ``train.output_dir`` is resumed from its latest checkpoint; SIGTERM/SIGUSR1 finish
 the current step, save a checkpoint and exit 0; ``OUTPUT/COMPLETED`` marks a finished run.
+A step whose loss or gradient norm is NaN/Inf is skipped (no update, no LR-schedule step; ``nonfinite_skipped``
+in the log); ``train.max_nonfinite`` of them in a row stop the run with exit code 3 naming the last good
+checkpoint.  Resume verifies checkpoints (checksums, safe loading, finite weights) and falls back past
+damaged ones (:mod:`alum_pretrain.engine.checkpoint`).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from .engine.checkpoint import write_json_atomic
 from .engine.config import TrainConfig
 from .engine.metrics import LOG
 from .engine.plot import plot_run
-from .engine.setup import build_run, restore, save, evaluate
+from .engine.setup import NonFiniteError, build_run, evaluate, last_good_checkpoint, restore, save, step_is_finite
 from .engine.step import sample_generators, STREAM_ALUM
 from .masking import mask_rate
 
@@ -53,6 +57,7 @@ def train(cfg: TrainConfig, env: D.DistEnv) -> dict:
     pbar = tqdm(total=tc.max_steps, initial=step, disable=not (env.is_main and tc.progress),
                 desc="alum-train", dynamic_ncols=True)
     stopped = False
+    nonfinite_run = 0  # consecutive skipped steps
     if step == 0 and run.valid is not None:  # the baseline (e.g. of a continual pre-training run)
         run.logger.log(evaluate(run, 0), write=pbar.write)
     while step < tc.max_steps:
@@ -66,6 +71,7 @@ def train(cfg: TrainConfig, env: D.DistEnv) -> dict:
         nsp_denom = run.global_batch / env.world_size
 
         # ---- forward (clean + ALUM) and backward, once per micro-batch ------------------------------
+        loss_sum = torch.zeros((), device=env.device)  # finiteness check only (no host sync here)
         for m, batch in enumerate(micro):
             gens = (sample_generators(tc.seed, step, batch["sample_ids"], STREAM_ALUM, run.gen_device)
                     if alum_on else None)
@@ -82,27 +88,45 @@ def train(cfg: TrainConfig, env: D.DistEnv) -> dict:
                 else:
                     run.scaler.scale(loss).backward()
             acc.add(metrics, batch)
+            loss_sum += loss.detach().float()
 
-        # ---- clip, optimizer step, schedule ---------------------------------------------------------
-        if run.engine is not None:  # DeepSpeed: unscale, clip, step, schedule, zero_grad in engine.step()
-            grad_norm, lr = DS.optimizer_step(run.engine)
+        # ---- clip, non-finite guard, optimizer step, schedule ---------------------------------------
+        if run.engine is not None:  # DeepSpeed: unscale, clip, step, schedule, zero_grad in engine.step(),
+            grad_norm, lr = DS.optimizer_step(run.engine)  # which itself skips a non-finite update
+            loss_ok, grad_ok = step_is_finite(run, loss_sum, grad_norm)
+            skip = not (loss_ok and grad_ok)
         else:
             run.scaler.unscale_(run.optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), tc_clip(cfg))
             lr = run.optimizer.param_groups[0]["lr"]  # the LR of this update
-            run.scaler.step(run.optimizer)
+            loss_ok, grad_ok = step_is_finite(run, loss_sum, grad_norm)  # the step's one host sync
+            # NaN/Inf loss, or NaN/Inf gradient without a GradScaler (bf16/fp32): skip the update and the LR
+            # schedule.  fp16 with a finite loss: an overflow, which scaler.step skips and scaler.update handles.
+            skip = not loss_ok or (not grad_ok and not run.scaler.is_enabled())
+            if not skip:
+                run.scaler.step(run.optimizer)
             run.scaler.update()
-            run.scheduler.step()
+            if not skip:
+                run.scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
+        nonfinite_run = nonfinite_run + 1 if skip else 0
         step += 1
-        acc.end_step(grad_norm, rate, alum_on, lr)
+        acc.end_step(grad_norm, rate, alum_on, lr, loss_ok=loss_ok, grad_ok=grad_ok, skipped=skip)
         pbar.update(1)
+        give_up = nonfinite_run >= tc.max_nonfinite
 
         # ---- log / evaluate / checkpoint ------------------------------------------------------------
-        if step % tc.log_every == 0 or step == tc.max_steps:
+        if step % tc.log_every == 0 or step == tc.max_steps or give_up:
             record = acc.flush(step)  # the one host sync of the interval (all-reduce + .item())
             run.logger.log(record, write=pbar.write)
-            pbar.set_postfix(loss=f"{record['loss']:.3f}", rate=f"{record['mask_rate']:.2f}")
+            if record["loss"] is not None:
+                pbar.set_postfix(loss=f"{record['loss']:.3f}", rate=f"{record['mask_rate']:.2f}")
+        if give_up:
+            raise NonFiniteError(
+                f"step {step}: the loss or gradient norm was NaN/Inf for {nonfinite_run} consecutive steps "
+                f"(--train.max_nonfinite={tc.max_nonfinite}); those updates were skipped; "
+                f"{last_good_checkpoint(run)} - resume from it with a lower --optim.lr (or fp32 / bf16 "
+                "instead of fp16)")
         if run.valid is not None and ((tc.eval_every and step % tc.eval_every == 0) or step == tc.max_steps):
             run.logger.log(evaluate(run, step), write=pbar.write)
         stopped = D.any_rank(env, _STOP["signal"] is not None)
@@ -162,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:  # user errors: one clear line, no traceback
         print(f"alum-train: error: {exc}", file=sys.stderr)
         return 2
+    except NonFiniteError as exc:  # diverged: nothing non-finite was checkpointed
+        print(f"alum-train: error: {exc}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -35,12 +35,22 @@ MANIFEST = "manifest.json"
 FAIRSEQ_NSPECIAL = 4  # <s> <pad> </s> <unk>
 
 
-class OffsetDataset:
-    """An :class:`MMapIndexedDataset` whose items come back as int64 tokenizer ids (disk id - offset)."""
+class DataIntegrityError(ValueError):
+    """A data-bin file does not hold what its manifest says (the message names shard, split and item)."""
 
-    def __init__(self, ds: MMapIndexedDataset, offset: int):
+
+class OffsetDataset:
+    """An :class:`MMapIndexedDataset` whose items come back as int64 tokenizer ids (disk id - offset).
+
+    With ``vocab_size``, every item is range-checked on read (one NumPy reduction over a sentence): an id
+    outside ``[0, vocab_size)`` - a ``.bin`` overwritten by another tool, a bit flip - raises
+    :class:`DataIntegrityError` naming the shard, split and item instead of an IndexError in the model."""
+
+    def __init__(self, ds: MMapIndexedDataset, offset: int, vocab_size: int | None = None, where: str = ""):
         self.ds = ds
         self.offset = offset
+        self.vocab_size = vocab_size
+        self.where = where or ds.prefix
         self.sizes = ds.sizes
         self.doc_starts = ds.doc_starts
 
@@ -48,7 +58,15 @@ class OffsetDataset:
         return len(self.ds)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        return self.ds[i].astype(np.int64) - self.offset
+        tok = self.ds[i].astype(np.int64) - self.offset
+        # one reduction for both bounds: a negative id viewed as uint64 is >= 2**63
+        if self.vocab_size is not None and tok.size and tok.view(np.uint64).max() >= self.vocab_size:
+            bad = int(tok.max()) if tok.max() >= self.vocab_size else int(tok.min())
+            raise DataIntegrityError(
+                f"{self.where} item {i}: token id {bad} is outside the vocabulary [0, {self.vocab_size}) "
+                f"(disk id {bad + self.offset}); the .bin was overwritten or corrupted - re-run alum-prep, or "
+                "check it with --data.verify=full")
+        return tok
 
     @property
     def num_docs(self) -> int:
@@ -85,8 +103,9 @@ class DataBin:
         return self.path / f"shard{shard}"
 
     def split(self, shard: int, split: str = "train") -> OffsetDataset:
-        """Items of ``split`` in ``shard`` as tokenizer ids."""
-        return OffsetDataset(MMapIndexedDataset(self.shard_dir(shard) / split), self.id_offset)
+        """Items of ``split`` in ``shard`` as tokenizer ids (range-checked against the vocabulary)."""
+        return OffsetDataset(MMapIndexedDataset(self.shard_dir(shard) / split), self.id_offset, self.vocab_size,
+                             where=f"{self.path}: shard {shard} split {split!r} ({self.shard_dir(shard) / split}.bin)")
 
     def has_split(self, shard: int, split: str) -> bool:
         prefix = self.shard_dir(shard) / split
@@ -101,3 +120,53 @@ class DataBin:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(self.tokenizer_dir))
+
+
+def verify_databin(databin: DataBin, level: str = "size", log=None) -> int:
+    """Check the shard files against ``manifest.json``: byte counts (``size``) or also SHA-256 (``full``).
+
+    Returns the number of files checked; :class:`DataIntegrityError` naming the file and what differs.
+    Data-bins whose manifest records no per-file sums (made by other tools) pass ``size`` (the reader
+    still checks each ``.bin`` against its ``.idx``) but not ``full``, which has nothing to compare with."""
+    import hashlib
+
+    if level not in ("size", "full"):
+        raise ValueError(f"--data.verify={level!r}: choose size or full")
+    shards = databin.manifest.get("shards") or []
+    checked = 0
+    for rec in shards:
+        if not isinstance(rec, dict) or "shard" not in rec:
+            continue
+        sdir = databin.path / f"shard{rec['shard']}"
+        for split, srec in rec.items():
+            files = srec.get("files") if isinstance(srec, dict) else None
+            for name, want in (files or {}).items():
+                p = sdir / name
+                if not p.is_file():
+                    raise DataIntegrityError(f"{p}: missing (shard {rec['shard']} split {split!r} in "
+                                             f"{databin.path / MANIFEST}); re-run alum-prep")
+                size = p.stat().st_size
+                if size != want.get("bytes"):
+                    raise DataIntegrityError(f"{p}: {size} bytes but manifest.json records {want.get('bytes')} "
+                                             f"(shard {rec['shard']} split {split!r}); re-run alum-prep")
+                if level == "full":
+                    h = hashlib.sha256()
+                    with open(p, "rb") as fh:
+                        for b in iter(lambda: fh.read(1 << 22), b""):
+                            h.update(b)
+                    if h.hexdigest() != want.get("sha256"):
+                        raise DataIntegrityError(
+                            f"{p}: SHA-256 differs from manifest.json (shard {rec['shard']} split {split!r}): the "
+                            "file changed after alum-prep wrote it (bit rot, a partial copy, another tool); "
+                            "re-run alum-prep or copy the data-bin again")
+                checked += 1
+    if level == "full" and checked == 0:
+        raise DataIntegrityError(f"{databin.path / MANIFEST}: records no per-file SHA-256 sums, so "
+                                 "--data.verify=full has nothing to check against (use --data.verify=size, or "
+                                 "re-run alum-prep)")
+    if log is not None:
+        log(f"data-bin {databin.path}: {checked} shard file(s) match manifest.json "
+            f"({'sizes and SHA-256' if level == 'full' else 'sizes'})" if checked else
+            f"data-bin {databin.path}: manifest.json records no per-file sizes (not written by alum-prep); "
+            "only the .bin/.idx consistency and token-id range checks apply")
+    return checked

@@ -12,6 +12,14 @@ Layout (the contract with ``alum-export``)::
 Atomicity: everything is written into ``step-N.tmp/``, every file is fsync'ed, then the folder is renamed
 to ``step-N`` and the parent directory fsync'ed; a killed save leaves only a ``.tmp`` folder, which
 :func:`latest_checkpoint` ignores and the next save removes.  Keep-last-k deletes older ``step-*``.
+
+Self-verification: before the rename, each file is read back and its size and CRC-32 are recorded in
+``step-N/checksums.json`` (and the safetensors header / torch zip directory are parsed); older checkpoints
+are pruned only after that.  :func:`verify_checkpoint` re-checks the sums, loads ``train_state.pt`` with
+``weights_only=True`` (RNG states, config and data positions are stored as tensors and plain types, so no
+pickled code can run) and refuses NaN/Inf weights or optimizer moments; resume walks back from the newest
+checkpoint to the newest one that passes (:func:`newest_intact_checkpoint`).  Files and folders follow the
+umask (``0644``/``0755`` under umask 022).
 """
 
 from __future__ import annotations
@@ -26,6 +34,9 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+
+from ..integrity import (IntegrityError, apply_umask, check_structure, first_nonfinite, safe_torch_load,
+                         verify_checksums, write_checksums)
 
 STATE_FILE = "train_state.pt"
 MODEL_DIR = "model"
@@ -76,8 +87,14 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
 
 
 def rng_state() -> dict[str, Any]:
-    """This process's RNG states (python, numpy, torch CPU, and CUDA when available)."""
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states (python, numpy, torch CPU, and CUDA when available).
+
+    Plain types and tensors only (numpy's key array becomes a tensor), so ``weights_only=True`` loads it."""
+    key, keys, pos, has_gauss, gauss = np.random.get_state()
+    st = {"python": random.getstate(),
+          "numpy": {"key": str(key), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                    "has_gauss": int(has_gauss), "gauss": float(gauss)},
+          "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
@@ -85,7 +102,10 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(st: dict[str, Any]) -> None:
     random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
+    npst = st["numpy"]
+    if isinstance(npst, dict):
+        npst = (npst["key"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["gauss"])
+    np.random.set_state(npst)
     torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
@@ -103,7 +123,15 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, save_model_fn: Cal
     tmp.mkdir()
     save_model_fn(tmp / MODEL_DIR)
     torch.save(state, tmp / STATE_FILE)
+    apply_umask(tmp)
     _fsync_tree(tmp)
+    # Verify before anything older is pruned: the files parse and their bytes are read back and recorded.
+    for f in sorted(tmp.rglob("*")):
+        if f.is_file():
+            check_structure(f)
+    write_checksums(tmp)
+    apply_umask(tmp / "checksums.json")
+    _fsync_dir(tmp)
     if final.exists():  # a re-save of the same step (e.g. a signal right after a periodic save)
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -115,8 +143,74 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, save_model_fn: Cal
     return final
 
 
-def load_state(ckpt: Path) -> dict[str, Any]:
-    return torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
+def load_state(ckpt: Path, trust: bool = False) -> dict[str, Any]:
+    """``train_state.pt`` through the safe loader (``trust`` = the full unpickler, for old checkpoints)."""
+    return safe_torch_load(ckpt / STATE_FILE, trust=trust, what="training state",
+                           trust_flag="--train.trust_checkpoint=true")
+
+
+def model_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The weights of ``ckpt/model`` (every ``*.safetensors`` file), IntegrityError naming a damaged file."""
+    from safetensors.torch import load_file
+
+    files = sorted((ckpt / MODEL_DIR).glob("*.safetensors"))
+    if not files:
+        raise IntegrityError(f"{ckpt / MODEL_DIR}: no *.safetensors weights")
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            out.update(load_file(str(f)))
+        except Exception as e:  # noqa: BLE001 - SafetensorError and friends: name the file
+            raise IntegrityError(f"{f}: unreadable weights ({type(e).__name__}: {e})") from e
+    return out
+
+
+def _optimizer_tensors(state: dict) -> list[tuple[str, torch.Tensor]]:
+    opt = state.get("optimizer") if isinstance(state, dict) else None
+    out = []
+    for pid, st in ((opt or {}).get("state") or {}).items():
+        for k, v in st.items():
+            out.append((f"optimizer state {pid}.{k}", v))
+    return out
+
+
+def verify_checkpoint(ckpt: Path, trust: bool = False) -> dict[str, Any]:
+    """Check ``ckpt`` end to end and return its training state; IntegrityError naming the file and reason.
+
+    Checks: the recorded sizes and checksums (checkpoints written before checksums existed are checked by
+    loading only), ``train_state.pt`` loads safely, the weights load, and weights and optimizer moments are
+    finite."""
+    ckpt = Path(ckpt)
+    if not verify_checksums(ckpt):
+        for f in sorted(ckpt.rglob("*")):
+            if f.is_file():
+                check_structure(f)
+    state = load_state(ckpt, trust=trust)
+    if not isinstance(state, dict) or "step" not in state:
+        raise IntegrityError(f"{ckpt / STATE_FILE}: not a training state (no 'step')")
+    bad = first_nonfinite(model_tensors(ckpt))
+    if bad is not None:
+        raise IntegrityError(f"{ckpt / MODEL_DIR}: weight {bad} holds NaN/Inf; a diverged or damaged checkpoint")
+    bad = first_nonfinite(_optimizer_tensors(state))
+    if bad is not None:
+        raise IntegrityError(f"{ckpt / STATE_FILE}: {bad} holds NaN/Inf")
+    return state
+
+
+def newest_intact_checkpoint(output_dir: str | os.PathLike, warn: Callable[[str], None], trust: bool = False
+                             ) -> tuple[Path | None, dict | None, list[str]]:
+    """``(path, state, problems)`` of the newest checkpoint that passes :func:`verify_checkpoint`.
+
+    Each failing newer checkpoint is reported through ``warn`` (file and reason) and skipped; ``problems``
+    lists them. ``(None, None, problems)`` when none passes (or there is none)."""
+    problems: list[str] = []
+    for _step, path in reversed(list_checkpoints(output_dir)):
+        try:
+            return path, verify_checkpoint(path, trust=trust), problems
+        except IntegrityError as e:
+            problems.append(str(e))
+            warn(f"checkpoint {path} is unusable: {e}; falling back to the previous one")
+    return None, None, problems
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -43,6 +43,9 @@ class DataConfig:
         "per_epoch", "per_epoch: one shard per epoch (fairseq's DATA=shard0:shard1); interleave: all shards "
         "mixed every epoch")
     valid_split: str = opt("valid", "split used for the periodic validation MLM loss/accuracy")
+    verify: Literal["size", "full"] = opt(
+        "size", "data-bin check before training: size = every shard file has the byte count manifest.json "
+        "records (instant); full = also its SHA-256 (reads the whole corpus once; catches bit flips)")
 
     def __post_init__(self) -> None:
         if self.nsp and self.mode != "pairs":
@@ -127,11 +130,17 @@ class LoopConfig:
         "ddp", "ddp: torch DistributedDataParallel (every rank holds the full fp32 AdamW state); deepspeed: "
                "DeepSpeed ZeRO (--deepspeed.zero_stage shards optimizer state / gradients / parameters; needs "
                "the [deepspeed] extra)")
+    max_nonfinite: int = opt(5, "stop (exit code 3) after this many consecutive steps whose loss or gradient "
+                                "norm is NaN/Inf; such steps are skipped: no optimizer or LR-schedule update "
+                                "(fp16 loss-scale overflows with a finite loss are the GradScaler's and do not count)")
+    trust_checkpoint: bool = opt(False, "resume checkpoints whose train_state.pt needs the full unpickler "
+                                        "(written by versions before weights_only-safe states); only for "
+                                        "checkpoints you wrote yourself: unpickling can run code")
 
     def __post_init__(self) -> None:
         if self.engine not in ("ddp", "deepspeed"):
             raise _bad("train.engine", self.engine, "must be ddp or deepspeed")
-        for key in ("max_steps", "batch_size", "grad_accum", "log_every", "keep_last"):
+        for key in ("max_steps", "batch_size", "grad_accum", "log_every", "keep_last", "max_nonfinite"):
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise _bad(f"train.{key}", v, "must be an integer >= 1")
@@ -213,6 +222,9 @@ SPEED_ONLY = (
     "deepspeed.reduce_bucket_size",
     "deepspeed.allgather_bucket_size",
     "deepspeed.param_persistence_threshold",
+    "data.verify",
+    "train.max_nonfinite",
+    "train.trust_checkpoint",
     # How the global batch is split into micro-batches does not change the math (per-sample masking
     # and global loss normalisation, see engine/step.py); the resolved global batch is compared instead.
     "train.batch_size",

@@ -17,13 +17,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import models as M
 from ..config import config_from_dict, config_to_dict, diff_configs, save_yaml
-from ..data.databin import DataBin
+from ..data.databin import DataBin, verify_databin
 from ..data.pretrain import build_loader, build_token_tables
+from ..integrity import first_nonfinite
 from . import checkpoint as C
 from . import distributed as D
 from .config import SPEED_ONLY, TrainConfig, resolve_grad_accum
 from .gpu import check_device
-from .metrics import RunLogger, decoder_flops_per_masked_token, flops_per_token, mfu, peak_flops
+from .metrics import LOG, RunLogger, decoder_flops_per_masked_token, flops_per_token, mfu, peak_flops
 from .optim import build_optimizer, build_scheduler
 from .step import STREAM_EVAL_MASK, Masker, PretrainStep, mlm_eval_batch
 
@@ -102,8 +103,36 @@ class Run:
         return Accumulator(self)
 
 
+class NonFiniteError(RuntimeError):
+    """Training cannot continue: NaN/Inf losses or gradients for too many steps, or non-finite weights."""
+
+
+def last_good_checkpoint(run: "Run") -> str:
+    ck = C.latest_checkpoint(run.out)
+    return (f"the last good checkpoint is {ck} (checkpoints are never written with non-finite weights)"
+            if ck is not None else f"no checkpoint was written in {run.out}")
+
+
+def step_is_finite(run: "Run", loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> tuple[bool, bool]:
+    """``(loss finite, gradient norm finite)`` on every rank: the one host sync of an optimizer step.
+
+    The gradient norm is computed after DDP's all-reduce, hence global; the loss is per rank, so the flags
+    are summed over ranks (any rank's NaN skips the step everywhere and the replicas stay identical)."""
+    bad = (~torch.isfinite(torch.stack([loss_sum.detach().float().reshape(()),
+                                         grad_norm.detach().float().reshape(())]))).float()
+    if run.env.distributed:
+        bad = D.all_reduce_device(run.env, bad)
+    loss_bad, grad_bad = bad.tolist()
+    return loss_bad == 0, grad_bad == 0
+
+
 class Accumulator:
-    """Sums the step metrics on the device between log steps; :meth:`flush` does the one host sync."""
+    """Sums the step metrics on the device between log steps; :meth:`flush` does the one host sync.
+
+    Averages count only steps whose value is finite: the loss terms of steps skipped for a NaN/Inf loss and
+    the gradient norm of steps skipped for a NaN/Inf gradient (fp16 loss-scale overflows included) stay out
+    of the means; ``nonfinite_skipped`` (and with fp16 ``overflow_skipped`` / ``loss_scale``) count them.
+    """
 
     KEYS = ("mlm", "nsp", "adv", "delta_linf")
 
@@ -114,6 +143,11 @@ class Accumulator:
     def _reset(self) -> None:
         dev = self.run.env.device
         self.sums = torch.zeros(len(self.KEYS) + 1, device=dev)  # + grad-norm sum
+        self.step_sums = torch.zeros(len(self.KEYS), device=dev)  # this step's micro-batches
+        self.loss_steps = 0  # steps with a finite loss (the denominator of mlm/nsp/adv)
+        self.grad_steps = 0  # steps with a finite gradient norm
+        self.nonfinite = 0
+        self.overflow = 0
         self.tokens = 0
         self.padded = 0  # B x T per micro-batch: the encoder computes on padding too (MFU)
         self.masked = 0
@@ -126,7 +160,7 @@ class Accumulator:
     def add(self, metrics: dict, batch: dict) -> None:
         for i, k in enumerate(self.KEYS):
             if k in metrics:
-                self.sums[i] += metrics[k].to(self.sums.device)
+                self.step_sums[i] += metrics[k].to(self.sums.device)
         if "adv" in metrics:
             self.alum_micro += 1
         self.tokens += int(batch["n_tokens"])
@@ -134,8 +168,19 @@ class Accumulator:
         self.masked += int(batch["n_masked"])
         self.maskable += int(batch["n_maskable"])
 
-    def end_step(self, grad_norm: torch.Tensor, rate: float, alum_on: bool, lr: float) -> None:
-        self.sums[-1] += grad_norm.detach().float()
+    def end_step(self, grad_norm: torch.Tensor, rate: float, alum_on: bool, lr: float, *, loss_ok: bool = True,
+                 grad_ok: bool = True, skipped: bool = False) -> None:
+        if loss_ok:
+            self.sums[:-1] += self.step_sums
+            self.loss_steps += 1
+        elif alum_on:
+            self.alum_micro -= self.run.grad_accum  # delta_linf is averaged over the kept micro-batches
+        self.step_sums.zero_()
+        if grad_ok:
+            self.sums[-1] += grad_norm.detach().float()
+            self.grad_steps += 1
+        self.nonfinite += int(skipped)
+        self.overflow += int(not grad_ok and not skipped)  # fp16: the GradScaler skipped the update
         self.steps += 1
         self.alum_steps += int(alum_on)
         self.rate, self.alum_on, self.lr = rate, alum_on, lr
@@ -149,23 +194,29 @@ class Accumulator:
         tokens, masked, maskable, alum_micro, padded = counts.tolist()
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
         n = max(self.steps, 1)
+        nl = self.loss_steps
         # Each rank's contributions carry the factor W (DDP averages over ranks): sum / W = the global mean.
-        mlm, nsp, adv = (x / (n * env.world_size) for x in s[:3])
+        mlm, nsp, adv = ((x / (nl * env.world_size) if nl else None) for x in s[:3])
         rec = {
             "step": step,
-            "loss": mlm + nsp + run.cfg.alum.alpha * adv,
+            "loss": mlm + nsp + run.cfg.alum.alpha * adv if nl else None,  # None (null): every step was NaN/Inf
             "mlm": mlm,
             "nsp": nsp,
             "adv": adv,
             "mask_rate": self.rate,
             "mask_frac": masked / max(maskable, 1.0),
             "lr": self.lr,
-            "grad_norm": s[-1] / (n * env.world_size),  # identical on every rank after the all-reduce
+            # identical on every rank after the all-reduce; the mean over steps with a finite norm
+            "grad_norm": s[-1] / (self.grad_steps * env.world_size) if self.grad_steps else None,
+            "nonfinite_skipped": self.nonfinite,
             "alum": float(self.alum_on),
             "tokens_per_s": tokens / elapsed,
             "steps_per_s": self.steps / elapsed,
         }
-        if alum_micro:
+        if run.scaler.is_enabled():
+            rec["overflow_skipped"] = self.overflow
+            rec["loss_scale"] = float(run.scaler.get_scale())
+        if alum_micro > 0:
             rec["delta_linf"] = s[3] / alum_micro
         if run.peak_flops:
             # executed FLOPs: a standard step = 3 forward-units; ALUM = 6 + 2K (module docstring of adversarial)
@@ -199,6 +250,10 @@ def build_run(cfg: TrainConfig, env: D.DistEnv) -> Run:
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
     databin = DataBin(cfg.data.path)
+    # Sizes (default, every rank: instant) or SHA-256 (--data.verify=full: once per node, each node may
+    # read its own copy) of every shard file against manifest.json.
+    if cfg.data.verify == "size" or env.local_rank == 0:
+        verify_databin(databin, cfg.data.verify, log=LOG.info if env.is_main else None)
     tables = build_token_tables(databin)
 
     # Same init on every rank (DDP also broadcasts rank 0's weights); then per-rank dropout streams.
@@ -293,7 +348,13 @@ def _train_state(run: Run, step: int) -> dict:
 
 
 def save(run: Run, step: int) -> None:
-    """Checkpoint ``step`` (every rank takes part in gathering RNG states; rank 0 writes)."""
+    """Checkpoint ``step`` (every rank takes part in gathering RNG states; rank 0 writes).
+
+    Refuses (NonFiniteError, on every rank alike: the replicas are identical) to write NaN/Inf weights."""
+    bad = first_nonfinite(run.model.named_parameters())
+    if bad is not None:
+        raise NonFiniteError(f"step {step}: parameter {bad} holds NaN/Inf; no checkpoint written; "
+                             f"{last_good_checkpoint(run)} - resume from it with a lower --optim.lr")
     if run.engine is not None:  # DeepSpeed: every rank also writes its ZeRO shard into the same step-N folder
         from .deepspeed_engine import save as ds_save
         return ds_save(run, step)
@@ -311,10 +372,18 @@ def save(run: Run, step: int) -> None:
 def restore(run: Run) -> int:
     """Resume from the newest complete checkpoint in ``train.output_dir``; returns the step (0 = fresh)."""
     env = run.env
-    ckpt = D.broadcast_object(env, C.latest_checkpoint(run.out) if env.is_main else None)
+    trust = run.cfg.train.trust_checkpoint
+    found = (None, None, [])
+    if env.is_main:  # verify newest-first; damaged ones are named and skipped (checkpoint.verify_checkpoint)
+        found = C.newest_intact_checkpoint(run.out, LOG.warning, trust=trust)
+    ckpt, problems = D.broadcast_object(env, (found[0], found[2]))
     if ckpt is None:
+        if problems:
+            raise ValueError(
+                f"{C.checkpoints_dir(run.out)}: no intact checkpoint to resume from:\n  " + "\n  ".join(problems)
+                + "\nmove the damaged step-N folders away (or use a new --train.output_dir) to start over")
         return 0
-    state = C.load_state(ckpt)
+    state = found[1] if env.is_main else C.load_state(ckpt, trust=trust)
     saved = config_from_dict(TrainConfig, state["config"])
     bad = diff_configs(saved, run.cfg, ignore=SPEED_ONLY)
     if bad:

@@ -47,7 +47,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 from argparse import Namespace
 from pathlib import Path
 from typing import Any, Optional
@@ -86,35 +85,85 @@ def _plain(obj: Any) -> Any:
     return dict(obj)
 
 
-def load_checkpoint_state(path: str | os.PathLike) -> dict:
-    """The raw dict of a fairseq checkpoint file (``model``, ``cfg``/``args``, optimizer state ...)."""
+# What fairseq 0.12 pickles into checkpoints besides tensors and plain containers: argparse.Namespace
+# (pre-Hydra ``args``), OmegaConf containers and their node/metadata classes (Hydra ``cfg``), fairseq's
+# config enums, NumPy scalars and arrays (meters and best scores in ``extra_state``).  Each entry is a
+# class whose reconstruction only stores data; nothing else is unpickled without --trust-checkpoint.
+FAIRSEQ_SAFE_GLOBALS = (
+    "argparse.Namespace",
+    "typing.Any",
+    "omegaconf.dictconfig.DictConfig", "omegaconf.listconfig.ListConfig", "omegaconf.base.ContainerMetadata",
+    "omegaconf.base.Metadata", "omegaconf.nodes.AnyNode", "omegaconf.nodes.StringNode",
+    "omegaconf.nodes.IntegerNode", "omegaconf.nodes.FloatNode", "omegaconf.nodes.BooleanNode",
+    "omegaconf.nodes.EnumNode", "omegaconf.nodes.BytesNode", "omegaconf.nodes.PathNode",
+    "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar", "numpy.dtype",
+    "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct", "numpy.ndarray",
+)
+FAIRSEQ_SAFE_PREFIXES = ("numpy.dtypes.", "fairseq.dataclass.constants.")
+
+
+def _fairseq_global_allowed(name: str) -> bool:
+    return name in FAIRSEQ_SAFE_GLOBALS or name.startswith(FAIRSEQ_SAFE_PREFIXES)
+
+
+def _resolve_global(name: str):
+    import importlib
+
+    mod, _, attr = name.rpartition(".")
+    try:
+        return getattr(importlib.import_module(mod), attr)
+    except (ImportError, AttributeError):
+        return None
+
+
+def load_checkpoint_state(path: str | os.PathLike, trust: bool = False) -> dict:
+    """The raw dict of a fairseq checkpoint file (``model``, ``cfg``/``args``, optimizer state ...).
+
+    Loaded by torch's weights-only unpickler with :data:`FAIRSEQ_SAFE_GLOBALS` allowed; a checkpoint that
+    names any other global is refused (naming them) unless ``trust`` (``--trust-checkpoint``)."""
     path = Path(path)
     if not path.is_file():
         raise FairseqExportError(f"{path}: not a file (expected a fairseq checkpoint such as checkpoint_last.pt)")
     try:
-        # fairseq pickles its config (argparse.Namespace) next to the weights: allow that class in the
-        # safe loader; older Hydra-era checkpoints pickle OmegaConf objects and need the full unpickler.
-        try:
-            # add (not the safe_globals() context manager: its exit would remove an allowance the plugin set)
-            torch.serialization.add_safe_globals([Namespace])
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            log.warning("%s: pickles more than tensors and argparse.Namespace; loading it with the full "
-                        "unpickler (only do this for checkpoints you trust)", path)
+        if trust:
             state = torch.load(path, map_location="cpu", weights_only=False)
+        else:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            refused = sorted(n for n in names if not _fairseq_global_allowed(n))
+            if refused:
+                raise FairseqExportError(
+                    f"{path}: refused to load: its pickle names {', '.join(refused[:5])}"
+                    f"{' ...' if len(refused) > 5 else ''}, which is not among the classes fairseq checkpoints "
+                    "hold (tensors, plain types, argparse.Namespace, OmegaConf configs, NumPy scalars); unpickling "
+                    "it could run arbitrary code. If you trust the file, pass --trust-checkpoint")
+            allowed = [g for g in (_resolve_global(n) for n in names) if g is not None]
+            if any(n.startswith("numpy") for n in names):  # a pickled dtype names its DType class at load time
+                import numpy as np
+
+                allowed += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+            with torch.serialization.safe_globals(allowed):
+                state = torch.load(path, map_location="cpu", weights_only=True)
+    except FairseqExportError:
+        raise
     except ModuleNotFoundError as e:
         raise FairseqExportError(f"{path}: unpickling needs {e.name!r} (fairseq checkpoints store OmegaConf "
                                  "configs); install the [fairseq] extra: pip install -e '.[fairseq]'") from e
     except Exception as e:
-        raise FairseqExportError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from e
+        raise FairseqExportError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else ''}); the file is truncated or damaged") from e
     if not isinstance(state, dict) or "model" not in state:
         raise FairseqExportError(f"{path}: no 'model' entry - not a fairseq checkpoint")
+    bad = next((k for k, v in state["model"].items()
+                if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise FairseqExportError(f"{path}: weight {bad} holds NaN/Inf (the run diverged or the file is damaged); "
+                                 "export an earlier checkpoint")
     return state
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, dict]:
+def load_checkpoint(path: str | os.PathLike, trust: bool = False) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """``(model state dict, model cfg dict, task cfg dict)`` of a fairseq checkpoint file."""
-    state = load_checkpoint_state(path)
+    state = load_checkpoint_state(path, trust=trust)
     cfg = state.get("cfg")
     if cfg is not None:
         cfg = _plain(cfg)
@@ -259,7 +308,7 @@ def convert_state_dict(sd: dict[str, torch.Tensor], model_cfg: dict, *, id_offse
 
 
 def export_fairseq(ckpt: str | os.PathLike, out: str | os.PathLike, *, tokenizer: Optional[str] = None,
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False, trust: bool = False) -> Path:
     """Write the HF folder OUT for the fairseq checkpoint CKPT; returns OUT."""
     from safetensors.torch import save_file
     from transformers import AutoTokenizer, RobertaConfig, RobertaForMaskedLM
@@ -267,7 +316,7 @@ def export_fairseq(ckpt: str | os.PathLike, out: str | os.PathLike, *, tokenizer
     out = Path(out)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
         raise FairseqExportError(f"{out}: already exists; choose another OUT or pass --overwrite")
-    sd, model_cfg, task_cfg = load_checkpoint(ckpt)
+    sd, model_cfg, task_cfg = load_checkpoint(ckpt, trust=trust)
     root, tok_dir = find_databin(task_cfg, tokenizer)
     if not tok_dir.is_dir():
         raise FairseqExportError(f"{tok_dir}: tokenizer folder not found")

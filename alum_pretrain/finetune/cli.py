@@ -26,6 +26,7 @@ checkpoint.pt (resumed automatically when present)."""
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = parse_config(FinetuneConfig, argv, prog="alum-finetune", description=DESCRIPTION, aliases=ALIASES)
+    from .methods.base import NonFiniteError
     from .trainer import finetune
 
     try:
@@ -33,6 +34,10 @@ def main(argv=None) -> int:
     except ValueError as exc:
         print(f"alum-finetune: error: {exc}", file=sys.stderr)
         return 2
+    except NonFiniteError as exc:  # diverged: checkpoint.pt / best/ hold the last finite state
+        print(f"alum-finetune: error: {exc}; {cfg.run.out}/checkpoint.pt holds the last finished epoch - "
+              "lower --optim.lr", file=sys.stderr)
+        return 3
     best = res["best"]
     if best is not None:
         print(f"best dev {res['metric']} = {best['score']:.4f} (epoch {best['epoch'] + 1}); "

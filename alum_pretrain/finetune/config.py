@@ -109,6 +109,10 @@ class RunConfig:
     progress: bool = opt(True, "show tqdm progress bars")
     stop_after_epochs: int = opt(0, "leave after this many epochs in this invocation (0 = run to the end); "
                                     "the next invocation with the same --out resumes (time-limited jobs)")
+    max_nonfinite: int = opt(5, "stop (exit code 3) after this many consecutive updates whose gradient norm "
+                                "is NaN/Inf; such updates are skipped (no optimizer or LR-schedule step)")
+    trust_checkpoint: bool = opt(False, "resume an OUT/checkpoint.pt that needs the full unpickler (written "
+                                        "before weights_only-safe checkpoints); unpickling can run code")
 
     def __post_init__(self) -> None:
         if self.method not in METHOD_NAMES:
@@ -123,6 +127,8 @@ class RunConfig:
             raise ValueError("--run.stop_after_epochs must be >= 0")
         if self.log_every < 1:
             raise ValueError("--run.log_every must be >= 1")
+        if not isinstance(self.max_nonfinite, int) or self.max_nonfinite < 1:
+            raise ValueError(f"--run.max_nonfinite={self.max_nonfinite!r} must be an integer >= 1")
 
 
 @dataclass

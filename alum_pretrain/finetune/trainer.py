@@ -29,7 +29,10 @@ from tqdm.auto import tqdm
 from ..config import config_to_dict
 from .config import FinetuneConfig
 from .data import EncodedDataset, Example, collate, encode, read_examples, substitution_candidates
+from ..integrity import (IntegrityError, first_nonfinite, previous_path, safe_torch_load, torch_save_verified,
+                         verify_file)
 from .methods import Method, TrainContext, build_method
+from .methods.base import NonFiniteError
 from .metrics import compute_metrics
 from .tasks import TaskSpec, get_task
 
@@ -173,27 +176,49 @@ def save_hf(model, tokenizer, out: Path) -> None:
 
 
 def _rng_state() -> dict:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
+    # tensors and plain types only (numpy's key array as a tensor): checkpoint.pt loads with weights_only=True
+    from ..engine.checkpoint import rng_state
+
+    return rng_state()
 
 
 def _set_rng_state(st: dict) -> None:
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
+    from ..engine.checkpoint import set_rng_state
+
+    set_rng_state(st)
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Temp name + fsync + size/CRC-32 sidecar (``checkpoint.pt.json``); the previous file is kept as
+    ``checkpoint.prev.pt`` until the next save, as the fallback when this one turns out damaged."""
+    torch_save_verified(obj, path)
+
+
+def load_resume_state(path: Path, device, trust: bool = False) -> Optional[dict]:
+    """The newest intact of ``checkpoint.pt`` / ``checkpoint.prev.pt`` (verified: size, checksum, safe
+    unpickling, finite weights), warning with the file and reason for a damaged one; None when neither
+    exists, ValueError naming both when neither is usable."""
+    problems = []
+    for cand in (path, previous_path(path)):
+        if not cand.is_file():
+            continue
+        try:
+            verify_file(cand)
+            state = safe_torch_load(cand, map_location=device, trust=trust, what="fine-tuning checkpoint",
+                                    trust_flag="--run.trust_checkpoint=true")
+            if not isinstance(state, dict) or "model" not in state:
+                raise IntegrityError(f"{cand}: not an alum-finetune checkpoint (no 'model')")
+            bad = first_nonfinite(state["model"])
+            if bad is not None:
+                raise IntegrityError(f"{cand}: weight {bad} holds NaN/Inf")
+            return state
+        except IntegrityError as e:
+            problems.append(str(e))
+            log.warning("checkpoint %s is unusable: %s; trying the previous one", cand, e)
+    if problems:
+        raise ValueError("no intact fine-tuning checkpoint to resume from:\n  " + "\n  ".join(problems)
+                         + "\nremove them (or pass --run.resume=never) to start over")
+    return None
 
 
 def _setup_distributed(device_pref: str) -> tuple[int, int, torch.device]:
@@ -268,12 +293,13 @@ def finetune(cfg: FinetuneConfig) -> dict:
     scheduler = linear_schedule(optimizer, int(math.ceil(cfg.optim.warmup_ratio * total_steps)), total_steps)
     ctx = TrainContext(model=model, optimizer=optimizer, scheduler=scheduler, grad_clip=cfg.optim.grad_clip,
                        regression=spec.is_regression,
-                       extra_params=[p for m in method.modules() for p in m.parameters()])
+                       extra_params=[p for m in method.modules() for p in m.parameters()],
+                       max_nonfinite=cfg.run.max_nonfinite)
 
     start_epoch, history, best = 0, [], None
     ckpt_path = out / "checkpoint.pt"
-    if cfg.run.resume == "auto" and ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+    state = load_resume_state(ckpt_path, device, cfg.run.trust_checkpoint) if cfg.run.resume == "auto" else None
+    if state is not None:
         for key in ("method", "task", "path"):
             was = {"method": state["config"]["run"]["method"], "task": state["config"]["data"]["task"],
                    "path": state["config"]["model"]["path"]}[key]
@@ -326,10 +352,14 @@ def finetune(cfg: FinetuneConfig) -> dict:
                 write_predictions(out / f"predictions_dev.{cfg.run.predictions_format}", dev_ex, dev_logits, spec,
                                   cfg.run.predictions_format)
             history.append({"epoch": epoch, "train": last_logged, "dev": dev_metrics,
-                            "optimizer_steps": ctx.optimizer_steps})
+                            "optimizer_steps": ctx.optimizer_steps, "nonfinite_skipped": ctx.nonfinite_skipped})
             log.info("epoch %d dev %s%s", epoch + 1, json.dumps(dev_metrics), " (best)" if improved else "")
             if show:
                 tqdm.write(f"epoch {epoch + 1}: dev {spec.metric}={score:.4f}{' (best)' if improved else ''}")
+            bad = first_nonfinite(model.state_dict())
+            if bad is not None:  # never checkpoint a diverged model (the skip guard should make this unreachable)
+                raise NonFiniteError(f"epoch {epoch + 1}: weight {bad} holds NaN/Inf; {ckpt_path} keeps the "
+                                     "previous epoch")
             _atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                 "scheduler": scheduler.state_dict(), "method": method.state_dict(),
                                 "rng": _rng_state(), "epoch": epoch, "history": history, "best": best,

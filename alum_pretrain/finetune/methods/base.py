@@ -120,6 +120,10 @@ def sync_grads_fixed_order(params: list[torch.Tensor], world_size: int) -> None:
         offset += n
 
 
+class NonFiniteError(RuntimeError):
+    """Fine-tuning diverged: NaN/Inf gradients for ``--run.max_nonfinite`` consecutive updates."""
+
+
 @dataclass
 class TrainContext:
     """What a method needs to run one update (built once by the trainer)."""
@@ -132,6 +136,9 @@ class TrainContext:
     step_seed: int = 0            # set by the trainer before each batch: deterministic per (seed, step)
     extra_params: list = field(default_factory=list)   # method-owned trainable params (RIFT heads)
     optimizer_steps: int = 0      # incremented by optimizer_step()
+    max_nonfinite: int = 5        # consecutive NaN/Inf-gradient steps before NonFiniteError
+    nonfinite_skipped: int = 0    # updates skipped for a NaN/Inf gradient norm (loss NaN -> gradient NaN)
+    nonfinite_run: int = 0
 
     @property
     def device(self) -> torch.device:
@@ -161,13 +168,26 @@ class TrainContext:
         sync_grads_fixed_order(self.params(), dist.get_world_size())
 
     def optimizer_step(self) -> torch.Tensor:
-        """all-reduce -> clip -> optimizer step -> LR-schedule step -> zero grads; returns the grad norm."""
+        """all-reduce -> clip -> optimizer step -> LR-schedule step -> zero grads; returns the grad norm.
+
+        A NaN/Inf gradient norm (global after the all-reduce, so every process agrees) skips the update and
+        the schedule step; ``max_nonfinite`` consecutive skips raise :class:`NonFiniteError`."""
         self.sync_grads()
         params = self.params()
         if self.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
         else:
             norm = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        if not bool(torch.isfinite(norm)):  # one host sync per update
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_skipped += 1
+            self.nonfinite_run += 1
+            if self.nonfinite_run >= self.max_nonfinite:
+                raise NonFiniteError(
+                    f"update {self.optimizer_steps + 1}: the gradient norm was NaN/Inf for {self.nonfinite_run} "
+                    f"consecutive updates (--run.max_nonfinite={self.max_nonfinite}); they were skipped")
+            return norm.detach()
+        self.nonfinite_run = 0
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
