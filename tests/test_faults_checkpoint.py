@@ -279,7 +279,7 @@ def test_fp16_overflow_step_is_not_logged_as_inf(databin, tmp_path):
                 k_steps = 1
 
     acc = Accumulator(_R())
-    batch = {"n_tokens": 10, "n_masked": 2, "n_maskable": 8}
+    batch = {"n_tokens": 10, "n_masked": 2, "n_maskable": 8, "input_ids": torch.zeros(2, 5, dtype=torch.long)}
     for gn, loss_ok, grad_ok in ((2.0, True, True), (float("inf"), True, False), (4.0, True, True),
                                  (float("nan"), False, False)):
         acc.add({"mlm": torch.tensor(1.0 if loss_ok else float("nan"))}, batch)
