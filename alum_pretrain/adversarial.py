@@ -298,6 +298,7 @@ def scale_free_input_grad(
     loss_fn: Callable[[tuple], torch.Tensor],
     wrt: torch.Tensor,
     target: float = ASCENT_GRAD_TARGET,
+    per_example: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``d loss_fn(outputs) / d wrt`` computed so that 16-bit backward passes cannot underflow it.
 
@@ -312,6 +313,10 @@ def scale_free_input_grad(
        autocast an overflow (non-finite result) redoes the pass with a 2**8 smaller target, at most
        twice (that check is a host sync, fp16 outputs only).
 
+    ``per_example``: every output's dim 0 is the example axis of ``wrt`` and examples do not interact
+    (a sequence classifier): each example gets its own scale, so a confidently classified example whose
+    loss gradient is 1e-6 of its neighbours' is not flushed to zero; its direction is exact.
+
     Returns ``(grad, finite)``: ``grad`` in at least float32, divided back by the scale (so it equals the
     plain gradient up to rounding), ``finite`` a 0-dim bool tensor.  A loss whose output gradient is
     all zero gives a zero gradient; a non-finite one gives ``finite = False``.
@@ -325,18 +330,31 @@ def scale_free_input_grad(
     wdt = _work_dtype(wrt.dtype)
     if not pairs:
         return torch.zeros(wrt.shape, dtype=wdt, device=wrt.device), torch.ones((), dtype=torch.bool, device=wrt.device)
-    gmax = torch.stack([g.abs().amax() if g.numel() else g.new_zeros(()) for _, g in pairs]).amax()  # 0-dim
-    finite_z = torch.isfinite(gmax)
+    if per_example:
+        b = wrt.shape[0]
+        for o, _ in pairs:
+            if o.dim() == 0 or o.shape[0] != b:
+                raise ValueError(f"scale_free_input_grad(per_example=True): output shape {tuple(o.shape)} has no "
+                                 f"leading example axis of size {b}")
+        gmax = torch.stack([g.abs().reshape(b, -1).amax(1) if g.numel() else g.new_zeros(b)
+                            for _, g in pairs]).amax(0)  # (B,)
+    else:
+        gmax = torch.stack([g.abs().amax() if g.numel() else g.new_zeros(()) for _, g in pairs]).amax()  # 0-dim
+    finite_z = torch.isfinite(gmax).all()
     # A zero (or non-finite) output gradient: scale 1 (the result is 0, resp. flagged below).
-    safe = torch.where(finite_z & (gmax > 0), gmax, torch.ones_like(gmax))
+    safe = torch.where(torch.isfinite(gmax) & (gmax > 0), gmax, torch.ones_like(gmax))
     half = any(o.dtype == torch.float16 for o, _ in pairs)
     tgt = float(target)
     for attempt in range(_FP16_RETRIES + 1 if half else 1):
-        scale = tgt / safe  # 0-dim, float32 or float64
-        grads = [(g * scale).to(o.dtype) for o, g in pairs]
+        scale = tgt / safe  # 0-dim (or (B,) per example), float32 or float64
+
+        def bcast(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+            return x.reshape(x.shape + (1,) * (like.dim() - x.dim()))
+
+        grads = [(g * bcast(scale, g)).to(o.dtype) for o, g in pairs]
         (gw,) = torch.autograd.grad([o for o, _ in pairs], wrt, grad_outputs=grads,
                                     retain_graph=half and attempt < _FP16_RETRIES)
-        gw = gw.to(wdt) / scale.to(wdt)
+        gw = gw.to(wdt) / bcast(scale.to(wdt), gw)
         finite = finite_z & torch.isfinite(gw).all()
         if not half or attempt == _FP16_RETRIES or bool(finite) or not bool(finite_z):
             break
@@ -555,6 +573,7 @@ def alum_regularizer(
     generator: GeneratorArg = None,
     divergence: Optional[Divergence] = None,
     baseline: Optional[bool] = None,
+    per_example_scale: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The ALUM term R (Algorithm 1 lines 3-8), to be added as ``task_loss + cfg.alpha * R``.
 
@@ -569,7 +588,9 @@ def alum_regularizer(
     e.g. from ``masking.step_generator`` with its own stream), or a list of one generator per sample (see
     :func:`init_delta`).  ``divergence(adv_logits, clean_logits)``: per head; default
     ``get_divergence(cfg.divergence)``.  ``baseline``: also compute ``adv_dropout`` (default
-    ``cfg.log_baseline``).
+    ``cfg.log_baseline``).  ``per_example_scale``: the logits' dim 0 is the batch axis of ``embeds``
+    (sequence classification, not the flat masked tokens of MLM): rescale each example's backward on its
+    own (see :func:`scale_free_input_grad`).
 
     **Precision.** The ascent gradient is :func:`scale_free_input_grad` of the divergence: its backward
     starts from output gradients rescaled to a fixed maximum, so neither a tiny divergence nor the
@@ -621,7 +642,8 @@ def alum_regularizer(
         # rescaled backward (fp16 cannot underflow it); input-only: no param .grad, no DDP sync.
         g, finite = scale_free_input_grad(
             [a if c is not None else None for a, c in zip(adv, clean)],
-            lambda outs: _sum_divergence(outs, clean, divergence, detach_clean=True), delta)
+            lambda outs: _sum_divergence(outs, clean, divergence, detach_clean=True), delta,
+            per_example=per_example_scale)
         # Line 6; a non-finite gradient skips this update (delta keeps its value) and is counted.
         stepped = ascent_step(delta.detach(), torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0), cfg, mask)
         delta = torch.where(finite, stepped, delta.detach()).detach()

@@ -15,6 +15,16 @@ from .metrics import METRICS
 from .tasks import TASK_NAMES
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def amp_dtype(precision: str):
+    """``fp32`` -> None (no autocast), ``bf16`` -> torch.bfloat16, ``fp16`` -> torch.float16."""
+    import torch
+
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
 def _dropout(name: str, v: Optional[float]) -> None:
     if v is not None and not 0.0 <= v < 1.0:
         raise ValueError(f"--model.{name}={v} must be in [0, 1) (or none to keep the checkpoint's value)")
@@ -109,6 +119,9 @@ class RunConfig:
     progress: bool = opt(True, "show tqdm progress bars")
     stop_after_epochs: int = opt(0, "leave after this many epochs in this invocation (0 = run to the end); "
                                     "the next invocation with the same --out resumes (time-limited jobs)")
+    precision: str = opt("fp32", "fp32, or bf16/fp16 autocast (A100/H100: bf16; V100: fp16, which adds a "
+                                 "dynamic GradScaler); float32 weights either way, so the 1e-5 perturbations "
+                                 "of SMART/ALUM survive")
 
     def __post_init__(self) -> None:
         if self.method not in METHOD_NAMES:
@@ -123,6 +136,8 @@ class RunConfig:
             raise ValueError("--run.stop_after_epochs must be >= 0")
         if self.log_every < 1:
             raise ValueError("--run.log_every must be >= 1")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--run.precision={self.precision!r} must be one of {', '.join(PRECISIONS)}")
 
 
 @dataclass

@@ -94,6 +94,12 @@ class TrainContext:
     step_seed: int = 0            # set by the trainer before each batch: deterministic per (seed, step)
     extra_params: list = field(default_factory=list)   # method-owned trainable params (RIFT heads)
     optimizer_steps: int = 0      # incremented by optimizer_step()
+    scaler: Optional[object] = None   # torch.amp.GradScaler for fp16 autocast (None: fp32/bf16)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()``, through the GradScaler when there is one (fp16).  Input gradients read
+        from ``.grad`` afterwards (FreeLB, FreeAT) carry the scale: normalise them, never use their size."""
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     @property
     def device(self) -> torch.device:
@@ -136,11 +142,17 @@ class TrainContext:
         """all-reduce -> clip -> optimizer step -> LR-schedule step -> zero grads; returns the grad norm."""
         self.sync_grads()
         params = self.params()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)   # true gradients for clipping and the norm
         if self.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
         else:
             norm = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)   # skipped when the scaled gradients overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -180,7 +192,7 @@ class Method:
         embeds = word_embeddings(ctx.model, batch)                  # (B, T, H)
         logits = forward_from_embeds(ctx.model, embeds, batch)      # (B, C)
         loss = task_loss(logits, batch["labels"], self.regression)
-        loss.backward()
+        ctx.backward(loss)
         gnorm = ctx.optimizer_step()
         return {"loss": loss.detach(), "grad_norm": gnorm}
 
