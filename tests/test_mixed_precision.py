@@ -467,15 +467,14 @@ def small_databin(tmp_path_factory):
 @pytest.mark.fairseq
 @requires_fairseq
 def test_fairseq_criterion_refuses_pure_half_and_takes_amp(small_databin):
-    task, model, cfg = _fairseq_setup(small_databin)
-    task.build_criterion(cfg.criterion)  # fp32 (and --amp, which keeps fp32 weights): accepted
-    for flag in ("fp16", "bf16", "memory_efficient_fp16"):
-        cfg.common[flag] = True  # what --fp16 / --bf16 / --memory-efficient-fp16 set
+    task, model, cfg = _fairseq_setup(small_databin, "--amp")
+    task.build_criterion(cfg.criterion)  # --amp keeps fp32 weights: accepted
+    for flag in ("--fp16", "--bf16", "--memory-efficient-fp16"):
+        task, model, cfg = _fairseq_setup(small_databin, flag)
+        assert cfg.common[flag[2:].replace("-", "_")]
         with pytest.raises(ValueError, match="--amp"):
             task.build_criterion(cfg.criterion)
-        cfg.common[flag] = False
-    cfg.common.fp16 = True
-    cfg.criterion.alum_alpha = 0.0
+    task, model, cfg = _fairseq_setup(small_databin, "--fp16", "--alum-alpha", "0")
     task.build_criterion(cfg.criterion)  # plain MLM in pure fp16 is fine
 
 
