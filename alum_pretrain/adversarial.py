@@ -51,8 +51,7 @@ model.get_input_embeddings()(input_ids)`` and ``forward_fn = lambda e: model(inp
 the engine with a forward hook on the embeddings module.  This module does not care which: the
 projection and normalisation are per token over the last (hidden) dimension in both cases.
 
-**Differences from the authors' code (namisan/mt-dnn, v0.2 ``alum/``; see
-shared/papers/implementations-adversarial.md).**
+**Differences from the authors' code (namisan/mt-dnn, v0.2 ``alum/``).**
 
 * The epsilon-ball projection of Algorithm 1 line 6 is kept (``projection: linf``, the paper).
   mt-dnn has no projection: it normalises ``delta + eta*g`` to unit per-token L_inf norm, so its
@@ -66,19 +65,23 @@ shared/papers/implementations-adversarial.md).**
 * Padding positions of delta are zero at init and after every step (mt-dnn ignores its mask).
 * A non-finite ascent gradient does not silently drop the adversarial term (mt-dnn ``return 0``):
   the ascent update of that step is skipped (delta keeps its previous value), the final term is still
-  computed, and ``metrics["ascent_nonfinite"]`` counts the skipped steps (no host sync needed).
+  computed, and ``metrics["ascent_nonfinite"]`` counts the skipped steps (no host sync needed).  A
+  non-finite final term R is *not* added (it would poison every gradient) and is counted in
+  ``metrics["adv_nonfinite"]``.
 * Gradients of R reach the word-embedding parameters (``embeds`` is not detached in the final pass),
   as in mt-dnn fine-tuning; the v0.2 pre-training criterion detached them.
 
-**SymKL and its stop-gradients.** ``symmetric_kl(p, q) = KL(p || sg(q)) + KL(q || sg(p))`` in float32
-via ``log_softmax``, averaged over rows (masked tokens for MLM, batch items for NSP).  Its value is
-KL(p||q) + KL(q||p); the gradient reaches ``p`` through the first term and ``q`` through the second, so
-the final term trains both the adversarial and the clean graph.  In the ascent ``clean`` is detached,
-so only the first term drives delta.  (mt-dnn, SiFT and fairseq's R-Drop put the gradient on the other
-argument, ``KL(sg(q) || p)``, the cross-entropy form.  The value is the same, and at ``p ~= q`` - the
-regime of eps = 1e-5 without dropout - both gradients equal the Fisher metric times ``(p - q)`` to first
-order; they differ when dropout makes the two passes far apart.  ``divergence=`` accepts any other
-choice.)
+**SymKL and its stop-gradients** (``cfg.divergence``).  Both forms are computed in float32 via
+``log_softmax``, averaged over rows (masked tokens for MLM, batch items for NSP), and have the value
+KL(p||q) + KL(q||p).  ``sym_kl_ce`` (default): :func:`symmetric_kl_ce` = ``KL(sg(q) || p) + KL(sg(p) ||
+q)``, the cross-entropy form of the authors' mt-dnn code, SMART, SiFT and R-Drop, whose gradient w.r.t.
+p's logits is ``p - q``.  ``sym_kl``: :func:`symmetric_kl` = ``KL(p || sg(q)) + KL(q || sg(p))``.  The
+gradient reaches ``p`` through the first term and ``q`` through the second, so the final term trains
+both the adversarial and the clean graph; in the ascent ``clean`` is detached, so only the first term
+drives delta.  At ``p ~= q`` both gradients equal the Fisher metric times ``(p - q)`` to first order;
+they differ when dropout and confident predictions make the two passes far apart (per-token cosine of
+the two ascent gradients ~0.9 at logits x10 of an untrained tiny BERT, ~0.6 at x30), hence the
+authors' form by default.  ``divergence=`` accepts any other choice.
 
 **Mixed precision.** sigma = epsilon = 1e-5 is below the resolution of fp16/bf16 for O(0.01-1)
 activations (bf16 has 8 mantissa bits: one ulp at 0.05 is ~2e-4), so a half-precision ``delta`` or a
@@ -88,8 +91,14 @@ half-precision ``embeds + delta`` would round the perturbation away before the m
 embedding lookup returns float32, the cast is a no-op and the perturbed embeddings enter the model in
 float32 (the embedding sum and LayerNorm also run in float32 under autocast); later low-precision matmuls
 quantise what they receive, which is inherent to 16-bit training.  If the whole model is in bf16/fp16
-(``model.half()``), the perturbed input is necessarily rounded to that dtype - prefer autocast.
-Divergences are always computed in float32 (:func:`symmetric_kl` upcasts).  Note that with the paper's
+(``model.half()``, fairseq ``--fp16``/``--bf16``), the perturbed input is necessarily rounded to that
+dtype: :func:`alum_regularizer` refuses it when epsilon is below half an ulp - use autocast.
+Divergences are always computed in float32 (:func:`symmetric_kl` upcasts).  The ascent gradient is
+taken from a rescaled backward (:func:`scale_free_input_grad`): GradScaler only scales the final
+backward, and the ascent loss (a divergence of ~1e-3 with dropout, ~1e-10 without, further divided by
+the global masked-token count in the native engine) would otherwise be flushed to zero by fp16 on most
+tokens.  A 16-bit perturbation point too coarse for epsilon is refused
+(:func:`check_perturbation_resolution`).  Note that with the paper's
 sigma = eps = 1e-5 and no dropout (eval mode) the SymKL between the clean and the perturbed pass is
 ~1e-10, at the float32 rounding floor of log-softmax, so the ascent direction is partly rounding noise;
 in training mode the independent dropout masks of the passes make them differ far more and dominate the

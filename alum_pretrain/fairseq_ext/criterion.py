@@ -1,6 +1,6 @@
 """fairseq criterion ``alum_masked_lm``: masked-only MLM (+ NSP) loss + alpha * ALUM term.
 
-Per micro-batch (DESIGN "The ALUM step"; Liu et al. 2020, Eq. 3 / Algorithm 1):
+Per micro-batch (Liu et al. 2020, Eq. 3 / Algorithm 1):
 
 1. clean pass through the (possibly DDP-wrapped) model: ``model(src_tokens, masked_tokens=...)`` - the
    RoBERTa LM head projects only the masked positions.  A forward hook *captures* the perturbation
