@@ -33,6 +33,7 @@ from alum_pretrain.adversarial import (
     symmetric_kl_ce,
 )
 from conftest import requires_fairseq
+from test_finetune_cli import sst_files, tiny_dir  # noqa: F401  (fixtures)
 
 HALF = [torch.float16, torch.bfloat16]
 
@@ -511,3 +512,31 @@ def test_fairseq_criterion_under_autocast_and_per_sample_noise(small_databin, dt
         _, _, lg = crit(model, part)
         halves.append(float(lg["adv"]))
     assert sum(halves) == pytest.approx(float(log_all["adv"]), rel=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------
+# alum-finetune end to end under --run.precision (GradScaler state survives a resume)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision", ["fp16"])  # bf16 is the same path without the GradScaler
+def test_finetune_precision_end_to_end_and_resume(tiny_dir, sst_files, tmp_path, precision):
+    from alum_pretrain.finetune.trainer import finetune
+    from test_finetune_cli import cfg_for
+
+    train, dev, _ = sst_files
+    over = {"run.method": "smart", "run.precision": precision, "model.hidden_dropout": 0.1, "run.log_every": 1}
+    full = finetune(cfg_for(tiny_dir, train, dev, tmp_path / "full", **over))
+    logged = full["history"][-1]["train"]
+    for k in ("adv", "ascent_nonfinite", "ascent_zero_grad_frac", "adv_nonfinite"):
+        assert k in logged, k
+    assert logged["ascent_zero_grad_frac"] <= 0.01 and math.isfinite(logged["loss"])
+    state = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
+    assert (state["scaler"] is not None) == (precision == "fp16")
+    finetune(cfg_for(tiny_dir, train, dev, tmp_path / "part", **over, **{"run.stop_after_epochs": 1}))
+    resumed = finetune(cfg_for(tiny_dir, train, dev, tmp_path / "part", **over))
+    a = state["model"]
+    b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=False)["model"]
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    assert resumed["history"][1]["dev"] == full["history"][1]["dev"]
