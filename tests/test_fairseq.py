@@ -112,6 +112,9 @@ def test_train_resume_curriculum_and_adv(databin, tmp_path):
         else:
             assert float(r["adv"]) > 0.0 and float(r["alum_on"]) == 1.0
             assert float(r["loss"]) > float(r["mlm_loss"])  # + alpha * R
+            # the ALUM diagnostics are logged on every ALUM update
+            assert float(r["ascent_zero_grad_frac"]) <= 0.01
+            assert float(r["ascent_nonfinite"]) == 0 and float(r["adv_nonfinite"]) == 0
     # Resume masks (and trains) exactly like the uninterrupted run.
     for r, f in zip(resumed, full):
         assert r["masked_frac"] == f["masked_frac"] and r["mask_rate"] == f["mask_rate"]
