@@ -540,3 +540,44 @@ def test_finetune_precision_end_to_end_and_resume(tiny_dir, sst_files, tmp_path,
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
     assert resumed["history"][1]["dev"] == full["history"][1]["dev"]
+
+
+# --------------------------------------------------------------------------------------------------
+# alum-train (native engine) end to end: the issue's command on a tiny data-bin
+# --------------------------------------------------------------------------------------------------
+
+
+def test_alum_train_fp16_logs_the_diagnostics(small_databin, tmp_path):
+    """``alum-train --model.preset tiny --train.precision fp16 --train.device cpu --alum.start_step 0
+    --alum.log_baseline true``: every ALUM log step has ascent_zero_grad_frac <= 0.01, ascent_nonfinite,
+    adv_nonfinite and adv_dropout."""
+    from engine_helpers import read_log, run_train
+
+    rc = run_train(small_databin, tmp_path / "run", 2, "--train.precision=fp16", "--train.device=cpu",
+                   "--alum.start_step=0", "--alum.log_baseline=true", "--train.eval_every=0")
+    assert rc == 0
+    recs = [r for r in read_log(tmp_path / "run") if r.get("alum") == 1.0]
+    assert len(recs) == 2
+    for r in recs:
+        assert r["ascent_zero_grad_frac"] <= 0.01
+        assert r["ascent_nonfinite"] == 0 and r["adv_nonfinite"] == 0
+        assert 0 < r["adv_dropout"] and math.isfinite(r["adv"])
+
+
+@pytest.mark.fairseq
+@requires_fairseq
+def test_fairseq_embedding_output_point_is_after_the_embedding_dropout(small_databin):
+    """--alum-perturb-at embedding_output taps the embedding block after LayerNorm AND dropout (as the
+    native engine's embeddings-module output): in train mode the captured tensor has dropout's zeros."""
+    from alum_pretrain.fairseq_ext.criterion import EmbeddingTap
+
+    task, model, cfg = _fairseq_setup(small_databin)
+    enc = model.encoder.sentence_encoder
+    tap = EmbeddingTap(model, "embedding_output")
+    assert tap.point is enc.dropout_module
+    src = torch.randint(5, 100, (3, 12))
+    model.train()
+    with tap.capture():
+        model(src, masked_tokens=src.ne(-1))
+    zeros = (tap.embeds == 0).float().mean().item()
+    assert 0.03 < zeros < 0.3, zeros  # dropout p = 0.1 zeroed about a tenth (LayerNorm output has no zeros)
