@@ -51,8 +51,7 @@ model.get_input_embeddings()(input_ids)`` and ``forward_fn = lambda e: model(inp
 the engine with a forward hook on the embeddings module.  This module does not care which: the
 projection and normalisation are per token over the last (hidden) dimension in both cases.
 
-**Differences from the authors' code (namisan/mt-dnn, v0.2 ``alum/``; see
-shared/papers/implementations-adversarial.md).**
+**Differences from the authors' code (namisan/mt-dnn, v0.2 ``alum/``).**
 
 * The epsilon-ball projection of Algorithm 1 line 6 is kept (``projection: linf``, the paper).
   mt-dnn has no projection: it normalises ``delta + eta*g`` to unit per-token L_inf norm, so its
@@ -66,19 +65,23 @@ shared/papers/implementations-adversarial.md).**
 * Padding positions of delta are zero at init and after every step (mt-dnn ignores its mask).
 * A non-finite ascent gradient does not silently drop the adversarial term (mt-dnn ``return 0``):
   the ascent update of that step is skipped (delta keeps its previous value), the final term is still
-  computed, and ``metrics["ascent_nonfinite"]`` counts the skipped steps (no host sync needed).
+  computed, and ``metrics["ascent_nonfinite"]`` counts the skipped steps (no host sync needed).  A
+  non-finite final term R is *not* added (it would poison every gradient) and is counted in
+  ``metrics["adv_nonfinite"]``.
 * Gradients of R reach the word-embedding parameters (``embeds`` is not detached in the final pass),
   as in mt-dnn fine-tuning; the v0.2 pre-training criterion detached them.
 
-**SymKL and its stop-gradients.** ``symmetric_kl(p, q) = KL(p || sg(q)) + KL(q || sg(p))`` in float32
-via ``log_softmax``, averaged over rows (masked tokens for MLM, batch items for NSP).  Its value is
-KL(p||q) + KL(q||p); the gradient reaches ``p`` through the first term and ``q`` through the second, so
-the final term trains both the adversarial and the clean graph.  In the ascent ``clean`` is detached,
-so only the first term drives delta.  (mt-dnn, SiFT and fairseq's R-Drop put the gradient on the other
-argument, ``KL(sg(q) || p)``, the cross-entropy form.  The value is the same, and at ``p ~= q`` - the
-regime of eps = 1e-5 without dropout - both gradients equal the Fisher metric times ``(p - q)`` to first
-order; they differ when dropout makes the two passes far apart.  ``divergence=`` accepts any other
-choice.)
+**SymKL and its stop-gradients** (``cfg.divergence``).  Both forms are computed in float32 via
+``log_softmax``, averaged over rows (masked tokens for MLM, batch items for NSP), and have the value
+KL(p||q) + KL(q||p).  ``sym_kl_ce`` (default): :func:`symmetric_kl_ce` = ``KL(sg(q) || p) + KL(sg(p) ||
+q)``, the cross-entropy form of the authors' mt-dnn code, SMART, SiFT and R-Drop, whose gradient w.r.t.
+p's logits is ``p - q``.  ``sym_kl``: :func:`symmetric_kl` = ``KL(p || sg(q)) + KL(q || sg(p))``.  The
+gradient reaches ``p`` through the first term and ``q`` through the second, so the final term trains
+both the adversarial and the clean graph; in the ascent ``clean`` is detached, so only the first term
+drives delta.  At ``p ~= q`` both gradients equal the Fisher metric times ``(p - q)`` to first order;
+they differ when dropout and confident predictions make the two passes far apart (per-token cosine of
+the two ascent gradients ~0.9 at logits x10 of an untrained tiny BERT, ~0.6 at x30), hence the
+authors' form by default.  ``divergence=`` accepts any other choice.
 
 **Mixed precision.** sigma = epsilon = 1e-5 is below the resolution of fp16/bf16 for O(0.01-1)
 activations (bf16 has 8 mantissa bits: one ulp at 0.05 is ~2e-4), so a half-precision ``delta`` or a
@@ -88,8 +91,14 @@ half-precision ``embeds + delta`` would round the perturbation away before the m
 embedding lookup returns float32, the cast is a no-op and the perturbed embeddings enter the model in
 float32 (the embedding sum and LayerNorm also run in float32 under autocast); later low-precision matmuls
 quantise what they receive, which is inherent to 16-bit training.  If the whole model is in bf16/fp16
-(``model.half()``), the perturbed input is necessarily rounded to that dtype - prefer autocast.
-Divergences are always computed in float32 (:func:`symmetric_kl` upcasts).  Note that with the paper's
+(``model.half()``, fairseq ``--fp16``/``--bf16``), the perturbed input is necessarily rounded to that
+dtype: :func:`alum_regularizer` refuses it when epsilon is below half an ulp - use autocast.
+Divergences are always computed in float32 (:func:`symmetric_kl` upcasts).  The ascent gradient is
+taken from a rescaled backward (:func:`scale_free_input_grad`): GradScaler only scales the final
+backward, and the ascent loss (a divergence of ~1e-3 with dropout, ~1e-10 without, further divided by
+the global masked-token count in the native engine) would otherwise be flushed to zero by fp16 on most
+tokens.  A 16-bit perturbation point too coarse for epsilon is refused
+(:func:`check_perturbation_resolution`).  Note that with the paper's
 sigma = eps = 1e-5 and no dropout (eval mode) the SymKL between the clean and the perturbed pass is
 ~1e-10, at the float32 rounding floor of log-softmax, so the ascent direction is partly rounding noise;
 in training mode the independent dropout masks of the passes make them differ far more and dominate the
@@ -108,6 +117,7 @@ token**, False/0 = padding (the HF ``attention_mask`` convention).  ``None`` = n
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
@@ -120,7 +130,13 @@ __all__ = [
     "ALUMConfig",
     "PROJECTIONS",
     "PERTURB_AT",
+    "DIVERGENCES",
     "symmetric_kl",
+    "symmetric_kl_ce",
+    "get_divergence",
+    "scale_free_input_grad",
+    "zero_grad_fraction",
+    "check_perturbation_resolution",
     "init_delta",
     "normalize_grad",
     "project",
@@ -132,6 +148,7 @@ __all__ = [
 
 PROJECTIONS = ("linf", "l2", "none")
 PERTURB_AT = ("word", "embedding_output")
+DIVERGENCES = ("sym_kl", "sym_kl_ce")
 
 Logits = Optional[torch.Tensor]
 LogitsTuple = Union[torch.Tensor, Sequence[Logits]]
@@ -162,6 +179,15 @@ class ALUMConfig:
                                   "embedding LayerNorm, mt-dnn's placement)")
     start_step: int = opt(0, "optimizer step at which ALUM switches on (the paper's curriculum: "
                              "standard training first)")
+    divergence: str = opt("sym_kl_ce", "form of the symmetric KL: sym_kl_ce = KL(sg(q)||p) + KL(sg(p)||q) "
+                                       "(the authors' mt-dnn code, SMART, R-Drop: gradient p - q on the "
+                                       "logits) or sym_kl = KL(p||sg(q)) + KL(q||sg(p)); same value, "
+                                       "different gradient when dropout makes the passes differ")
+    include_nsp: bool = opt(False, "also put the NSP distribution into R (the paper defines R on the MLM "
+                                   "distributions only)")
+    log_baseline: bool = opt(False, "also compute adv_dropout = R with delta = 0 under the same dropout "
+                                    "masks as the real adversarial pass (one extra no-grad forward), so "
+                                    "adv - adv_dropout is the adversarial share of R")
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -186,6 +212,11 @@ class ALUMConfig:
             raise bad("projection", f"must be one of {', '.join(PROJECTIONS)}")
         if self.perturb_at not in PERTURB_AT:
             raise bad("perturb_at", f"must be one of {', '.join(PERTURB_AT)}")
+        if self.divergence not in DIVERGENCES:
+            raise bad("divergence", f"must be one of {', '.join(DIVERGENCES)}")
+        for name in ("include_nsp", "log_baseline"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "must be true or false")
 
     def active(self, step: int) -> bool:
         """True when the adversarial term is on at optimizer step ``step`` (alpha > 0 and step >= start_step)."""
@@ -224,6 +255,166 @@ inputs).  The value is
     # KL(q || sg p): gradient into q only.
     kl_qp = (logq.exp() * (logq - lp_sg)).sum(-1)  # (N,)
     return (kl_pq + kl_qp).sum() / n
+
+
+def symmetric_kl_ce(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """SymKL in the cross-entropy form: KL(sg(q) || p) + KL(sg(p) || q), float32, averaged over rows.
+
+    The form of the ALUM authors' code (mt-dnn ``SymKlCriterion``), SMART and R-Drop.  Same value as
+    :func:`symmetric_kl`; the gradient w.r.t. ``p``'s logits is ``p - q`` (per row, before the mean), the
+    softmax cross-entropy gradient, and symmetrically for ``q``.  Zero rows give a differentiable 0.
+    """
+    if p_logits.shape != q_logits.shape:
+        raise ValueError(f"symmetric_kl_ce: shapes differ: p {tuple(p_logits.shape)} vs q {tuple(q_logits.shape)}")
+    if p_logits.dim() == 0:
+        raise ValueError("symmetric_kl_ce: logits need a class dimension (..., C)")
+    c = p_logits.shape[-1]
+    dt = _work_dtype(torch.promote_types(p_logits.dtype, q_logits.dtype))
+    logp = F.log_softmax(p_logits.to(dt).reshape(-1, c), dim=-1)  # (N, C)
+    logq = F.log_softmax(q_logits.to(dt).reshape(-1, c), dim=-1)  # (N, C)
+    n = logp.shape[0]
+    if n == 0:
+        return (logp.sum() + logq.sum()) * 0.0
+    lp_sg, lq_sg = logp.detach(), logq.detach()
+    kl_q_p = (lq_sg.exp() * (lq_sg - logp)).sum(-1)  # KL(sg q || p): gradient into p only, (N,)
+    kl_p_q = (lp_sg.exp() * (lp_sg - logq)).sum(-1)  # KL(sg p || q): gradient into q only, (N,)
+    return (kl_q_p + kl_p_q).sum() / n
+
+
+def get_divergence(name: str) -> "Divergence":
+    """``sym_kl`` -> :func:`symmetric_kl`, ``sym_kl_ce`` -> :func:`symmetric_kl_ce`."""
+    if name == "sym_kl":
+        return symmetric_kl
+    if name == "sym_kl_ce":
+        return symmetric_kl_ce
+    raise ValueError(f"divergence={name!r}: must be one of {', '.join(DIVERGENCES)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Precision: scale-free input gradients and the 16-bit resolution check
+# --------------------------------------------------------------------------------------------------
+
+#: The largest |d loss / d output| the rescaled backward of :func:`scale_free_input_grad` starts from.
+#: 2**10 leaves ~2**6 of fp16 headroom above it for the gain of the backward pass and ~2**34 below it
+#: before fp16 gradients go subnormal; on overflow the pass is redone 2**8 smaller (fp16 only).
+ASCENT_GRAD_TARGET = 2.0 ** 10
+_FP16_RETRY_FACTOR = 2.0 ** -8
+_FP16_RETRIES = 2
+
+
+def scale_free_input_grad(
+    outputs: Sequence[Optional[torch.Tensor]],
+    loss_fn: Callable[[tuple], torch.Tensor],
+    wrt: torch.Tensor,
+    target: float = ASCENT_GRAD_TARGET,
+    per_example: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``d loss_fn(outputs) / d wrt`` computed so that 16-bit backward passes cannot underflow it.
+
+    ``outputs``: the model outputs (logits, any dtype; None entries are passed through) of a graph that
+    depends on ``wrt``; ``loss_fn(outs)`` maps a tuple like ``outputs`` to a scalar.  Two stages:
+
+    1. the loss and its gradient ``g_z`` w.r.t. float32 copies of the outputs (cheap: only the loss
+       function is differentiated, in float32, so even a 1e-12 loss has an exact gradient);
+    2. one backward through the model with ``grad_outputs = g_z * target / max|g_z|``: the largest
+       output gradient is ``target`` whatever the loss scale (a per-token mean over 100k masked tokens,
+       or a divergence of 1e-10), which is what GradScaler does for the final backward.  Under fp16
+       autocast an overflow (non-finite result) redoes the pass with a 2**8 smaller target, at most
+       twice (that check is a host sync, fp16 outputs only).
+
+    ``per_example``: every output's dim 0 is the example axis of ``wrt`` and examples do not interact
+    (a sequence classifier): each example gets its own scale, so a confidently classified example whose
+    loss gradient is 1e-6 of its neighbours' is not flushed to zero; its direction is exact.
+
+    Returns ``(grad, finite)``: ``grad`` in at least float32, divided back by the scale (so it equals the
+    plain gradient up to rounding), ``finite`` a 0-dim bool tensor.  A loss whose output gradient is
+    all zero gives a zero gradient; a non-finite one gives ``finite = False``.
+    """
+    outs = tuple(outputs)
+    leaves = tuple(None if o is None else o.detach().to(_work_dtype(o.dtype)).requires_grad_(True) for o in outs)
+    loss = loss_fn(leaves)
+    used = [(o, leaf) for o, leaf in zip(outs, leaves) if o is not None]
+    gz = torch.autograd.grad(loss, [leaf for _, leaf in used], allow_unused=True)
+    pairs = [(o, g) for (o, _), g in zip(used, gz) if g is not None]
+    wdt = _work_dtype(wrt.dtype)
+    if not pairs:
+        return torch.zeros(wrt.shape, dtype=wdt, device=wrt.device), torch.ones((), dtype=torch.bool, device=wrt.device)
+    if per_example:
+        b = wrt.shape[0]
+        for o, _ in pairs:
+            if o.dim() == 0 or o.shape[0] != b:
+                raise ValueError(f"scale_free_input_grad(per_example=True): output shape {tuple(o.shape)} has no "
+                                 f"leading example axis of size {b}")
+        gmax = torch.stack([g.abs().reshape(b, -1).amax(1) if g.numel() else g.new_zeros(b)
+                            for _, g in pairs]).amax(0)  # (B,)
+    else:
+        gmax = torch.stack([g.abs().amax() if g.numel() else g.new_zeros(()) for _, g in pairs]).amax()  # 0-dim
+    finite_z = torch.isfinite(gmax).all()
+    # A zero (or non-finite) output gradient: scale 1 (the result is 0, resp. flagged below).
+    safe = torch.where(torch.isfinite(gmax) & (gmax > 0), gmax, torch.ones_like(gmax))
+    half = any(o.dtype == torch.float16 for o, _ in pairs)
+    tgt = float(target)
+    for attempt in range(_FP16_RETRIES + 1 if half else 1):
+        scale = tgt / safe  # 0-dim (or (B,) per example), float32 or float64
+
+        def bcast(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+            return x.reshape(x.shape + (1,) * (like.dim() - x.dim()))
+
+        grads = [(g * bcast(scale, g)).to(o.dtype) for o, g in pairs]
+        (gw,) = torch.autograd.grad([o for o, _ in pairs], wrt, grad_outputs=grads,
+                                    retain_graph=half and attempt < _FP16_RETRIES)
+        gw = gw.to(wdt) / bcast(scale.to(wdt), gw)
+        finite = finite_z & torch.isfinite(gw).all()
+        if not half or attempt == _FP16_RETRIES or bool(finite) or not bool(finite_z):
+            break
+        tgt *= _FP16_RETRY_FACTOR
+    return gw, finite
+
+
+def zero_grad_fraction(grad: torch.Tensor, pad_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Fraction of real tokens (``pad_mask`` True) whose gradient row (last dim) is entirely 0 (0-dim)."""
+    zero = (grad == 0).all(-1)  # (B, T)
+    if pad_mask is None:
+        return zero.float().mean() if zero.numel() else zero.new_zeros((), dtype=torch.float32)
+    w = pad_mask.to(device=grad.device).bool()
+    return (zero & w).sum().float() / w.sum().clamp_min(1).float()
+
+
+_MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7}
+
+
+def check_perturbation_resolution(embeds: torch.Tensor, epsilon: float, noise_std: float,
+                                  pad_mask: Optional[torch.Tensor] = None, where: str = "") -> None:
+    """Refuse a 16-bit perturbation point whose resolution cannot hold the perturbation.
+
+    When ``embeds`` (the tensor delta is added to) is float16/bfloat16 - a model cast to half precision,
+    as fairseq's ``--fp16``/``--bf16`` without ``--amp`` do - ``embeds + delta`` is rounded back to 16
+    bits.  If ``max(epsilon, noise_std)`` is below half the unit in the last place at the embeddings'
+    typical (median absolute, over real tokens) magnitude, most coordinates of delta round away and the
+    adversarial term silently measures nothing; raise a ``ValueError`` that says what to use instead.
+    float32/float64 ``embeds``: no check (no host sync).
+    """
+    bits = _MANTISSA_BITS.get(embeds.dtype)
+    if bits is None:
+        return
+    e = embeds.detach().float().abs()
+    if pad_mask is not None:
+        e = e[pad_mask.to(device=e.device).bool()]
+    e = e.reshape(-1)
+    e = e[e > 0]
+    if e.numel() == 0:
+        return
+    typical = float(e.median())
+    half_ulp = 2.0 ** (math.floor(math.log2(typical)) - bits) / 2
+    size = max(float(epsilon), float(noise_std))
+    if size < half_ulp:
+        name = "float16" if embeds.dtype == torch.float16 else "bfloat16"
+        raise ValueError(
+            f"{where or 'ALUM'}: the perturbation point is {name} (a model cast to 16 bits), and at the embeddings' "
+            f"typical magnitude {typical:.3g} half a {name} ulp is {half_ulp:.3g} > epsilon/noise_std {size:.3g}: "
+            f"embeds + delta would round the perturbation away. Keep float32 weights and use mixed precision "
+            f"instead (autocast: --train.precision/--run.precision bf16|fp16; fairseq: --amp, optionally with "
+            f"--amp-dtype bfloat16), or raise epsilon above {half_ulp:.3g}.")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -389,26 +580,46 @@ def alum_regularizer(
     cfg: ALUMConfig,
     pad_mask: Optional[torch.Tensor] = None,
     generator: GeneratorArg = None,
-    divergence: Divergence = symmetric_kl,
+    divergence: Optional[Divergence] = None,
+    baseline: Optional[bool] = None,
+    per_example_scale: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The ALUM term R (Algorithm 1 lines 3-8), to be added as ``task_loss + cfg.alpha * R``.
 
     ``forward_fn(perturbed_embeds) -> logits``: runs the model from the perturbation point with the same
     batch as the clean pass and returns logits with the same structure as ``clean_logits`` - a tensor or
     a tuple whose entries may be None (e.g. ``(mlm_logits_at_masked (N, V), nsp_logits (B, 2) or None)``).
-    It is called ``cfg.k_steps + 1`` times.  ``embeds``: ``(B, T, H)`` the clean embeddings at the
-    perturbation point, still attached to the graph of the embedding parameters (the final pass uses
-    them undetached so R trains the embeddings).  ``clean_logits``: from the clean pass, attached to its
-    graph (R back-propagates into them).  ``pad_mask``: ``(B, T)``, True/1 = real token.  ``generator``:
-    for the random start (pass a per-step generator for exact resume, e.g. from ``masking.step_generator``
-    with its own stream), or a list of one generator per sample (see :func:`init_delta`).  ``divergence(adv_logits, clean_logits)``: per head, default :func:`symmetric_kl`.
+    It is called ``cfg.k_steps + 1`` times (+1 no-grad call with ``baseline``).  ``embeds``: ``(B, T, H)``
+    the clean embeddings at the perturbation point, still attached to the graph of the embedding
+    parameters (the final pass uses them undetached so R trains the embeddings).  ``clean_logits``: from
+    the clean pass, attached to its graph (R back-propagates into them).  ``pad_mask``: ``(B, T)``,
+    True/1 = real token.  ``generator``: for the random start (pass a per-step generator for exact resume,
+    e.g. from ``masking.step_generator`` with its own stream), or a list of one generator per sample (see
+    :func:`init_delta`).  ``divergence(adv_logits, clean_logits)``: per head; default
+    ``get_divergence(cfg.divergence)``.  ``baseline``: also compute ``adv_dropout`` (default
+    ``cfg.log_baseline``).  ``per_example_scale``: the logits' dim 0 is the batch axis of ``embeds``
+    (sequence classification, not the flat masked tokens of MLM): rescale each example's backward on its
+    own (see :func:`scale_free_input_grad`).
+
+    **Precision.** The ascent gradient is :func:`scale_free_input_grad` of the divergence: its backward
+    starts from output gradients rescaled to a fixed maximum, so neither a tiny divergence nor the
+    caller's normalisation (e.g. by the global masked-token count) can underflow it in fp16; the
+    per-token normalisation of the update makes the scale irrelevant.  A 16-bit ``embeds`` whose
+    resolution cannot hold ``epsilon`` is refused (:func:`check_perturbation_resolution`).
 
     Returns ``(R, metrics)``; R is a float32 scalar differentiable w.r.t. the parameters through both the
-    adversarial forward and ``clean_logits``.  The ascent uses ``torch.autograd.grad(loss, delta)`` only:
-    no parameter ``.grad`` is written and no DDP hook fires.  ``metrics`` (0-dim tensors, no host sync):
-    ``adv`` (R detached), ``delta_linf`` / ``delta_l2`` (mean over real tokens of the per-token L_inf /
-    L2 norm of the final delta), ``ascent_grad_norm`` (L2 norm of the last ascent gradient; 0 if K=0, inf/nan if it was skipped),
-    ``ascent_nonfinite`` (number of ascent steps skipped because their gradient was not finite).
+    adversarial forward and ``clean_logits``.  A non-finite R is replaced by a graph-free 0 (the step then
+    trains on the task loss alone) and counted; this check is one host sync per call.  The ascent
+    uses ``torch.autograd.grad`` w.r.t. delta only: no parameter ``.grad`` is written and no DDP hook
+    fires.  ``metrics`` (0-dim tensors): ``adv`` (R detached, the non-finite value if it was dropped),
+    ``delta_linf`` / ``delta_l2`` (mean over real tokens of the per-token L_inf / L2 norm of the final
+    delta), ``ascent_grad_norm`` (L2 norm of the last ascent gradient; 0 if K=0, inf/nan if it was
+    skipped), ``ascent_nonfinite`` (ascent steps skipped because their gradient was not finite),
+    ``ascent_zero_grad_frac`` (fraction of real tokens whose ascent gradient was entirely 0, mean over
+    the K steps: those tokens keep their random start), ``adv_nonfinite`` (1 if R was not finite and
+    was not added), and with ``baseline`` ``adv_dropout``: R at delta = 0 with the *same* dropout masks
+    as the adversarial pass (the RNG state is forked, so training draws are unchanged), hence
+    ``adv - adv_dropout`` is the share of R due to delta rather than to dropout.
 
     Do not call this with ``cfg.alpha == 0``: alpha=0 means "standard training, no extra passes" and the
     caller (or :func:`alum_loss`) skips the call.
@@ -419,28 +630,55 @@ def alum_regularizer(
     if embeds.dim() < 2:
         raise ValueError(f"alum_regularizer: embeds must be (B, T, H) (or (..., H)), got {tuple(embeds.shape)}")
     mask = _check_pad_mask(pad_mask, embeds.shape[:-1], "alum_regularizer")
+    if divergence is None:
+        divergence = get_divergence(cfg.divergence)
+    if baseline is None:
+        baseline = cfg.log_baseline
+    check_perturbation_resolution(embeds, cfg.epsilon, cfg.noise_std, mask, "alum_regularizer")
 
     delta = init_delta(embeds, mask, cfg.noise_std, generator)  # (B, T, H) float32
     base = embeds.detach()  # the ascent must not build parameter gradients through the embedding lookup
     grad_norm = torch.zeros((), device=embeds.device)
     nonfinite = torch.zeros((), device=embeds.device)
+    zero_frac = torch.zeros((), device=embeds.device)
     for _ in range(cfg.k_steps):
         delta.requires_grad_(True)
-        adv = forward_fn(perturb(base, delta))
-        # Line 5: g = grad_delta l(f(x), f(x + delta)) against the *detached* clean logits.
-        loss = _sum_divergence(adv, clean, divergence, detach_clean=True)
-        (g,) = torch.autograd.grad(loss, delta)  # input-only: no param .grad, no DDP sync
-        finite = torch.isfinite(g).all()  # 0-dim bool tensor; no host sync
+        adv = _as_tuple(forward_fn(perturb(base, delta)))
+        if len(adv) != len(clean):
+            raise ValueError(f"forward_fn returned {len(adv)} logits tensors but clean_logits has {len(clean)}; "
+                             "forward_fn must return the same structure as clean_logits")
+        # Line 5: g = grad_delta l(f(x), f(x + delta)) against the *detached* clean logits, from a
+        # rescaled backward (fp16 cannot underflow it); input-only: no param .grad, no DDP sync.
+        g, finite = scale_free_input_grad(
+            [a if c is not None else None for a, c in zip(adv, clean)],
+            lambda outs: _sum_divergence(outs, clean, divergence, detach_clean=True), delta,
+            per_example=per_example_scale)
         # Line 6; a non-finite gradient skips this update (delta keeps its value) and is counted.
         stepped = ascent_step(delta.detach(), torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0), cfg, mask)
         delta = torch.where(finite, stepped, delta.detach()).detach()
         grad_norm = g.norm()  # inf/nan when the step was skipped
         nonfinite = nonfinite + (~finite).float()
+        zero_frac = zero_frac + zero_grad_fraction(g, mask) / cfg.k_steps
+        del adv, g
+
+    # Baseline (diagnostic only): R at delta = 0 under the dropout masks the adversarial pass below will
+    # draw - fork_rng restores the RNG afterwards, so both passes draw the same masks.
+    adv_dropout = None
+    if baseline:
+        devices = [embeds.device] if embeds.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            adv_dropout = _sum_divergence(forward_fn(perturb(base, torch.zeros_like(delta))), clean, divergence,
+                                          detach_clean=True).detach()
 
     # Lines 8: the adversarial pass on embeds + delta with embeds NOT detached, and R against the clean
     # logits NOT detached: gradients flow into both graphs.
     adv = forward_fn(perturb(embeds, delta.detach()))
     r = _sum_divergence(adv, clean, divergence, detach_clean=False)
+    r_value = r.detach()
+    adv_nonfinite = torch.zeros((), device=r.device)
+    if not bool(torch.isfinite(r_value)):  # host sync: a NaN/inf R must not reach the backward at all
+        r = torch.zeros((), dtype=r.dtype, device=r.device)
+        adv_nonfinite = adv_nonfinite + 1.0
 
     with torch.no_grad():
         d = delta.detach()
@@ -454,12 +692,16 @@ def alum_regularizer(
         else:
             delta_linf, delta_l2 = tok_linf.mean(), tok_l2.mean()
     metrics = {
-        "adv": r.detach(),
+        "adv": r_value,
         "delta_linf": delta_linf,
         "delta_l2": delta_l2,
         "ascent_grad_norm": grad_norm,
         "ascent_nonfinite": nonfinite,
+        "ascent_zero_grad_frac": zero_frac,
+        "adv_nonfinite": adv_nonfinite,
     }
+    if adv_dropout is not None:
+        metrics["adv_dropout"] = adv_dropout
     return r, metrics
 
 
@@ -472,7 +714,7 @@ def alum_loss(
     step: int,
     pad_mask: Optional[torch.Tensor] = None,
     generator: GeneratorArg = None,
-    divergence: Divergence = symmetric_kl,
+    divergence: Optional[Divergence] = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``task_loss + cfg.alpha * R`` when ``cfg.active(step)``, else ``task_loss`` unchanged.
 

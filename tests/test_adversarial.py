@@ -85,12 +85,14 @@ def ref_kl(p_logits, q_logits):
     return (p * (torch.log(p) - torch.log(q))).sum(-1).mean()
 
 
-def ref_symkl(p_logits, q_logits):
-    """KL(p || sg q) + KL(q || sg p)."""
-    return ref_kl(p_logits, q_logits.detach()) + ref_kl(q_logits, p_logits.detach())
+def ref_symkl(p_logits, q_logits, form="sym_kl_ce"):
+    """sym_kl: KL(p || sg q) + KL(q || sg p); sym_kl_ce (the default): KL(sg q || p) + KL(sg p || q)."""
+    if form == "sym_kl":
+        return ref_kl(p_logits, q_logits.detach()) + ref_kl(q_logits, p_logits.detach())
+    return ref_kl(q_logits.detach(), p_logits) + ref_kl(p_logits.detach(), q_logits)
 
 
-def ref_alum(model, ids, pad_mask, masked, clean, *, sigma, eps, eta, K, proj, seed):
+def ref_alum(model, ids, pad_mask, masked, clean, *, sigma, eps, eta, K, proj, seed, form="sym_kl_ce"):
     """Returns (R, delta) following Algorithm 1 literally, with the per-token max-abs normalised step."""
     e = model.word(ids)  # (B, T, H)
     g = torch.Generator().manual_seed(seed)
@@ -99,7 +101,7 @@ def ref_alum(model, ids, pad_mask, masked, clean, *, sigma, eps, eta, K, proj, s
     for _ in range(K):  # lines 4-7
         delta = delta.detach().requires_grad_(True)
         adv = model.from_embeds(e.detach() + delta, pad_mask, masked)
-        loss = ref_symkl(adv[0], clean[0].detach()) + ref_symkl(adv[1], clean[1].detach())
+        loss = ref_symkl(adv[0], clean[0].detach(), form) + ref_symkl(adv[1], clean[1].detach(), form)
         (gadv,) = torch.autograd.grad(loss, delta)  # line 5
         new = delta.detach().clone()
         for b in range(e.shape[0]):
@@ -116,7 +118,7 @@ def ref_alum(model, ids, pad_mask, masked, clean, *, sigma, eps, eta, K, proj, s
                         new[b, t] = new[b, t] * (eps / n)
         delta = new * keep
     adv = model.from_embeds(e + delta.detach(), pad_mask, masked)  # line 8
-    r = ref_symkl(adv[0], clean[0]) + ref_symkl(adv[1], clean[1])
+    r = ref_symkl(adv[0], clean[0], form) + ref_symkl(adv[1], clean[1], form)
     return r, delta.detach()
 
 
@@ -151,13 +153,15 @@ def grads_of(model):
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("form", ["sym_kl_ce", "sym_kl"])
 @pytest.mark.parametrize("proj", ["linf", "l2"])
 @pytest.mark.parametrize("K", [1, 2])
-def test_regularizer_matches_reference_float64(K, proj):
+def test_regularizer_matches_reference_float64(K, proj, form):
     # Larger sigma/eps/eta than the paper so that R and delta are far above rounding noise and the
     # projection is active (eta = 1e-2 per step vs eps = 1.5e-2).
     sigma, eps, eta, alpha, seed = 1e-2, 1.5e-2, 1e-2, 10.0, 1234
-    cfg = ALUMConfig(alpha=alpha, epsilon=eps, step_size=eta, noise_std=sigma, k_steps=K, projection=proj)
+    cfg = ALUMConfig(alpha=alpha, epsilon=eps, step_size=eta, noise_std=sigma, k_steps=K, projection=proj,
+                     divergence=form, include_nsp=True)
     ids, pad_mask, masked, labels, nsp_labels = make_batch()
     model = make_model()
 
@@ -171,7 +175,7 @@ def test_regularizer_matches_reference_float64(K, proj):
     e_ref = model.word(ids)
     clean_ref = model.from_embeds(e_ref, pad_mask, masked)
     r_ref, delta_ref = ref_alum(model, ids, pad_mask, masked, clean_ref, sigma=sigma, eps=eps, eta=eta,
-                                K=K, proj=proj, seed=seed)
+                                K=K, proj=proj, seed=seed, form=form)
     (task_loss_of(clean_ref, labels, nsp_labels) + alpha * r_ref).backward()
     g_ref = grads_of(model)
 
@@ -395,7 +399,7 @@ def test_ascent_writes_no_parameter_grad_and_fires_no_param_hook():
 def test_gradient_reaches_both_graphs():
     ids, pad_mask, masked, _, _ = make_batch()
     model = make_model()
-    cfg = ALUMConfig(noise_std=1e-2, epsilon=1e-2, step_size=1e-2)
+    cfg = ALUMConfig(noise_std=1e-2, epsilon=1e-2, step_size=1e-2, divergence="sym_kl")  # the hand formula below
     e = model.word(ids)
     e.retain_grad()
     mlm, nsp = model.from_embeds(e, pad_mask, masked)
@@ -457,7 +461,8 @@ def test_inactive_equals_plain_objective_and_never_calls_forward():
     assert len(calls) == 2
     r, _, _, _ = run_impl(model, ids, pad_mask, masked, cfg, seed=5)
     torch.testing.assert_close(loss, task + 10.0 * r)
-    assert set(metrics) == {"adv", "delta_linf", "delta_l2", "ascent_grad_norm", "ascent_nonfinite"}
+    assert set(metrics) == {"adv", "delta_linf", "delta_l2", "ascent_grad_norm", "ascent_nonfinite",
+                            "ascent_zero_grad_frac", "adv_nonfinite"}
     assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in metrics.values())
 
 

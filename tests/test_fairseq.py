@@ -112,6 +112,9 @@ def test_train_resume_curriculum_and_adv(databin, tmp_path):
         else:
             assert float(r["adv"]) > 0.0 and float(r["alum_on"]) == 1.0
             assert float(r["loss"]) > float(r["mlm_loss"])  # + alpha * R
+            # the ALUM diagnostics are logged on every ALUM update
+            assert float(r["ascent_zero_grad_frac"]) <= 0.01
+            assert float(r["ascent_nonfinite"]) == 0 and float(r["adv_nonfinite"]) == 0
     # Resume masks (and trains) exactly like the uninterrupted run.
     for r, f in zip(resumed, full):
         assert r["masked_frac"] == f["masked_frac"] and r["mask_rate"] == f["mask_rate"]
@@ -248,7 +251,9 @@ def test_criterion_alum_equals_core(databin, mode):
     from alum_pretrain.adversarial import ALUMConfig, alum_regularizer
     from alum_pretrain.masking import step_generator
 
-    task, model, criterion, sample = _setup(databin, "--sample-mode", mode)
+    # pairs: NSP also inside R (--alum-include-nsp); blocks: the paper's MLM-only R (the default)
+    extra = ("--alum-include-nsp",) if mode == "pairs" else ()
+    task, model, criterion, sample = _setup(databin, "--sample-mode", mode, *extra)
     sample = task.mask_sample(sample, 0.15, 7, 0)
     model.eval()  # no dropout: both computations see the same network
     criterion.train()  # ALUM only runs in training mode of the criterion
@@ -269,8 +274,9 @@ def test_criterion_alum_equals_core(databin, mode):
     e = enc.sentence_encoder.embed_tokens(src)  # (B, T, C) word embeddings
     clean = heads(e)
     cfg = ALUMConfig(alpha=10.0, epsilon=1e-2, step_size=1e-2, noise_std=1e-3, k_steps=1)
-    gen = step_generator(3, 7, int(sample["id"][0]), stream=1)
-    r_ref, _ = alum_regularizer(heads, e, clean, cfg, pad_mask=src.ne(task.dictionary.pad()), generator=gen)
+    gen = [step_generator(3, 7, int(i), stream=1) for i in sample["id"].tolist()]  # per-sample random start
+    r_ref, _ = alum_regularizer(heads, e, clean if mode == "pairs" else (clean[0], None), cfg,
+                                pad_mask=src.ne(task.dictionary.pad()), generator=gen)
     assert r_crit == pytest.approx(float(r_ref.detach()), rel=1e-4)
 
     # Total = sum CE_mlm (+ NSP mean * N) + alpha * R * N  (criterion docstring normalisation)

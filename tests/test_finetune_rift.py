@@ -112,9 +112,11 @@ def test_rift_update_matches_reference():
     E = ref_model.bert.embeddings.word_embeddings.weight
 
     def feats(m, e):
+        """logits and the official RIFT feature: the BERT pooler output tanh(W h_[CLS] + b)."""
         out = m(inputs_embeds=e, attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"],
                 output_hidden_states=True)
-        return out.logits, out.hidden_states[-1][:, 0]
+        pool = m.bert.pooler.dense
+        return out.logits, torch.tanh(out.hidden_states[-1][:, 0] @ pool.weight.T + pool.bias)
 
     def kl(p_logits, q_logits):
         lp, lq = p_logits.log_softmax(-1), q_logits.log_softmax(-1)
@@ -124,21 +126,28 @@ def test_rift_update_matches_reference():
     clean, s_clean = feats(ref_model, F.embedding(batch["input_ids"], E))
     valid, head, cand = batch["sub_mask"], batch["word_head"], E.detach()[batch["sub_ids"]]
     b, t, s = valid.shape
-    w_hat = torch.randn((b, t, s), generator=ctx.generator(3)).double().requires_grad_(True)
+    # official ASCC: w_hat ~ Kaiming-normal over (B, T, S, 1): N(0, gain^2 / fan_in), gain^2 = 2, fan_in = T*S
+    w_hat = torch.empty((b, t, s)).normal_(0.0, (2.0 / (t * s)) ** 0.5, generator=ctx.generator(3))
+    w_hat = w_hat.double().requires_grad_(True)
     adam = torch.optim.Adam([w_hat], lr=cfg.ascc_lr)
 
     def weights(wh):
         w = torch.softmax(wh.masked_fill(~valid, float("-inf")), -1)
         return torch.stack([w[i, head[i]] for i in range(b)])  # tie the pieces of a word
 
+    ref_model.eval()  # the attack runs without dropout, and so does its clean target
+    with torch.no_grad():
+        target, _ = feats(ref_model, F.embedding(batch["input_ids"], E))
     for _ in range(cfg.ascc_steps):
         w = weights(w_hat)
         adv, _ = feats(ref_model, (w.unsqueeze(-1) * cand).sum(2))
-        ent = -(w * torch.log(w.clamp_min(1e-12))).sum() / (b * t)
-        obj = -kl(clean.detach(), adv) + cfg.ascc_sparse_weight * ent
+        kl_sum = kl(target, adv) * b  # KLDivLoss(reduction="sum")
+        ent_sum = -(w * torch.log(w.clamp_min(1e-12))).sum()
+        obj = -kl_sum + cfg.ascc_sparse_weight * ent_sum
         adam.zero_grad()
         obj.backward(inputs=[w_hat])
         adam.step()
+    ref_model.train()
     w = weights(w_hat.detach())
     assert torch.all(w[~valid] == 0)  # only listed candidates get weight
     adv, s_adv = feats(ref_model, (w.unsqueeze(-1) * E[batch["sub_ids"]]).sum(2))

@@ -230,6 +230,8 @@ SPEED_ONLY = (
     "train.batch_size",
     "train.grad_accum",
     "train.global_batch_size",
+    # The adv_dropout baseline pass runs under a forked RNG: it changes no training number.
+    "alum.log_baseline",
 )
 
 

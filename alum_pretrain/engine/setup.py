@@ -135,6 +135,11 @@ class Accumulator:
     """
 
     KEYS = ("mlm", "nsp", "adv", "delta_linf")
+    #: ALUM diagnostics logged as they are: counts summed over the interval's micro-batches and ranks
+    #: (ascent_nonfinite, adv_nonfinite) or fractions averaged over them (ascent_zero_grad_frac); adv_dropout
+    #: is normalised like adv (a contribution to the step mean).
+    ALUM_SUMS = ("ascent_nonfinite", "adv_nonfinite")
+    ALUM_MEANS = ("ascent_zero_grad_frac",)
 
     def __init__(self, run: Run):
         self.run = run
@@ -148,6 +153,8 @@ class Accumulator:
         self.grad_steps = 0  # steps with a finite gradient norm
         self.nonfinite = 0
         self.overflow = 0
+        self.diag = torch.zeros(len(self.ALUM_SUMS) + len(self.ALUM_MEANS) + 1, device=dev)  # + adv_dropout
+        self.baseline_micro = 0
         self.tokens = 0
         self.padded = 0  # B x T per micro-batch: the encoder computes on padding too (MFU)
         self.masked = 0
@@ -163,6 +170,12 @@ class Accumulator:
                 self.step_sums[i] += metrics[k].to(self.sums.device)
         if "adv" in metrics:
             self.alum_micro += 1
+            for i, k in enumerate(self.ALUM_SUMS + self.ALUM_MEANS):
+                if k in metrics:
+                    self.diag[i] += metrics[k].to(self.diag.device, torch.float32)
+            if "adv_dropout" in metrics:
+                self.diag[-1] += metrics["adv_dropout"].to(self.diag.device, torch.float32)
+                self.baseline_micro += 1
         self.tokens += int(batch["n_tokens"])
         self.padded += batch["input_ids"].numel()  # shape metadata: no device sync
         self.masked += int(batch["n_masked"])
@@ -218,6 +231,14 @@ class Accumulator:
             rec["loss_scale"] = float(run.scaler.get_scale())
         if alum_micro > 0:
             rec["delta_linf"] = s[3] / alum_micro
+            diag = D.all_reduce_device(env, self.diag.clone()).tolist()
+            n_sum = len(self.ALUM_SUMS)
+            for i, k in enumerate(self.ALUM_SUMS):
+                rec[k] = diag[i]
+            for i, k in enumerate(self.ALUM_MEANS):
+                rec[k] = diag[n_sum + i] / alum_micro  # alum_micro is already summed over ranks
+            if self.baseline_micro:
+                rec["adv_dropout"] = diag[-1] / (n * env.world_size)
         if run.peak_flops:
             # executed FLOPs: a standard step = 3 forward-units; ALUM = 6 + 2K (module docstring of adversarial)
             k = run.cfg.alum.k_steps

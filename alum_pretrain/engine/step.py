@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adversarial import ALUMConfig, alum_regularizer, symmetric_kl
+from ..adversarial import ALUMConfig, alum_regularizer, get_divergence
 from ..masking import IGNORE_INDEX, MaskingConfig, mask_batch, step_generator
 
 # step_generator streams (one consumer per stream id so draws never collide)
@@ -138,20 +138,29 @@ class PretrainStep(nn.Module):
             metrics["nsp"] = nsp.detach()
 
         # 3. ALUM term R (Algorithm 1 lines 3-8), same global normalisation per head.
+        # R is on the MLM distributions (the paper); NSP only with alum.include_nsp.
         if alum_on:
-            nsp_ptr = nsp_logits.data_ptr() if nsp_logits is not None else None
+            nsp_in_r = self.nsp and self.alum.include_nsp
+            nsp_ptr = nsp_logits.data_ptr() if nsp_in_r else None
+            base_div = get_divergence(self.alum.divergence)
 
             def divergence(adv: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
                 rows = adv.numel() // adv.shape[-1]
                 denom = nsp_denom if clean.data_ptr() == nsp_ptr else mlm_denom
-                return symmetric_kl(adv, clean) * (rows / denom)
+                return base_div(adv, clean) * (rows / denom)
+
+            def adv_heads(e: torch.Tensor):
+                mlm_adv, nsp_adv = model.heads_from_embeds(e, attn, tt, masked_index, nsp_in_r)
+                return mlm_adv, nsp_adv
 
             r, alum_metrics = alum_regularizer(
-                heads, embeds, (mlm_logits, nsp_logits if self.nsp else None), self.alum,
+                adv_heads, embeds, (mlm_logits, nsp_logits if nsp_in_r else None), self.alum,
                 pad_mask=attn.bool(), generator=alum_generators, divergence=divergence)
-            loss = loss + self.alum.alpha * r  # Eq. 3
-            metrics["adv"] = r.detach()
-            metrics["delta_linf"] = alum_metrics["delta_linf"]
+            loss = loss + self.alum.alpha * r  # Eq. 3 (a non-finite R arrives as 0, counted in adv_nonfinite)
+            metrics["adv"] = alum_metrics["adv"]
+            for k in ("delta_linf", "ascent_nonfinite", "ascent_zero_grad_frac", "adv_nonfinite", "adv_dropout"):
+                if k in alum_metrics:
+                    metrics[k] = alum_metrics[k]
         return loss, metrics
 
 

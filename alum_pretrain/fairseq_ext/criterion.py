@@ -1,6 +1,6 @@
 """fairseq criterion ``alum_masked_lm``: masked-only MLM (+ NSP) loss + alpha * ALUM term.
 
-Per micro-batch (DESIGN "The ALUM step"; Liu et al. 2020, Eq. 3 / Algorithm 1):
+Per micro-batch (Liu et al. 2020, Eq. 3 / Algorithm 1):
 
 1. clean pass through the (possibly DDP-wrapped) model: ``model(src_tokens, masked_tokens=...)`` - the
    RoBERTa LM head projects only the masked positions.  A forward hook *captures* the perturbation
@@ -26,10 +26,24 @@ convention), ``nsp_acc``, ``adv`` (R in nats, the unweighted SymKL; 0 while ALUM
 ``alum_on`` (fraction of the update's samples with ALUM on), ``mask_rate`` (the scheduled rate) and
 ``masked_frac`` (masked / maskable tokens actually drawn).
 
-**Precision.**  ``--amp`` keeps fp32 weights, so ``e + delta`` is formed in fp32 and delta ~ 1e-5
-survives; with ``--fp16`` (fp16 weights) the embeddings themselves are fp16 and a perturbation of 1e-5
-is below their resolution (see ``alum_pretrain.adversarial``) - prefer ``--amp``/``--bf16`` with ALUM or
-raise ``--alum-epsilon``.  Divergences are always computed in fp32.
+**Precision.**  Use ``--amp`` with ALUM: it keeps fp32 weights under fp16 autocast, so ``e + delta`` is
+formed in fp32 and delta ~ 1e-5 survives, and the ascent gradient is taken from a rescaled backward that
+fp16 cannot underflow (``alum_pretrain.adversarial.scale_free_input_grad``).  ``--fp16``/``--bf16`` (and
+their memory-efficient variants) cast the whole model to 16 bits: the embeddings are then 16-bit and a
+perturbation of 1e-5 is below their resolution (one bf16 ulp at 0.05 is ~2e-4), so the criterion refuses
+them when ALUM is on (``--alum-alpha 0`` runs plain MLM in any precision).  fairseq 0.12 has no bf16
+autocast: for bf16 on A100/H100 use the native engine (``alum-train --train.precision bf16``).
+Divergences are always computed in fp32.
+
+**Diagnostics** (also logged): ``ascent_nonfinite`` (ascent updates skipped for a non-finite
+gradient), ``ascent_zero_grad_frac`` (fraction of real tokens whose ascent gradient was entirely 0),
+``adv_nonfinite`` (micro-batches whose non-finite R was not added) and, with ``--alum-log-baseline``,
+``adv_dropout`` (R at delta = 0 under the same dropout masks: ``adv - adv_dropout`` is the adversarial
+share).
+
+**Random start.**  Each sample's delta is drawn from ``step_generator(seed, update, sample id)``, so the
+result does not depend on how a batch is split over workers or ``--update-freq``.  ``--alum-perturb-at
+embedding_output`` perturbs the embedding block's output after its dropout (as the native engine).
 """
 
 
@@ -73,9 +87,36 @@ class AlumMaskedLMCriterionConfig(FairseqDataclass):
     alum_perturb_at: ChoiceEnum(["word", "embedding_output"]) = field(default="word", metadata={
         "help": "word: output of the token-embedding lookup (before positions and the embedding LayerNorm); "
                 "embedding_output: after the embedding LayerNorm (mt-dnn)"})
+    alum_divergence: ChoiceEnum(["sym_kl_ce", "sym_kl"]) = field(default="sym_kl_ce", metadata={
+        "help": "symmetric KL form: sym_kl_ce = KL(sg(q)||p) + KL(sg(p)||q) (the authors' code, R-Drop) or "
+                "sym_kl = KL(p||sg(q)) + KL(q||sg(p)); same value, different gradient under dropout"})
+    alum_include_nsp: bool = field(default=False, metadata={
+        "help": "also put the NSP distribution into the ALUM term (the paper: MLM only)"})
+    alum_log_baseline: bool = field(default=False, metadata={
+        "help": "log adv_dropout: the ALUM term at delta = 0 under the same dropout masks (one extra no-grad "
+                "forward), so adv - adv_dropout is the adversarial share"})
     nsp_loss_weight: float = field(default=1.0, metadata={
         "help": "weight of the NSP cross-entropy (only with --sample-mode pairs)"})
     seed: int = II("common.seed")
+    fp16: bool = II("common.fp16")
+    bf16: bool = II("common.bf16")
+    memory_efficient_fp16: bool = II("common.memory_efficient_fp16")
+    memory_efficient_bf16: bool = II("common.memory_efficient_bf16")
+
+
+def refuse_pure_half(cfg, alpha: float) -> None:
+    """ALUM cannot work on a model cast to 16 bits (--fp16/--bf16 and the memory-efficient variants):
+    stop before training and say what to use instead."""
+    if alpha <= 0:
+        return
+    flags = [f"--{n.replace('_', '-')}" for n in ("fp16", "bf16", "memory_efficient_fp16", "memory_efficient_bf16")
+             if bool(getattr(cfg, n, False) or False)]
+    if flags:
+        raise ValueError(
+            f"--criterion alum_masked_lm with {' '.join(flags)}: these cast the whole model to 16 bits, so "
+            f"embeds + delta is rounded to 16 bits and the 1e-5 ALUM perturbation disappears (half a bf16 ulp at "
+            f"|e| = 0.05 is ~1e-4). Use --amp instead (fp32 weights, fp16 autocast; V100), or the native engine "
+            f"with --train.precision bf16 for bf16 (A100/H100); --alum-alpha 0 trains plain MLM in any precision.")
 
 
 def unwrap(model):
@@ -104,7 +145,9 @@ class EmbeddingTap:
             if getattr(encoder, "layernorm_embedding", None) is None:
                 raise ValueError("--alum-perturb-at embedding_output needs an embedding LayerNorm "
                                  "(the model has layernorm_embedding=False); use --alum-perturb-at word")
-            self.point = encoder.layernorm_embedding
+            # The embedding block's output after its LayerNorm AND dropout (forward_embedding applies
+            # encoder.dropout_module there only; the layers have their own): the native engine's point.
+            self.point = encoder.dropout_module
         self.encoder = encoder
         self.embeds: Optional[torch.Tensor] = None
         self.features: Optional[torch.Tensor] = None
@@ -158,6 +201,11 @@ class AlumMaskedLMCriterion(FairseqCriterion):
                                perturb_at=str(cfg.alum_perturb_at), start_step=cfg.alum_start_update)
         if cfg.nsp_loss_weight < 0:
             raise ValueError(f"--nsp-loss-weight {cfg.nsp_loss_weight}: must be >= 0")
+        self.alum.divergence = str(cfg.alum_divergence)
+        self.alum.include_nsp = bool(cfg.alum_include_nsp)
+        self.alum.log_baseline = bool(cfg.alum_log_baseline)
+        self.alum.__post_init__()
+        refuse_pure_half(cfg, self.alum.alpha)
         self.nsp_weight = float(cfg.nsp_loss_weight)
         self.seed = int(cfg.seed)
 
@@ -197,33 +245,47 @@ class AlumMaskedLMCriterion(FairseqCriterion):
                              "to the criterion); with other tasks use --alum-start-update 0")
         alum_on = self.training and self.alum.active(int(update or 0)) and targets.numel() > 0
         adv = torch.zeros((), device=src.device)
+        diag: dict = {}
         if alum_on:
+            nsp_in_r = use_nsp and self.alum.include_nsp  # the paper's R is on the MLM distributions only
+
             def forward_fn(perturbed: torch.Tensor):
                 with tap.replace(perturbed):
                     lg, _ = inner(src, masked_tokens=masked)  # (N, V); unwrapped: no DDP bookkeeping
-                nl = inner.classification_heads[NSP_HEAD](tap.features) if use_nsp else None
+                nl = inner.classification_heads[NSP_HEAD](tap.features) if nsp_in_r else None
                 return (lg, nl)
 
+            # Random start keyed per sample by (seed, update, sample id), as the native engine: identical
+            # after resume and whatever the batch split.  Without the update number (other tasks) use the
+            # global RNG, which fairseq reseeds every update.
             ids = sample.get("id")
-            sid = int(ids[0]) if ids is not None and len(ids) else 0
-            # Random start keyed by (seed, update, first sample id): identical after resume.  Without the
-            # update number (other tasks) use the global RNG, which fairseq reseeds every update.
-            gen = step_generator(self.seed, int(update), sid, stream=STREAM_ALUM) if update is not None else None
-            r, _ = alum_regularizer(forward_fn, tap.embeds, (mlm_logits, nsp_logits), self.alum,
-                                    pad_mask=src.ne(self.padding_idx), generator=gen)
-            loss = loss + self.alum.alpha * r * n  # Eq. 3, scaled like the summed MLM loss
-            adv = r.detach()
+            gen = None
+            if update is not None:
+                sids = ids.tolist() if ids is not None else list(range(src.shape[0]))
+                gen = [step_generator(self.seed, int(update), int(i), stream=STREAM_ALUM) for i in sids]
+            r, m = alum_regularizer(forward_fn, tap.embeds, (mlm_logits, nsp_logits if nsp_in_r else None),
+                                    self.alum, pad_mask=src.ne(self.padding_idx), generator=gen)
+            loss = loss + self.alum.alpha * r * n  # Eq. 3, scaled like the summed MLM loss (0 if R non-finite)
+            adv = m["adv"]
+            diag = m
 
         logging_output = {
             "loss": loss.data,
             "mlm_loss": mlm_loss.data,
             "adv": (adv * n).data,  # summed over micro-batches, divided by sample_size in reduce_metrics
+            "alum_n": int(alum_on),
             "alum_on": int(alum_on) * sample["nsentences"],
             "masked": sample_size.data,
             "ntokens": sample["ntokens"],
             "nsentences": sample["nsentences"],
             "sample_size": sample_size,
         }
+        if alum_on:
+            logging_output["ascent_nonfinite"] = diag["ascent_nonfinite"].data
+            logging_output["adv_nonfinite"] = diag["adv_nonfinite"].data
+            logging_output["ascent_zero_grad_frac"] = diag["ascent_zero_grad_frac"].data
+            if "adv_dropout" in diag:
+                logging_output["adv_dropout"] = (diag["adv_dropout"] * n).data
         if "mask_rate" in sample:  # set by the alum_masked_lm task (absent with --task masked_lm)
             logging_output["mask_rate"] = float(sample["mask_rate"]) * sample["nsentences"]
             logging_output["mask_rate_n"] = sample["nsentences"]
@@ -246,6 +308,13 @@ class AlumMaskedLMCriterion(FairseqCriterion):
             metrics.log_scalar("mlm_loss", total("mlm_loss") / sample_size / math.log(2), sample_size, round=3)
             metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["mlm_loss"].avg))
             metrics.log_scalar("adv", total("adv") / sample_size, sample_size)
+            if any("adv_dropout" in log for log in logging_outputs):
+                metrics.log_scalar("adv_dropout", total("adv_dropout") / sample_size, sample_size)
+        alum_n = total("alum_n")
+        if alum_n > 0:
+            metrics.log_scalar("ascent_nonfinite", total("ascent_nonfinite"), 1, round=0)
+            metrics.log_scalar("adv_nonfinite", total("adv_nonfinite"), 1, round=0)
+            metrics.log_scalar("ascent_zero_grad_frac", total("ascent_zero_grad_frac") / alum_n, alum_n, round=4)
         nsp_n = total("nsp_n")
         if nsp_n > 0:
             metrics.log_scalar("nsp_loss", total("nsp_loss") / nsp_n / math.log(2), nsp_n, round=3)

@@ -15,6 +15,16 @@ from .metrics import METRICS
 from .tasks import TASK_NAMES
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def amp_dtype(precision: str):
+    """``fp32`` -> None (no autocast), ``bf16`` -> torch.bfloat16, ``fp16`` -> torch.float16."""
+    import torch
+
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
 def _dropout(name: str, v: Optional[float]) -> None:
     if v is not None and not 0.0 <= v < 1.0:
         raise ValueError(f"--model.{name}={v} must be in [0, 1) (or none to keep the checkpoint's value)")
@@ -113,6 +123,9 @@ class RunConfig:
                                 "is NaN/Inf; such updates are skipped (no optimizer or LR-schedule step)")
     trust_checkpoint: bool = opt(False, "resume an OUT/checkpoint.pt that needs the full unpickler (written "
                                         "before weights_only-safe checkpoints); unpickling can run code")
+    precision: str = opt("fp32", "fp32, or bf16/fp16 autocast (A100/H100: bf16; V100: fp16, which adds a "
+                                 "dynamic GradScaler); float32 weights either way, so the 1e-5 perturbations "
+                                 "of SMART/ALUM survive")
 
     def __post_init__(self) -> None:
         if self.method not in METHOD_NAMES:
@@ -129,6 +142,8 @@ class RunConfig:
             raise ValueError("--run.log_every must be >= 1")
         if not isinstance(self.max_nonfinite, int) or self.max_nonfinite < 1:
             raise ValueError(f"--run.max_nonfinite={self.max_nonfinite!r} must be an integer >= 1")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--run.precision={self.precision!r} must be one of {', '.join(PRECISIONS)}")
 
 
 @dataclass

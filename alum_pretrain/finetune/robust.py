@@ -27,6 +27,8 @@ from tqdm.auto import tqdm
 from ..config import config_to_dict, opt, parse_config, section
 from .data import EncodedDataset, collate, encode, read_examples
 from .methods.base import forward_from_embeds, word_embeddings
+from ..adversarial import perturb, scale_free_input_grad
+from .config import PRECISIONS, amp_dtype
 from .methods.embedding_adv import EmbeddingAdvConfig, ascent_update
 from .tasks import TASK_NAMES, get_task
 
@@ -105,10 +107,15 @@ class RRunConfig:
     device: str = opt("auto", "auto, cpu or cuda")
     seed: int = opt(0, "random seed")
     progress: bool = opt(True, "show progress bars")
+    precision: str = opt("fp32", "fp32, or bf16/fp16 autocast for the forwards and the embedding PGD "
+                                 "(float32 weights; the PGD's input gradient is rescaled so fp16 cannot "
+                                 "underflow it)")
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--run.device={self.device!r} must be auto, cpu or cuda")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--run.precision={self.precision!r} must be one of {', '.join(PRECISIONS)}")
 
 
 @dataclass
@@ -127,7 +134,7 @@ class Classifier:
     """A loaded HF classifier with a text -> probabilities function for the attack."""
 
     def __init__(self, model_dir: str, tokenizer_dir: str = "", device: str = "auto", max_length: int = 128,
-                 batch_size: int = 64):
+                 batch_size: int = 64, precision: str = "fp32"):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         if not (Path(model_dir) / "config.json").is_file():
@@ -141,6 +148,13 @@ class Classifier:
         self.model = self.model.to(self.device).eval()
         self.max_length, self.batch_size = max_length, batch_size
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        if precision not in PRECISIONS:
+            raise ValueError(f"--run.precision={precision!r} must be one of {', '.join(PRECISIONS)}")
+        self.amp_dtype = amp_dtype(precision)
+
+    def autocast(self):
+        """The precision context of every forward (a no-op for fp32)."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
     @torch.no_grad()
     def probs(self, pairs) -> np.ndarray:
@@ -151,8 +165,9 @@ class Classifier:
             b = [p[1] for p in chunk] if chunk[0][1] is not None else None
             enc = self.tokenizer(a, b, truncation=True, max_length=self.max_length, padding=True,
                                  return_tensors="pt").to(self.device)
-            with torch.autocast(self.device.type, enabled=False):
-                out.append(torch.softmax(self.model(**enc).logits.float(), -1).cpu().numpy())
+            with self.autocast():
+                logits = self.model(**enc).logits
+            out.append(torch.softmax(logits.float(), -1).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.model.config.num_labels))
 
 
@@ -169,20 +184,24 @@ def max_loss_increase(clf: Classifier, enc, cfg: EmbeddingAttackConfig, progress
         batch = collate([ds[i] for i in range(start, min(len(ds), start + clf.batch_size))], clf.pad_id, False)
         batch = {k: v.to(clf.device) for k, v in batch.items()}
         y, mask = batch["labels"], batch["attention_mask"]
-        with torch.no_grad():
+        with torch.no_grad(), clf.autocast():
             embeds = word_embeddings(model, batch)                                       # (B, T, H)
             clean = F.cross_entropy(forward_from_embeds(model, embeds, batch).float(), y, reduction="none")
         delta = torch.zeros_like(embeds, dtype=torch.float32)
         best = clean.clone()
         for _ in range(cfg.steps):
             delta.requires_grad_(True)
-            logits = forward_from_embeds(model, embeds + delta.to(embeds.dtype), batch)
+            with clf.autocast():
+                logits = forward_from_embeds(model, perturb(embeds, delta), batch)
             loss = F.cross_entropy(logits.float(), y, reduction="none")                  # (B,)
             best = torch.maximum(best, loss.detach())
-            (g,) = torch.autograd.grad(loss.sum(), delta)   # per-example losses: independent gradients
-            delta = ascent_update(delta.detach(), g, adv, mask)
-        with torch.no_grad():
-            loss = F.cross_entropy(forward_from_embeds(model, embeds + delta.to(embeds.dtype), batch).float(), y,
+            # per-example losses: independent gradients, each rescaled on its own (no fp16 underflow of a
+            # confidently classified example's gradient)
+            g, _ = scale_free_input_grad([logits], lambda o: F.cross_entropy(o[0], y, reduction="sum"), delta,
+                                         per_example=True)
+            delta = ascent_update(delta.detach(), torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0), adv, mask)
+        with torch.no_grad(), clf.autocast():
+            loss = F.cross_entropy(forward_from_embeds(model, perturb(embeds, delta), batch).float(), y,
                                    reduction="none")
             best = torch.maximum(best, loss)
         out.append((best - clean).cpu().numpy())
@@ -202,7 +221,8 @@ def evaluate_robustness(cfg: RobustConfig) -> dict:
     examples = read_examples(d.file, spec, fmt=d.format, limit=d.max_examples)
     if not examples:
         raise ValueError(f"--data {d.file}: no examples")
-    clf = Classifier(cfg.model.path, cfg.model.tokenizer, cfg.run.device, d.max_length, d.batch_size)
+    clf = Classifier(cfg.model.path, cfg.model.tokenizer, cfg.run.device, d.max_length, d.batch_size,
+                     cfg.run.precision)
     if clf.model.config.num_labels != spec.num_labels:
         raise ValueError(f"--model has {clf.model.config.num_labels} labels but task {spec.name} has {spec.num_labels}")
     labels = np.array([e.label for e in examples])

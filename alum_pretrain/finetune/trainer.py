@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sequ
 from tqdm.auto import tqdm
 
 from ..config import config_to_dict
-from .config import FinetuneConfig
+from .config import FinetuneConfig, amp_dtype
 from .data import EncodedDataset, Example, collate, encode, read_examples, substitution_candidates
 from ..integrity import (IntegrityError, first_nonfinite, previous_path, safe_torch_load, torch_save_verified,
                          verify_file)
@@ -295,6 +295,11 @@ def finetune(cfg: FinetuneConfig) -> dict:
                        regression=spec.is_regression,
                        extra_params=[p for m in method.modules() for p in m.parameters()],
                        max_nonfinite=cfg.run.max_nonfinite)
+    # Mixed precision: autocast around each update (float32 weights), a GradScaler for fp16.
+    dtype = amp_dtype(cfg.run.precision)
+    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)  # noqa: E731
+    if dtype == torch.float16:
+        ctx.scaler = torch.amp.GradScaler(device.type)
 
     start_epoch, history, best = 0, [], None
     ckpt_path = out / "checkpoint.pt"
@@ -314,6 +319,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
         _set_rng_state(state["rng"])
         start_epoch, history, best = state["epoch"] + 1, state["history"], state["best"]
         ctx.optimizer_steps = state["optimizer_steps"]
+        if ctx.scaler is not None and state.get("scaler"):
+            ctx.scaler.load_state_dict(state["scaler"])
         if rank == 0:
             log.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
 
@@ -333,7 +340,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
             batch = {k: v.to(device) for k, v in batch.items()}
             ctx.step_seed = (cfg.run.seed * 1_000_003 + epoch * 100_003 + i) * world + rank
             t0 = time.perf_counter()
-            metrics = method.train_step(ctx, batch)
+            with autocast():
+                metrics = method.train_step(ctx, batch)
             if (i + 1) % cfg.run.log_every == 0 or i + 1 == len(loader):
                 vals = {k: float(v) for k, v in metrics.items()}     # host sync only when logging
                 last_logged = vals
@@ -343,7 +351,9 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
         dev_metrics = None
         if rank == 0:
-            dev_metrics, dev_logits = evaluate(model, dev_enc, spec, cfg.optim.eval_batch_size, device, pad_id, show)
+            with autocast():
+                dev_metrics, dev_logits = evaluate(model, dev_enc, spec, cfg.optim.eval_batch_size, device, pad_id,
+                                                   show)
             score = dev_metrics[spec.metric]
             improved = best is None or score > best["score"]
             if improved:
@@ -363,7 +373,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
             _atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                 "scheduler": scheduler.state_dict(), "method": method.state_dict(),
                                 "rng": _rng_state(), "epoch": epoch, "history": history, "best": best,
-                                "optimizer_steps": ctx.optimizer_steps, "config": config_to_dict(cfg)}, ckpt_path)
+                                "optimizer_steps": ctx.optimizer_steps, "config": config_to_dict(cfg),
+                                "scaler": ctx.scaler.state_dict() if ctx.scaler is not None else None}, ckpt_path)
         if dist.is_initialized():
             dist.barrier()
 

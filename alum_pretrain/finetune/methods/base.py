@@ -139,6 +139,12 @@ class TrainContext:
     max_nonfinite: int = 5        # consecutive NaN/Inf-gradient steps before NonFiniteError
     nonfinite_skipped: int = 0    # updates skipped for a NaN/Inf gradient norm (loss NaN -> gradient NaN)
     nonfinite_run: int = 0
+    scaler: Optional[object] = None   # torch.amp.GradScaler for fp16 autocast (None: fp32/bf16)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()``, through the GradScaler when there is one (fp16).  Input gradients read
+        from ``.grad`` afterwards (FreeLB, FreeAT) carry the scale: normalise them, never use their size."""
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     @property
     def device(self) -> torch.device:
@@ -174,21 +180,33 @@ class TrainContext:
         the schedule step; ``max_nonfinite`` consecutive skips raise :class:`NonFiniteError`."""
         self.sync_grads()
         params = self.params()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)   # true gradients for clipping and the norm
         if self.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
         else:
             norm = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
         if not bool(torch.isfinite(norm)):  # one host sync per update
+            if self.scaler is not None:  # fp16: the scaler skips the update and lowers its scale
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite_skipped += 1
-            self.nonfinite_run += 1
+            # fp16 overflows are routine while the loss scale adapts; they count towards max_nonfinite only
+            # once the scale has collapsed below 1 (~17 overflows in a row from 2^16): NaN at any scale.
+            if self.scaler is None or self.scaler.get_scale() < 1.0:
+                self.nonfinite_run += 1
             if self.nonfinite_run >= self.max_nonfinite:
                 raise NonFiniteError(
                     f"update {self.optimizer_steps + 1}: the gradient norm was NaN/Inf for {self.nonfinite_run} "
                     f"consecutive updates (--run.max_nonfinite={self.max_nonfinite}); they were skipped")
             return norm.detach()
         self.nonfinite_run = 0
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -228,7 +246,7 @@ class Method:
         embeds = word_embeddings(ctx.model, batch)                  # (B, T, H)
         logits = forward_from_embeds(ctx.model, embeds, batch)      # (B, C)
         loss = task_loss(logits, batch["labels"], self.regression)
-        loss.backward()
+        ctx.backward(loss)
         gnorm = ctx.optimizer_step()
         return {"loss": loss.detach(), "grad_norm": gnorm}
 

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from ...adversarial import normalize_grad, project
+from ...adversarial import normalize_grad, project, zero_grad_fraction
 from ...config import opt
 
 NORM_TYPES = ("l2", "linf", "sign")
@@ -111,3 +111,26 @@ def ascent_update(delta: torch.Tensor, grad: torch.Tensor, cfg: EmbeddingAdvConf
         else:
             new = project(new, cfg.adv_max_norm, "linf")
     return new * pad_mask.to(device=new.device, dtype=new.dtype).unsqueeze(-1)
+
+
+def guarded_update(delta: torch.Tensor, grad: torch.Tensor, cfg: EmbeddingAdvConfig, pad_mask: torch.Tensor,
+                   stats: dict) -> torch.Tensor:
+    """:func:`ascent_update` that keeps ``delta`` when ``grad`` is not finite (an fp16 overflow, or a scaled
+    gradient from a GradScaler step that will be skipped) and records, in ``stats`` (0-dim tensors, no host
+    sync), ``ascent_nonfinite`` (+1 per skipped update) and ``ascent_zero_grad_frac`` (mean over the
+    calls of the fraction of real tokens whose gradient row was entirely 0).  ``grad`` may be scaled
+    by any positive factor (the update normalises it)."""
+    finite = torch.isfinite(grad).all()
+    stepped = ascent_update(delta, torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0), cfg, pad_mask)
+    new = torch.where(finite, stepped, delta.to(stepped.dtype))
+    n = stats.get("_n", 0) + 1
+    zf = zero_grad_fraction(grad, pad_mask)
+    stats["ascent_zero_grad_frac"] = stats.get("ascent_zero_grad_frac", zf * 0) * ((n - 1) / n) + zf / n
+    stats["ascent_nonfinite"] = stats.get("ascent_nonfinite", zf * 0) + (~finite).float()
+    stats["_n"] = n
+    return new
+
+
+def public_stats(stats: dict) -> dict:
+    """The metrics of :func:`guarded_update` without its private counter."""
+    return {k: v for k, v in stats.items() if not k.startswith("_")}

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from ...adversarial import perturb
 from .base import Method, TrainContext, fixed_dropout, forward_from_embeds, task_loss, word_embeddings
-from .embedding_adv import EmbeddingAdvConfig, ascent_update, init_uniform_delta
+from .embedding_adv import EmbeddingAdvConfig, guarded_update, init_uniform_delta, public_stats
 
 
 class FreeAT(Method):
@@ -36,6 +36,7 @@ class FreeAT(Method):
         seed = ctx.dropout_seed() if cfg.reuse_dropout_masks else None
         delta = None
         total = 0.0
+        stats: dict = {}
         for t in range(cfg.adv_steps):
             embeds = word_embeddings(ctx.model, batch)                                   # (B, T, H)
             if delta is None:
@@ -44,11 +45,11 @@ class FreeAT(Method):
             with fixed_dropout(seed, ctx.device):
                 logits = forward_from_embeds(ctx.model, perturb(embeds, delta), batch)
             loss = task_loss(logits, batch["labels"], self.regression)
-            loss.backward()                      # one backward: parameter AND input gradients
+            ctx.backward(loss)                   # one backward: parameter AND input gradients (scaled: fp16)
             g = delta.grad.detach()
             gnorm = ctx.optimizer_step()         # descent step on theta with this replay's gradient
             total = total + loss.detach() / cfg.adv_steps
             if t < cfg.adv_steps - 1:
-                delta = ascent_update(delta.detach(), g, cfg, mask)                      # ascent on delta
+                delta = guarded_update(delta.detach(), g, cfg, mask, stats)              # ascent on delta
         return {"loss": total, "grad_norm": gnorm,
-                "delta_l2": delta.detach().flatten(1).norm(dim=1).mean()}
+                "delta_l2": delta.detach().flatten(1).norm(dim=1).mean(), **public_stats(stats)}

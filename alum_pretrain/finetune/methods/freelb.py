@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from ...adversarial import perturb
 from .base import Method, TrainContext, fixed_dropout, forward_from_embeds, task_loss, word_embeddings
-from .embedding_adv import EmbeddingAdvConfig, ascent_update, init_uniform_delta
+from .embedding_adv import EmbeddingAdvConfig, guarded_update, init_uniform_delta, public_stats
 
 
 class FreeLB(Method):
@@ -41,6 +41,7 @@ class FreeLB(Method):
         seed = ctx.dropout_seed() if cfg.reuse_dropout_masks else None
         delta = None
         total = 0.0
+        stats: dict = {}
         for t in range(k_steps):
             embeds = word_embeddings(ctx.model, batch)   # (B, T, H) fresh graph: E's grads accumulate too
             if delta is None:
@@ -49,11 +50,11 @@ class FreeLB(Method):
             with fixed_dropout(seed, ctx.device):
                 logits = forward_from_embeds(ctx.model, perturb(embeds, delta), batch)
             loss = task_loss(logits, batch["labels"], self.regression) / k_steps
-            loss.backward()                              # line 8: accumulate parameter gradients
+            ctx.backward(loss)                           # line 8: accumulate parameter gradients (scaled: fp16)
             total = total + loss.detach()
             if t == k_steps - 1:
                 break                                    # the last delta update would be unused
-            delta = ascent_update(delta.detach(), delta.grad.detach(), cfg, mask)   # lines 10-12
+            delta = guarded_update(delta.detach(), delta.grad.detach(), cfg, mask, stats)   # lines 10-12
         gnorm = ctx.optimizer_step()                     # line 14: one step on the accumulated gradient
         return {"loss": total, "grad_norm": gnorm,
-                "delta_l2": delta.detach().flatten(1).norm(dim=1).mean()}
+                "delta_l2": delta.detach().flatten(1).norm(dim=1).mean(), **public_stats(stats)}

@@ -16,11 +16,9 @@ of steps"): adv_lr 0.1, K 2, adv_init_mag 0.6; set adv_max_norm (e.g. 0.6) for a
 
 from __future__ import annotations
 
-import torch
-
-from ...adversarial import perturb
+from ...adversarial import perturb, scale_free_input_grad
 from .base import Method, TrainContext, fixed_dropout, forward_from_embeds, task_loss, word_embeddings
-from .embedding_adv import EmbeddingAdvConfig, ascent_update, init_uniform_delta
+from .embedding_adv import EmbeddingAdvConfig, guarded_update, init_uniform_delta, public_stats
 
 
 class PGD(Method):
@@ -35,17 +33,20 @@ class PGD(Method):
         embeds = word_embeddings(ctx.model, batch)                                     # (B, T, H)
         base = embeds.detach()            # the inner max must not touch parameter gradients
         delta = init_uniform_delta(embeds, mask, cfg.adv_init_mag, cfg.norm_type, ctx.generator(2))
+        stats: dict = {}
+        labels = batch["labels"]
         for _ in range(cfg.adv_steps):
             delta.requires_grad_(True)
             with fixed_dropout(seed, ctx.device):
                 logits = forward_from_embeds(ctx.model, perturb(base, delta), batch)
-            adv_loss = task_loss(logits, batch["labels"], self.regression)
-            (g,) = torch.autograd.grad(adv_loss, delta)                               # input-only
-            delta = ascent_update(delta.detach(), g, cfg, mask)
+            # input-only, from a rescaled backward: a 16-bit backward cannot underflow it
+            g, _ = scale_free_input_grad([logits], lambda o: task_loss(o[0], labels, self.regression), delta,
+                                         per_example=True)
+            delta = guarded_update(delta.detach(), g, cfg, mask, stats)
         with fixed_dropout(seed, ctx.device):
             logits = forward_from_embeds(ctx.model, perturb(embeds, delta.detach()), batch)
         loss = task_loss(logits, batch["labels"], self.regression)
-        loss.backward()
+        ctx.backward(loss)
         gnorm = ctx.optimizer_step()
         return {"loss": loss.detach(), "grad_norm": gnorm,
-                "delta_l2": delta.detach().flatten(1).norm(dim=1).mean()}
+                "delta_l2": delta.detach().flatten(1).norm(dim=1).mean(), **public_stats(stats)}

@@ -10,8 +10,10 @@ of the pre-trained encoder.  As in the official code (dongxinshuai/RIFT-NeurIPS2
     loss = w_clean CE(f(x), y) + w_adv CE(f(x_adv), y) + w_kl KL(p(x) || p(x_adv))
          + w_mi_adv InfoNCE_y(S(x_adv), T(x)) + w_mi_clean InfoNCE_y(S(x), T(x))
 
-* S, T: the last layer's first-token hidden state ([CLS]) of the student and of the frozen teacher
-  (teacher on the clean input, under ``no_grad``, in eval mode, ``requires_grad=False``).
+* S, T: the pooler output (tanh(W h_[CLS] + b), as the official code) of the student and of the frozen
+  teacher where the model has a pooler (BERT); models without one (HF RoBERTa classifiers) use the last
+  layer's first-token state.  Teacher on the clean input, under ``no_grad``, in eval mode,
+  ``requires_grad=False``.
 * InfoNCE_y ("conditioned on Y"): within each class c of the batch, both features go through their own
   class-specific trainable MLP (H -> proj_hidden -> proj_dim, ReLU), are L2-normalised, and
   ``-mean_i log softmax_j'(s_j' . t_i / tau)[i]`` (softmax over the students for each teacher
@@ -20,11 +22,16 @@ of the pre-trained encoder.  As in the official code (dongxinshuai/RIFT-NeurIPS2
 
 **Adversary.** ``ascc`` (default): the word-substitution adversary of ASCC (Dong et al., ICLR 2021):
 each word is replaced by a convex combination of the embeddings of {word} U synonyms (WordNet here),
-``e_adv = sum_s w_s E[cand_s]``, ``w = softmax(w_hat)`` over the valid candidates; w_hat ~ N(0, 1)
-(Kaiming-normal for a fan-in of 1) is optimised by Adam (lr ``ascc_lr``) for ``ascc_steps`` steps
-with the model in eval mode to maximise KL(p(x) || p(x_adv)) - ``ascc_sparse_weight`` x entropy(w)
-(the entropy summed over positions and divided by B*T pushes w towards a vertex, i.e. a real word).
-The final w is used (detached) in a train-mode forward whose gradient reaches the embedding matrix.
+``e_adv = sum_s w_s E[cand_s]``, ``w = softmax(w_hat)`` over the valid candidates.  As the official
+``ascc_attack``: w_hat is Kaiming-normal over a (B, T, S, 1) tensor (std sqrt(2 / (T * S)), so w starts
+near uniform), optimised by Adam (lr ``ascc_lr``) for ``ascc_steps`` steps with the model in eval mode
+to maximise ``KL_sum(p(x) || p(x_adv)) - ascc_sparse_weight * H_sum(w)`` - the KL summed over the batch
+(``KLDivLoss(reduction="sum")``) and the entropy of w summed over the batch's positions, weighted
+15 / (300 * 128) by default (it pushes w towards a vertex, i.e. a real word) - against the clean
+prediction p(x) of the *eval-mode* model (no dropout, like the attack's passes).  The final w is
+used (detached) in a train-mode forward whose gradient reaches the embedding matrix.  The attack's
+gradient comes from a rescaled backward (fp16-safe, :func:`alum_pretrain.adversarial.scale_free_input_grad`);
+Adam is invariant to the scale of the gradient, so this changes nothing in fp32.
 Unlike the official code, any sub-word tokenizer works: the pieces of a word share one weight vector
 and synonyms must tokenise into as many pieces (see :func:`..data.substitution_candidates`).
 ``embedding``: the embedding-space adversary instead (K per-example L2-normalised ascent steps on the
@@ -48,9 +55,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...adversarial import perturb
+from ...adversarial import perturb, scale_free_input_grad
 from .base import Method, TrainContext, forward_from_embeds, task_loss, word_embeddings
-from .embedding_adv import EmbeddingAdvConfig, ascent_update, init_uniform_delta
+from .embedding_adv import EmbeddingAdvConfig, guarded_update, init_uniform_delta, public_stats
 from ...config import opt
 
 
@@ -70,7 +77,10 @@ class RIFTConfig:
     proj_dim: int = opt(256, "output size of the projection MLPs")
     ascc_steps: int = opt(10, "Adam steps on the ASCC combination weights")
     ascc_lr: float = opt(1.0, "Adam learning rate of the ASCC weights")
-    ascc_sparse_weight: float = opt(15.0, "entropy penalty on the ASCC weights (sum over positions / (B*T))")
+    ascc_sparse_weight: float = opt(15.0 / (300 * 128), "weight of the entropy of the ASCC weights, summed over "
+                                                        "the batch's positions, against KL(p_clean||p_adv) "
+                                                        "summed over the batch (official: sparse weight 15 "
+                                                        "over 300 x 128 = 3.90625e-4)")
     max_candidates: int = opt(10, "substitution candidates per word, the word included")
     substitute_in: str = opt("all", "which text may be substituted: all, a (first) or b (second, e.g. the "
                                     "NLI hypothesis)")
@@ -128,6 +138,25 @@ def infonce_given_y(student: torch.Tensor, teacher: torch.Tensor, labels: torch.
     return torch.stack(losses).mean()
 
 
+def kl_sum(clean_logits: torch.Tensor, adv_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p_clean || p_adv) summed over classes and the batch (the official attack's KLDivLoss(sum))."""
+    lp = F.log_softmax(clean_logits.float(), -1)
+    lq = F.log_softmax(adv_logits.float(), -1)
+    return (lp.exp() * (lp - lq)).sum()
+
+
+def logits_and_features(model: nn.Module, embeds: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits (B, C), sentence features (B, H))`` from ``inputs_embeds``: the pooler output where the
+    model's base has a pooler (BERT: tanh(W h_0 + b), the official RIFT feature), else the last layer's
+    first-token state (HF RoBERTa classifiers are built without a pooler)."""
+    logits, first = forward_from_embeds(model, embeds, batch, hidden=True)
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    pooler = getattr(base, "pooler", None) if base is not None else None
+    if pooler is None:
+        return logits, first
+    return logits, pooler(first.unsqueeze(1))   # BertPooler reads position 0 of (B, T, H)
+
+
 def _mlp(h: int, hidden: int, out: int) -> nn.Module:
     return nn.Sequential(nn.Linear(h, hidden), nn.ReLU(), nn.Linear(hidden, out))
 
@@ -161,29 +190,36 @@ class RIFT(Method):
 
     # -- adversaries ---------------------------------------------------------------------------------
     def ascc_weights(self, model: nn.Module, batch, clean_logits: torch.Tensor, generator) -> torch.Tensor:
-        """Optimised convex-combination weights w (B, T, S) over the substitution candidates."""
+        """Optimised convex-combination weights w (B, T, S) over the substitution candidates.
+
+        ``clean_logits`` is unused: the target is the eval-mode prediction, computed here (the attack's
+        passes have no dropout, so neither has its reference)."""
+        del clean_logits
         cfg = self.cfg
         valid = batch["sub_mask"]                                       # (B, T, S) bool
         head = batch["word_head"]                                       # (B, T)
         emb = model.get_input_embeddings().weight.detach()
         cand = emb[batch["sub_ids"]]                                    # (B, T, S, H), no grad
         b, t, s = valid.shape
-        w_hat = torch.randn((b, t, s), generator=generator).to(cand.device)  # kaiming_normal, fan_in 1
+        # the official init: kaiming_normal_ on a (B, T, S, 1) tensor -> N(0, 2 / (T * S)), near-uniform w
+        w_hat = nn.init.kaiming_normal_(torch.empty((b, t, s, 1)), generator=generator).squeeze(-1).to(cand.device)
         w_hat.requires_grad_(True)
         opt = torch.optim.Adam([w_hat], lr=cfg.ascc_lr)
-        target = clean_logits.detach()
         was_training = model.training
         model.eval()                                                    # no dropout in the attack
         try:
+            with torch.no_grad():
+                target = forward_from_embeds(model, word_embeddings(model, batch), batch).float()  # eval-mode p(x)
             for _ in range(cfg.ascc_steps):
                 w = self._weights(w_hat, valid, head)
+                ent = -(w * torch.log(w.clamp_min(1e-12))).sum()          # entropy summed over positions
+                (g_ent,) = torch.autograd.grad(cfg.ascc_sparse_weight * ent, w_hat, retain_graph=True)
                 e_adv = (w.unsqueeze(-1) * cand).sum(2)                     # (B, T, H)
-                logits = forward_from_embeds(model, e_adv, batch)
-                ent = -(w * torch.log(w.clamp_min(1e-12))).sum()          # total entropy over positions
-                obj = -kl_clean_adv(target, logits) + cfg.ascc_sparse_weight * ent / (b * t)
-                (g,) = torch.autograd.grad(obj, w_hat)                   # input-only: no parameter grads
-                w_hat.grad = g
-                opt.step()
+                logits = forward_from_embeds(model, e_adv.to(cand.dtype), batch)
+                # d(-KL_sum)/d w_hat through the model, from a rescaled (fp16-safe) backward
+                g_kl, _ = scale_free_input_grad([logits], lambda o: -kl_sum(target, o[0]), w_hat)
+                w_hat.grad = torch.nan_to_num(g_kl + g_ent, nan=0.0, posinf=0.0, neginf=0.0)
+                opt.step()                                              # minimise -KL + weight * entropy
         finally:
             model.train(was_training)
         return self._weights(w_hat.detach(), valid, head)
@@ -199,11 +235,12 @@ class RIFT(Method):
         mask = batch["attention_mask"]
         base = embeds.detach()
         delta = init_uniform_delta(embeds, mask, cfg.adv_init_mag, "l2", generator)
+        target = clean_logits.detach()
         for _ in range(cfg.adv_steps):
             delta.requires_grad_(True)
             logits = forward_from_embeds(model, perturb(base, delta), batch)
-            (g,) = torch.autograd.grad(kl_clean_adv(clean_logits.detach(), logits), delta)
-            delta = ascent_update(delta.detach(), g, cfg, mask)
+            g, _ = scale_free_input_grad([logits], lambda o: kl_sum(target, o[0]), delta, per_example=True)
+            delta = guarded_update(delta.detach(), g, cfg, mask, self._stats)
         return delta.detach()
 
     # -- the update ----------------------------------------------------------------------------------
@@ -211,8 +248,9 @@ class RIFT(Method):
         if self.teacher is None:
             raise RuntimeError("RIFT.setup(model) must run before training (it freezes the teacher)")
         cfg, model, labels = self.cfg, ctx.model, batch["labels"]
+        self._stats: dict = {}
         embeds = word_embeddings(model, batch)                                          # (B, T, H)
-        clean_logits, s_clean = forward_from_embeds(model, embeds, batch, hidden=True)  # (B, C), (B, H)
+        clean_logits, s_clean = logits_and_features(model, embeds, batch)               # (B, C), (B, H)
         if cfg.adversary == "ascc":
             if "sub_ids" not in batch:
                 raise ValueError("rift with adversary=ascc needs substitution candidates in the batch "
@@ -223,9 +261,9 @@ class RIFT(Method):
         else:
             delta = self.embedding_delta(model, embeds, batch, clean_logits, ctx.generator(3))
             adv_embeds = perturb(word_embeddings(model, batch), delta)
-        adv_logits, s_adv = forward_from_embeds(model, adv_embeds, batch, hidden=True)
+        adv_logits, s_adv = logits_and_features(model, adv_embeds, batch)
         with torch.no_grad():
-            _, t_clean = forward_from_embeds(self.teacher, word_embeddings(self.teacher, batch), batch, hidden=True)
+            _, t_clean = logits_and_features(self.teacher, word_embeddings(self.teacher, batch), batch)
 
         terms = {}
         if cfg.weight_clean:
@@ -243,8 +281,9 @@ class RIFT(Method):
         if not terms:
             raise ValueError("--rift: every loss weight is 0")
         loss = sum(wt * v for wt, v in terms.values())
-        loss.backward()
+        ctx.backward(loss)
         metrics = {k: v.detach() for k, (_, v) in terms.items()}
+        metrics.update(public_stats(self._stats))
         metrics["grad_norm"] = ctx.optimizer_step()
         metrics["loss"] = loss.detach()
         return metrics

@@ -11,7 +11,9 @@ sigma, K per-token L_inf-normalised ascent steps of size eta, per-token projecti
 Only SMART's smoothness term is implemented; its Bregman proximal-point (momentum teacher) half is not
 (neither is it in the authors' released code).
 
-**Defaults.** alpha = 1 (fine-tuning), eps = 1e-5, eta = 1e-3, sigma = 1e-5, K = 1, linf projection.
+**Defaults.** alpha = 1 (fine-tuning), eps = 1e-5, eta = 1e-3, sigma = 1e-5, K = 1, linf projection,
+divergence sym_kl_ce (the authors' stop-gradient form).  The ascent gradient is scale-free (see
+:func:`alum_pretrain.adversarial.scale_free_input_grad`), so it survives fp16 autocast.
 Dropout masks are independent across the clean, ascent and adversarial passes (as mt-dnn).
 
 **Cost.** K = 1: three forwards, one input-only backward, one backward through two graphs: ~2.7x plain.
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...adversarial import ALUMConfig, alum_regularizer, symmetric_kl
+from ...adversarial import ALUMConfig, alum_regularizer, get_divergence
 from .base import Method, TrainContext, forward_from_embeds, mse_divergence, task_loss, word_embeddings
 from ...config import opt
 
@@ -36,6 +38,11 @@ class SmartConfig:
     noise_std: float = opt(1e-5, "std of the Gaussian random start")
     k_steps: int = opt(1, "ascent steps K")
     projection: str = opt("linf", "projection after each ascent step: linf | l2 | none")
+    divergence: str = opt("sym_kl_ce", "classification divergence: sym_kl_ce (KL(sg q||p) + KL(sg p||q), "
+                                       "mt-dnn/SMART/R-Drop) or sym_kl (KL(p||sg q) + KL(q||sg p)); "
+                                       "regression always uses the mean squared difference")
+    log_baseline: bool = opt(False, "also log adv_dropout: the term with delta = 0 under the same dropout "
+                                    "masks (one extra no-grad forward), the dropout-only share of adv")
 
     def __post_init__(self) -> None:
         self.alum()  # validates (ALUMConfig raises ValueError naming the field)
@@ -43,7 +50,7 @@ class SmartConfig:
     def alum(self) -> ALUMConfig:
         return ALUMConfig(alpha=self.alpha, epsilon=self.epsilon, step_size=self.step_size,
                           noise_std=self.noise_std, k_steps=self.k_steps, projection=self.projection,
-                          perturb_at="word")
+                          perturb_at="word", divergence=self.divergence, log_baseline=self.log_baseline)
 
 
 class Smart(Method):
@@ -52,7 +59,7 @@ class Smart(Method):
     def __init__(self, cfg: SmartConfig, regression: bool = False):
         super().__init__(cfg, regression)
         self.alum_cfg = cfg.alum()
-        self.divergence = mse_divergence if regression else symmetric_kl
+        self.divergence = mse_divergence if regression else get_divergence(cfg.divergence)
 
     def train_step(self, ctx: TrainContext, batch):
         embeds = word_embeddings(ctx.model, batch)                       # (B, T, H)
@@ -62,10 +69,12 @@ class Smart(Method):
         if self.alum_cfg.alpha > 0:
             r, m = alum_regularizer(lambda e: forward_from_embeds(ctx.model, e, batch), embeds, logits,
                                     self.alum_cfg, pad_mask=batch["attention_mask"],
-                                    generator=ctx.generator(1), divergence=self.divergence)
-            loss = loss + self.alum_cfg.alpha * r
-            metrics.update(adv=m["adv"], delta_linf=m["delta_linf"])
-        loss.backward()
+                                    generator=ctx.generator(1), divergence=self.divergence,
+                                    per_example_scale=True)
+            loss = loss + self.alum_cfg.alpha * r        # a non-finite term arrives as 0 (adv_nonfinite)
+            metrics.update({k: m[k] for k in ("adv", "delta_linf", "ascent_nonfinite", "ascent_zero_grad_frac",
+                                               "adv_nonfinite", "adv_dropout") if k in m})
+        ctx.backward(loss)
         metrics["grad_norm"] = ctx.optimizer_step()
         metrics["loss"] = loss.detach()
         return metrics
