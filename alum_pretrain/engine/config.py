@@ -75,6 +75,9 @@ class OptimConfig:
     grad_clip: float = opt(1.0, "clip the global gradient L2 norm to this value (0 = no clipping)")
     betas: tuple[float, float] = opt((0.9, 0.999), "AdamW betas")
     eps: float = opt(1e-6, "AdamW epsilon (BERT: 1e-6)")
+    fresh_lr_mult: float = opt(1.0, "LR multiplier for tensors freshly initialised when loading model.init_from (e.g. "
+                                    "the new MLM head of a checkpoint that has none): a random head needs far larger "
+                                    "steps than the pre-trained body; 1 = one LR for all")
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -90,6 +93,8 @@ class OptimConfig:
             raise _bad("optim.betas", list(self.betas), "needs two numbers in [0, 1)")
         if not self.eps > 0:
             raise _bad("optim.eps", self.eps, "must be > 0")
+        if not self.fresh_lr_mult > 0:
+            raise _bad("optim.fresh_lr_mult", self.fresh_lr_mult, "must be > 0 (1 = the same LR as the rest)")
 
 
 @dataclass
