@@ -108,12 +108,12 @@ def synth_wikitext(sources: list[Path], target_bytes: int, path: Path, seed: int
     import random
     import re
 
-    title_re = re.compile(r"^ = (?!=)(.*?[^=]) = $")
+    title_re = re.compile(r"^= (?!=)(.*?[^=]) =$")
     articles: list[tuple[str, list[str]]] = []
     for src in sources:
         title, paras = None, []
         for line in src.read_text(encoding="utf-8", errors="replace").splitlines():
-            m = title_re.match(line.rstrip())
+            m = title_re.match(line.strip())
             if m:
                 if title is not None and paras:
                     articles.append((title, paras))
