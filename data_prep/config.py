@@ -47,6 +47,9 @@ class PrepConfig:
     )
     keep_headings: bool = opt(False, "keep titles and section headings (wikitext, wiki-xml) as their own sentences instead of dropping them")
     json_key: str = opt("text", "JSON field holding the document text (--format jsonl)")
+    text_column: str = opt("text", "Parquet column holding the document text, one row per document (--format parquet)")
+    title_column: str | None = opt(None, "Parquet column holding the document title (--format parquet; optional): "
+                                         "kept as the document's first line with --keep-headings")
     on_decode_error: str = opt("replace", "invalid UTF-8: replace with U+FFFD and count it, or fail naming the file and byte offset", choices=("replace", "fail"))
     max_garbage_frac: float = opt(
         DEFAULT_MAX_GARBAGE_FRAC,
@@ -101,6 +104,12 @@ class PrepConfig:
             raise ValueError(f"--max-tokens must be >= 1, got {self.max_tokens}")
         if self.sentence_splitter not in ("rules", "punkt"):
             raise ValueError(f"--sentence-splitter must be 'rules' or 'punkt', got {self.sentence_splitter!r}")
+        if not isinstance(self.text_column, str) or not self.text_column:
+            raise ValueError(f"--text-column must name a column, got {self.text_column!r}")
+        if self.title_column is not None and (not isinstance(self.title_column, str) or not self.title_column):
+            raise ValueError(f"--title-column must name a column, got {self.title_column!r}")
+        if self.format != "parquet" and (self.text_column != "text" or self.title_column is not None):
+            raise ValueError("--text-column/--title-column only apply to --format parquet (use --json-key for jsonl)")
         if self.on_decode_error not in ("replace", "fail"):
             raise ValueError(f"--on-decode-error must be 'replace' or 'fail', got {self.on_decode_error!r}")
         if not 0.0 <= self.max_garbage_frac <= 1.0:
@@ -122,6 +131,8 @@ class PrepConfig:
         for f in fields(self):
             if f.name in skip or f.metadata.get("speed_only"):
                 continue
+            if f.name in ("text_column", "title_column") and self.format != "parquet":
+                continue  # meaningless for other formats; left out so older data-bins keep their fingerprint
             v = getattr(self, f.name)
             out[f.name] = str(Path(v).resolve()) if f.name in ("vocab", "spm_model", "tokenizer_json") and v else v
         return out

@@ -352,6 +352,8 @@ def prepare(
     keep_headings: bool = False,
     sentence_splitter: str = "rules",
     json_key: str = "text",
+    text_column: str = "text",
+    title_column: str | None = None,
     on_decode_error: str = "replace",
     max_garbage_frac: float = DEFAULT_MAX_GARBAGE_FRAC,
     spm_byte_fallback: bool = True,
@@ -363,7 +365,7 @@ def prepare(
 ) -> dict:
     """Prepare a data-bin (see the module docstring); returns the final manifest (``OUT/manifest.json``).
 
-    ``inputs`` are files or folders, ``fmt`` one of ``wikitext wikiextractor wiki-xml owt text jsonl``,
+    ``inputs`` are files or folders, ``fmt`` one of ``wikitext wikiextractor wiki-xml owt text jsonl parquet``,
     ``out`` the data-bin folder.  Exactly one of ``vocab`` / ``spm_model`` / ``tokenizer_json`` /
     ``train_tokenizer`` (+ ``vocab_size``) chooses the tokenizer.  Every other keyword is the option of
     the same name in :class:`data_prep.config.PrepConfig` (``alum-prep --help`` explains each);
@@ -383,7 +385,7 @@ def prepare(
         tokenizer_json=None if tokenizer_json is None else str(tokenizer_json),
         train_tokenizer=train_tokenizer, vocab_size=vocab_size, lowercase=lowercase, shards=shards,
         valid_fraction=valid_fraction, seed=seed, min_doc_chars=min_doc_chars, max_tokens=max_tokens,
-        keep_headings=keep_headings, sentence_splitter=sentence_splitter, json_key=json_key, on_decode_error=on_decode_error, segment_mb=segment_mb,
+        keep_headings=keep_headings, sentence_splitter=sentence_splitter, json_key=json_key, text_column=text_column, title_column=title_column, on_decode_error=on_decode_error, segment_mb=segment_mb,
         max_garbage_frac=max_garbage_frac, spm_byte_fallback=spm_byte_fallback,
         tokenizer_train_sentences=tokenizer_train_sentences, workers=workers, progress=progress,
     )
@@ -539,6 +541,7 @@ class Preparer:
                 raise ValueError(f"{self.out}: complete data-bin fails verification ({problems[0]}); "
                                  "re-run with --overwrite to rebuild it")
             shutil.rmtree(self.parts, ignore_errors=True)  # killed just before its clean-up
+            _shard_dicts(self.out, len(resume["shards"]))  # a data-bin written before shards carried dict.txt
             self._log(f"{self.out}: already complete and verified; nothing to do")
             self.manifest = resume
             return resume
@@ -596,6 +599,7 @@ class Preparer:
             counts += np.load(self.parts / f"seg{j:05d}" / "token_counts.npy")[:vocab_size]
         toks.write_dict(toks.tokens_in_id_order(hf), counts, self.out / "dict.txt")
         m["dict"] = _file_record(self.out / "dict.txt")
+        _shard_dicts(self.out, cfg.shards)
         m["counts"] = {
             "documents_read": totals["documents_read"],
             "documents": totals["documents"],
@@ -657,7 +661,9 @@ class Preparer:
             print(f"alum-prep: {msg}", file=sys.stderr)
 
     def _docs(self, files) -> Iterator:
-        return iter(Reader(files, self.cfg.format, Decoder(self.cfg.on_decode_error), self.cfg.json_key))
+        c = self.cfg
+        return iter(Reader(files, c.format, Decoder(c.on_decode_error), c.json_key, text_column=c.text_column,
+                           title_column=c.title_column, keep_headings=c.keep_headings))
 
     def _initargs(self, tokenizer_file, dtype):
         c = self.cfg
@@ -972,6 +978,30 @@ def _failed_start(old: dict) -> bool:
         pass
     raise ValueError(f"another alum-prep (pid {owner['pid']}) seems to be writing this folder; wait for it or "
                      "stop it, or choose another --out")
+
+
+def _shard_dicts(out: Path, num_shards: int) -> None:
+    """Put a copy of ``OUT/dict.txt`` in every ``OUT/shardK/`` folder (temp name, then rename).
+
+    Stock fairseq tasks (``masked_lm``) load the dictionary from the *first* path of a colon-separated
+    ``DATA=OUT/shard0:OUT/shard1:...`` list, so each shard must be a complete fairseq data folder on its
+    own.  A copy (not a link) keeps that true after ``cp -r``, ``rsync`` or copying a single shard.
+    Copies that already match the root file are left alone.
+    """
+    src = out / "dict.txt"
+    data = src.read_bytes()
+    for k in range(num_shards):
+        dst = out / f"shard{k}" / "dict.txt"
+        if dst.is_file() and not dst.is_symlink() and dst.read_bytes() == data:
+            continue
+        tmp = dst.with_name("dict.txt.tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if dst.is_symlink():
+            dst.unlink()
+        os.replace(tmp, dst)
 
 
 def _read_lines(path: Path) -> Iterator[str]:

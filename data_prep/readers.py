@@ -20,9 +20,14 @@ Formats (``--format``):
                   :class:`xml.etree.ElementTree.XMLPullParser`; only main-namespace (``ns`` 0),
                   non-redirect pages are kept.  The wikitext is turned into text in the workers by the
                   ``wikiextractor`` library (:func:`data_prep.pipeline.to_plain_text`).
+``parquet``       Parquet files or folders of ``*.parquet`` shards, one row per document (``--text-column``,
+                  ``--title-column``); read row group by row group, see :mod:`data_prep.readers_columnar`.
 ``owt``           OpenWebText: a folder (or files) of ``.txt`` documents, ``.xz`` files, and ``.tar`` /
                   ``.tar.xz`` archives of them (nested archives too, as in ``openwebtext.tar.xz`` whose
                   members ``urlsf_subset*.xz`` are tar.xz archives of ``.txt`` files); one file = one document.
+
+Line formats (``text``, ``jsonl``, ``wikitext``, ``wikiextractor``) and ``wiki-xml`` read ``.gz``, ``.bz2``,
+``.xz`` and ``.zst`` (Zstandard, e.g. ``*.jsonl.zst``) files transparently, by file name suffix.
 
 UTF-8 decoding: ``on_decode_error="replace"`` replaces each invalid byte sequence by U+FFFD and counts it;
 ``"fail"`` raises ``ValueError`` naming the file and the byte offset (in the decompressed stream for
@@ -48,8 +53,9 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from .hygiene import check_tar_end, read_error
+from .readers_columnar import PARQUET_SUFFIXES, open_zstd, parquet_documents
 
-FORMATS = ("wikitext", "wikiextractor", "wiki-xml", "owt", "text", "jsonl")
+FORMATS = ("wikitext", "wikiextractor", "wiki-xml", "owt", "text", "jsonl", "parquet")
 LINE_LIMIT = 16 * 1024 * 1024
 
 # A WikiText title line: " = Title = " with exactly one '=' on each side.
@@ -183,6 +189,7 @@ def list_inputs(inputs: list[str | os.PathLike], fmt: str) -> list[Path]:
             found = sorted(
                 f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")
                 and (fmt != "owt" or f.name.endswith(_OWT_SUFFIXES))
+                and (fmt != "parquet" or f.name.endswith(PARQUET_SUFFIXES))  # hub folders also hold README.md
             )
             if not found:
                 raise ValueError(f"{p}: folder has no input files for --format {fmt}")
@@ -205,6 +212,8 @@ def _open_decompressed(path: Path, raw: BinaryIO) -> BinaryIO:
         return lzma.LZMAFile(raw)
     if name.endswith(".gz"):
         return gzip.GzipFile(fileobj=raw)
+    if name.endswith(".zst"):
+        return open_zstd(raw, str(path))
     return raw
 
 
@@ -214,11 +223,15 @@ def _open_decompressed(path: Path, raw: BinaryIO) -> BinaryIO:
 class Reader:
     """Iterate all documents of ``files`` (already listed) in order."""
 
-    def __init__(self, files: list[Path], fmt: str, decoder: Decoder, json_key: str = "text"):
+    def __init__(self, files: list[Path], fmt: str, decoder: Decoder, json_key: str = "text",
+                 text_column: str = "text", title_column: str | None = None, keep_headings: bool = False):
         self.files = files
         self.fmt = fmt
         self.decoder = decoder
         self.json_key = json_key
+        self.text_column = text_column
+        self.title_column = title_column
+        self.keep_headings = keep_headings
         self.total_bytes = sum(f.stat().st_size for f in files)
 
     def __iter__(self) -> Iterator[RawDoc]:
@@ -232,6 +245,7 @@ class Reader:
                     "wikiextractor": self._wikiextractor,
                     "wiki-xml": self._wiki_xml,
                     "owt": self._owt,
+                    "parquet": self._parquet,
                 }[self.fmt]
                 try:
                     yield from fn(path, raw, base)
@@ -381,6 +395,12 @@ class Reader:
             parser.close()
         except ET.ParseError as e:
             raise ValueError(f"{path}: invalid or truncated XML at the end of the file: {e}") from None
+
+    def _parquet(self, path, raw, base):
+        for text, pos, src, title in parquet_documents(
+                path, base, text_column=self.text_column, title_column=self.title_column,
+                keep_title=self.keep_headings, decode=self.decoder.decode):
+            yield RawDoc(text, pos, src, title=title)
 
     def _owt(self, path, raw, base):
         name = path.name

@@ -40,6 +40,7 @@ if [ "$WITH_SYSTEM" = 1 ]; then
   fi
 fi
 
+# requirements.txt pins the core set, incl. pyarrow + zstandard (alum-prep --format parquet, *.jsonl.zst)
 $PY -m pip install --disable-pip-version-check -q -r requirements.txt
 if [ "$WITH_FAIRSEQ" = 1 ]; then
   $PY -m pip install --disable-pip-version-check -q --no-deps fairseq-fixed==0.12.3.1

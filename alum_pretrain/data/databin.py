@@ -8,6 +8,7 @@ Layout (fairseq ``data-bin`` convention, one shard per epoch in fairseq's ``DATA
       tokenizer/             a HuggingFace tokenizer folder (``AutoTokenizer.from_pretrained(OUT/tokenizer)``)
       shard0/train.bin .idx .doc.npy
       shard0/valid.bin .idx .doc.npy
+      shard0/dict.txt        a copy of dict.txt: stock fairseq loads the dictionary from the first shard path
       shard1/...
 
 Token ids on disk are **fairseq dictionary ids**: ``disk_id = tokenizer_id + id_offset`` with

@@ -82,6 +82,9 @@ class OptimConfig:
     name: Literal["adamw", "lamb"] = opt(
         "adamw", "optimizer: adamw (torch AdamW; DeepSpeed's FusedAdam under --train.engine=deepspeed on CUDA) "
                  "or lamb (DeepSpeed's FusedLamb: needs --train.engine=deepspeed on a CUDA device)")
+    fresh_lr_mult: float = opt(1.0, "LR multiplier for tensors freshly initialised when loading model.init_from (e.g. "
+                                    "the new MLM head of a checkpoint that has none): a random head needs far larger "
+                                    "steps than the pre-trained body; 1 = one LR for all")
 
     def __post_init__(self) -> None:
         if self.name not in ("adamw", "lamb"):
@@ -99,6 +102,8 @@ class OptimConfig:
             raise _bad("optim.betas", list(self.betas), "needs two numbers in [0, 1)")
         if not self.eps > 0:
             raise _bad("optim.eps", self.eps, "must be > 0")
+        if not self.fresh_lr_mult > 0:
+            raise _bad("optim.fresh_lr_mult", self.fresh_lr_mult, "must be > 0 (1 = the same LR as the rest)")
 
 
 @dataclass

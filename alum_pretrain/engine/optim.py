@@ -16,22 +16,37 @@ import torch
 from .config import OptimConfig
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: matrices/embeddings decay; biases and LayerNorm weights (1-D) do not (BERT's rule)."""
-    decay, no_decay, seen = [], [], set()
+FRESH_ATTR = "_alum_fresh"  # set on parameters that a checkpoint load initialised randomly (models.py)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, fresh_lr: float | None = None) -> list[dict]:
+    """Two groups: matrices/embeddings decay; biases and LayerNorm weights (1-D) do not (BERT's rule).
+
+    ``fresh_lr``: when given, parameters marked fresh (``FRESH_ATTR``: e.g. a new MLM head on a checkpoint
+    without one) form two more groups with this LR; the schedule scales every group's LR alike.
+    """
+    decay, no_decay, fresh_decay, fresh_no_decay, seen = [], [], [], [], set()
     for _name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:  # tied weights appear once
             continue
         seen.add(id(p))
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if fresh_lr is not None and getattr(p, FRESH_ATTR, False):
+            (fresh_decay if p.dim() >= 2 else fresh_no_decay).append(p)
+        else:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if fresh_decay or fresh_no_decay:
+        groups += [{"params": fresh_decay, "weight_decay": weight_decay, "lr": fresh_lr},
+                   {"params": fresh_no_decay, "weight_decay": 0.0, "lr": fresh_lr}]
+    return groups
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
     kwargs = {}
     if device.type == "cuda":
         kwargs["fused"] = True  # one kernel for all parameters
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
+    fresh_lr = cfg.lr * cfg.fresh_lr_mult if cfg.fresh_lr_mult != 1.0 else None
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay, fresh_lr), lr=cfg.lr, betas=tuple(cfg.betas),
                              eps=cfg.eps, **kwargs)
 
 
