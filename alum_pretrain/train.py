@@ -94,7 +94,8 @@ def train(cfg: TrainConfig, env: D.DistEnv) -> dict:
         if run.engine is not None:  # DeepSpeed: unscale, clip, step, schedule, zero_grad in engine.step(),
             grad_norm, lr = DS.optimizer_step(run.engine)  # which itself skips a non-finite update
             loss_ok, grad_ok = step_is_finite(run, loss_sum, grad_norm)
-            skip = not (loss_ok and grad_ok)
+            # as below: with fp16 a non-finite gradient under a finite loss is a loss-scale overflow
+            skip = not loss_ok or (not grad_ok and run.amp_dtype != torch.float16)
         else:
             run.scaler.unscale_(run.optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), tc_clip(cfg))

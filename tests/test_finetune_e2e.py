@@ -50,8 +50,11 @@ def run(method, minilm_dir, sst2_subset, out, **extra):
     return finetune(config_from_dict(FinetuneConfig, d))
 
 
+# PGD and FreeAT share FreeLB's embedding adversary (tests/test_finetune_methods.py checks each against a
+# reference); their end-to-end runs (~1 min each on 2 cores) are in the slow tier to keep CI under 20 min.
 @pytest.mark.parametrize("method", [
-    "plain", "smart", "freelb", "pgd", "freeat", "rift",
+    "plain", "smart", "freelb",
+    pytest.param("pgd", marks=pytest.mark.slow), pytest.param("freeat", marks=pytest.mark.slow), "rift",
 ])
 def test_minilm_sst2_above_chance(method, minilm_dir, sst2_subset, tmp_path):
     if method == "rift":

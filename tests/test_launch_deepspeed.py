@@ -108,6 +108,7 @@ STEPS = 16
 
 
 @pytest.mark.slurm
+@pytest.mark.slow  # ~75 s; the native and fairseq SLURM jobs (tests/test_launch_slurm.py) stay in CI
 @pytest.mark.skipif(not HAS_DS, reason="deepspeed not installed (pip install 'alum-pretrain[deepspeed]')")
 def test_deepspeed_slurm_job_is_preempted_requeued_and_resumes_to_the_uninterrupted_weights(tmp_path_factory,
                                                                                           tmp_path):
