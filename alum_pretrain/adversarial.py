@@ -228,6 +228,19 @@ class ALUMConfig:
 # --------------------------------------------------------------------------------------------------
 
 
+def _row_log_probs(who: str, p_logits: torch.Tensor, q_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise log-softmax of two same-shape ``(..., C)`` logit tensors in the work dtype (float32 or
+    float64): ``(N, C)`` each, N = the product of the leading dimensions."""
+    if p_logits.shape != q_logits.shape:
+        raise ValueError(f"{who}: shapes differ: p {tuple(p_logits.shape)} vs q {tuple(q_logits.shape)}")
+    if p_logits.dim() == 0:
+        raise ValueError(f"{who}: logits need a class dimension (..., C)")
+    c = p_logits.shape[-1]
+    dt = _work_dtype(torch.promote_types(p_logits.dtype, q_logits.dtype))
+    return (F.log_softmax(p_logits.to(dt).reshape(-1, c), dim=-1),
+            F.log_softmax(q_logits.to(dt).reshape(-1, c), dim=-1))
+
+
 def symmetric_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     """SymKL(p, q) = KL(p || sg(q)) + KL(q || sg(p)), in float32, averaged over rows.
 
@@ -238,14 +251,7 @@ inputs).  The value is
     through the second (``sg`` = stop-gradient), so with ``q`` detached only ``KL(p||q)`` drives ``p``.
     With zero rows (e.g. no masked token) the result is a differentiable 0, not NaN.
     """
-    if p_logits.shape != q_logits.shape:
-        raise ValueError(f"symmetric_kl: shapes differ: p {tuple(p_logits.shape)} vs q {tuple(q_logits.shape)}")
-    if p_logits.dim() == 0:
-        raise ValueError("symmetric_kl: logits need a class dimension (..., C)")
-    c = p_logits.shape[-1]
-    dt = _work_dtype(torch.promote_types(p_logits.dtype, q_logits.dtype))
-    logp = F.log_softmax(p_logits.to(dt).reshape(-1, c), dim=-1)  # (N, C)
-    logq = F.log_softmax(q_logits.to(dt).reshape(-1, c), dim=-1)  # (N, C)
+    logp, logq = _row_log_probs("symmetric_kl", p_logits, q_logits)  # (N, C) each
     n = logp.shape[0]
     if n == 0:
         return (logp.sum() + logq.sum()) * 0.0
@@ -264,14 +270,7 @@ def symmetric_kl_ce(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Ten
     :func:`symmetric_kl`; the gradient w.r.t. ``p``'s logits is ``p - q`` (per row, before the mean), the
     softmax cross-entropy gradient, and symmetrically for ``q``.  Zero rows give a differentiable 0.
     """
-    if p_logits.shape != q_logits.shape:
-        raise ValueError(f"symmetric_kl_ce: shapes differ: p {tuple(p_logits.shape)} vs q {tuple(q_logits.shape)}")
-    if p_logits.dim() == 0:
-        raise ValueError("symmetric_kl_ce: logits need a class dimension (..., C)")
-    c = p_logits.shape[-1]
-    dt = _work_dtype(torch.promote_types(p_logits.dtype, q_logits.dtype))
-    logp = F.log_softmax(p_logits.to(dt).reshape(-1, c), dim=-1)  # (N, C)
-    logq = F.log_softmax(q_logits.to(dt).reshape(-1, c), dim=-1)  # (N, C)
+    logp, logq = _row_log_probs("symmetric_kl_ce", p_logits, q_logits)  # (N, C) each
     n = logp.shape[0]
     if n == 0:
         return (logp.sum() + logq.sum()) * 0.0
