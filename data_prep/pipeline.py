@@ -45,6 +45,7 @@ import numpy as np
 
 from alum_pretrain.data.databin import FAIRSEQ_NSPECIAL, MANIFEST
 from alum_pretrain.data.indexed import IndexedDatasetBuilder, MMapIndexedDataset, best_dtype, merge
+from alum_pretrain.integrity import sha256_file
 
 from . import tokenizer as toks
 from .clean import SPLITTERS, clean_text
@@ -279,17 +280,6 @@ def _chunks(items: Iterator[tuple[object, str]]) -> Iterator[tuple[list, list[st
 # ----------------------------------------------------------------------------------------------------------
 # Manifest helpers
 # ----------------------------------------------------------------------------------------------------------
-
-
-def sha256_file(path: Path, bufsize: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while True:
-            b = fh.read(bufsize)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
 
 
 def _write_json(path: Path, obj: dict) -> None:

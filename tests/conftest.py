@@ -47,3 +47,15 @@ def fairseq_available() -> bool:
 
 
 requires_fairseq = pytest.mark.skipif(not fairseq_available(), reason="fairseq not installed (bash scripts/setup.sh installs the [fairseq] extra)")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is many times faster (no OpenMP spin).
+    Modules that train tiny models in-process opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

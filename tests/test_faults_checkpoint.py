@@ -27,12 +27,7 @@ ARGS = ("--train.save_every=2", "--train.eval_every=0", "--alum.start_step=3", "
         "--alum.noise_std=1e-3")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,7 @@ POS = ["a great and moving film", "wonderful acting , superb story", "truly deli
 NEG = ["a dull and boring mess", "terrible script , awful acting", "painfully bad", "i hated it"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
