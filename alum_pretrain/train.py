@@ -93,17 +93,15 @@ def train(cfg: TrainConfig, env: D.DistEnv) -> dict:
         # ---- clip, non-finite guard, optimizer step, schedule ---------------------------------------
         if run.engine is not None:  # DeepSpeed: unscale, clip, step, schedule, zero_grad in engine.step(),
             grad_norm, lr = DS.optimizer_step(run.engine)  # which itself skips a non-finite update
-            loss_ok, grad_ok = step_is_finite(run, loss_sum, grad_norm)
-            # as below: with fp16 a non-finite gradient under a finite loss is a loss-scale overflow
-            skip = not loss_ok or (not grad_ok and run.amp_dtype != torch.float16)
         else:
             run.scaler.unscale_(run.optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), tc_clip(cfg))
             lr = run.optimizer.param_groups[0]["lr"]  # the LR of this update
-            loss_ok, grad_ok = step_is_finite(run, loss_sum, grad_norm)  # the step's one host sync
-            # NaN/Inf loss, or NaN/Inf gradient without a GradScaler (bf16/fp32): skip the update and the LR
-            # schedule.  fp16 with a finite loss: an overflow, which scaler.step skips and scaler.update handles.
-            skip = not loss_ok or (not grad_ok and not run.scaler.is_enabled())
+        loss_ok, grad_ok = step_is_finite(run, loss_sum, grad_norm)  # the step's one host sync
+        # NaN/Inf loss, or NaN/Inf gradient without fp16 loss scaling (bf16/fp32): skip the update and the LR
+        # schedule.  fp16 with a finite loss: an overflow, which the loss scaler skips and handles.
+        skip = not loss_ok or (not grad_ok and run.amp_dtype != torch.float16)
+        if run.engine is None:
             if not skip:
                 run.scaler.step(run.optimizer)
             run.scaler.update()
