@@ -283,3 +283,40 @@ def test_fp16_overflow_step_is_not_logged_as_inf(databin, tmp_path):
     assert rec["grad_norm"] == pytest.approx(3.0)  # (2 + 4) / 2: the inf and NaN steps left out
     assert rec["mlm"] == pytest.approx(1.0)  # the NaN-loss step left out of the loss mean
     assert rec["overflow_skipped"] == 1 and rec["nonfinite_skipped"] == 1
+
+
+def test_alum_diagnostics_of_a_skipped_step_are_counted_but_not_averaged_into_adv_dropout():
+    """An ALUM interval with one NaN-loss step: adv_dropout averages the finite steps like adv does (not
+    NaN), while ascent_nonfinite / adv_nonfinite count every micro-batch and ascent_zero_grad_frac averages
+    over all of them (the skipped step's diagnostics are what explains the skip)."""
+    from alum_pretrain.engine import distributed as D
+    from alum_pretrain.engine.setup import Accumulator
+
+    class _R:  # the parts of Run the accumulator reads
+        env = D.DistEnv()
+        grad_accum = 1
+        peak_flops = None
+        flops_per_token = 0.0
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+
+        class cfg:
+            class alum:
+                alpha = 10.0
+                k_steps = 1
+
+    acc = Accumulator(_R())
+    batch = {"n_tokens": 10, "n_masked": 2, "n_maskable": 8, "input_ids": torch.zeros(2, 5, dtype=torch.long)}
+    nan = float("nan")
+    steps = ((True, 2e-3, 1e-3, 0.0, 0.0, 0.1), (False, nan, nan, 1.0, 1.0, 0.7), (True, 4e-3, 3e-3, 0.0, 0.0, 0.1))
+    for ok, adv, adv_dropout, ascent_nonfinite, adv_nonfinite, zero_frac in steps:
+        acc.add({"mlm": torch.tensor(1.0 if ok else nan), "adv": torch.tensor(adv),
+                 "delta_linf": torch.tensor(1e-5), "adv_dropout": torch.tensor(adv_dropout),
+                 "ascent_nonfinite": torch.tensor(ascent_nonfinite), "adv_nonfinite": torch.tensor(adv_nonfinite),
+                 "ascent_zero_grad_frac": torch.tensor(zero_frac)}, batch)
+        acc.end_step(torch.tensor(1.0 if ok else nan), 0.15, True, 1e-4, loss_ok=ok, grad_ok=ok, skipped=not ok)
+    rec = acc.flush(3)
+    assert rec["adv"] == pytest.approx(3e-3) and rec["adv_dropout"] == pytest.approx(2e-3)
+    assert rec["delta_linf"] == pytest.approx(1e-5)
+    assert rec["ascent_nonfinite"] == 1 and rec["adv_nonfinite"] == 1
+    assert rec["ascent_zero_grad_frac"] == pytest.approx(0.3)  # (0.1 + 0.7 + 0.1) / 3
+    assert rec["nonfinite_skipped"] == 1

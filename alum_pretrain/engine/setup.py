@@ -134,10 +134,12 @@ class Accumulator:
     of the means; ``nonfinite_skipped`` (and with fp16 ``overflow_skipped`` / ``loss_scale``) count them.
     """
 
-    KEYS = ("mlm", "nsp", "adv", "delta_linf")
-    #: ALUM diagnostics logged as they are: counts summed over the interval's micro-batches and ranks
-    #: (ascent_nonfinite, adv_nonfinite) or fractions averaged over them (ascent_zero_grad_frac); adv_dropout
-    #: is normalised like adv (a contribution to the step mean).
+    #: adv_dropout (with alum.log_baseline) is a contribution to the step mean like adv, so it is averaged
+    #: like adv: over the steps with a finite loss.
+    KEYS = ("mlm", "nsp", "adv", "delta_linf", "adv_dropout")
+    #: ALUM diagnostics logged as they are, skipped steps included (that is when they matter): counts summed
+    #: over the interval's ALUM micro-batches and ranks (ascent_nonfinite, adv_nonfinite) or fractions
+    #: averaged over them (ascent_zero_grad_frac).
     ALUM_SUMS = ("ascent_nonfinite", "adv_nonfinite")
     ALUM_MEANS = ("ascent_zero_grad_frac",)
 
@@ -153,7 +155,8 @@ class Accumulator:
         self.grad_steps = 0  # steps with a finite gradient norm
         self.nonfinite = 0
         self.overflow = 0
-        self.diag = torch.zeros(len(self.ALUM_SUMS) + len(self.ALUM_MEANS) + 1, device=dev)  # + adv_dropout
+        self.diag = torch.zeros(len(self.ALUM_SUMS) + len(self.ALUM_MEANS), device=dev)
+        self.diag_micro = 0  # ALUM micro-batches of the interval, skipped steps included (diag's denominator)
         self.baseline_micro = 0
         self.tokens = 0
         self.padded = 0  # B x T per micro-batch: the encoder computes on padding too (MFU)
@@ -170,12 +173,11 @@ class Accumulator:
                 self.step_sums[i] += metrics[k].to(self.sums.device)
         if "adv" in metrics:
             self.alum_micro += 1
+            self.diag_micro += 1
             for i, k in enumerate(self.ALUM_SUMS + self.ALUM_MEANS):
                 if k in metrics:
                     self.diag[i] += metrics[k].to(self.diag.device, torch.float32)
-            if "adv_dropout" in metrics:
-                self.diag[-1] += metrics["adv_dropout"].to(self.diag.device, torch.float32)
-                self.baseline_micro += 1
+            self.baseline_micro += int("adv_dropout" in metrics)
         self.tokens += int(batch["n_tokens"])
         self.padded += batch["input_ids"].numel()  # shape metadata: no device sync
         self.masked += int(batch["n_masked"])
@@ -202,9 +204,9 @@ class Accumulator:
         run, env = self.run, self.run.env
         sums = D.all_reduce_device(env, self.sums.clone())  # mlm/nsp/adv contributions sum over ranks
         counts = D.all_reduce_cpu(env, torch.tensor([self.tokens, self.masked, self.maskable, self.alum_micro,
-                                                     self.padded], dtype=torch.float64))
+                                                     self.padded, self.diag_micro], dtype=torch.float64))
         s = sums.tolist()  # the host sync of this log interval
-        tokens, masked, maskable, alum_micro, padded = counts.tolist()
+        tokens, masked, maskable, alum_micro, padded, diag_micro = counts.tolist()
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
         n = max(self.steps, 1)
         nl = self.loss_steps
@@ -231,14 +233,15 @@ class Accumulator:
             rec["loss_scale"] = float(run.scaler.get_scale())
         if alum_micro > 0:
             rec["delta_linf"] = s[3] / alum_micro
+        if diag_micro > 0:
             diag = D.all_reduce_device(env, self.diag.clone()).tolist()
             n_sum = len(self.ALUM_SUMS)
             for i, k in enumerate(self.ALUM_SUMS):
                 rec[k] = diag[i]
             for i, k in enumerate(self.ALUM_MEANS):
-                rec[k] = diag[n_sum + i] / alum_micro  # alum_micro is already summed over ranks
+                rec[k] = diag[n_sum + i] / diag_micro  # diag_micro is already summed over ranks
             if self.baseline_micro:
-                rec["adv_dropout"] = diag[-1] / (n * env.world_size)
+                rec["adv_dropout"] = s[4] / (nl * env.world_size) if nl else None
         if run.peak_flops:
             # executed FLOPs: a standard step = 3 forward-units; ALUM = 6 + 2K (module docstring of adversarial)
             k = run.cfg.alum.k_steps
