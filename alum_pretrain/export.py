@@ -27,19 +27,17 @@ same name, and nothing is missing or unexpected when HF loads the folder.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import re
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .integrity import (IntegrityError, apply_umask, check_structure, first_nonfinite, safe_torch_load,
+from .atomic import atomic_dir
+from .integrity import (IntegrityError, check_structure, first_nonfinite, safe_torch_load,
                         verify_checksums)
 from .models import load_hf_model
 
@@ -303,23 +301,6 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, tokenizer: str | 
                                        encoding="utf-8")
     log.info("exported %s (%s, %d tensors) with tokenizer %s -> %s", model_dir, type(model).__name__, n, tok_src, out)
     return out
-
-
-@contextlib.contextmanager
-def atomic_dir(out: Path):
-    """Yield a temporary folder beside ``out``; it replaces ``out`` when the block succeeds and is removed
-    when it fails, so ``out`` is never a half-written export."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        yield tmp
-        apply_umask(tmp)  # mkdtemp made it 0700: an export is meant to be shared (0755/0644 under umask 022)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,6 +27,8 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from .atomic import apply_umask, current_umask  # noqa: F401  (re-exported)
+
 CHECKSUMS = "checksums.json"
 _BUF = 1 << 22
 
@@ -174,26 +176,6 @@ def first_nonfinite(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, to
         if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
             return name
     return None
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def apply_umask(root: str | os.PathLike) -> None:
-    """Give ``root`` and everything under it the permissions a plain ``open``/``mkdir`` would have."""
-    mask = current_umask()
-    root = Path(root)
-    paths = [root] + (list(root.rglob("*")) if root.is_dir() else [])
-    for p in paths:
-        if p.is_symlink():
-            continue
-        try:
-            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
-        except OSError:
-            pass
 
 
 def _sidecar(path: Path) -> Path:

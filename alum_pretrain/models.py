@@ -30,8 +30,6 @@ import inspect
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -450,21 +448,12 @@ def save_model(model: nn.Module, directory: str | os.PathLike) -> Path:
     written under a temporary name beside ``directory`` and renamed when complete (an existing folder is
     replaced).
     """
+    from .atomic import atomic_dir
+
     hf = _unwrap(model)
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
-    try:
+    with atomic_dir(directory) as tmp:
         hf.save_pretrained(str(tmp), safe_serialization=True)
-        from .integrity import apply_umask
-
-        apply_umask(tmp)  # mkdtemp makes 0700; the folder is meant to be shared (0755/0644 under umask 022)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 

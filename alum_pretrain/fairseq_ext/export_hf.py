@@ -53,7 +53,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..export import atomic_dir
+from ..atomic import atomic_dir
 
 log = logging.getLogger("alum_pretrain.fairseq_export")
 

@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -26,6 +25,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_dir
 from ..config import config_to_dict
 from .config import FinetuneConfig, amp_dtype
 from .data import EncodedDataset, Example, collate, encode, read_examples, substitution_candidates
@@ -164,15 +164,9 @@ def write_predictions(path: Path, examples: list[Example], logits: np.ndarray, s
 
 def save_hf(model, tokenizer, out: Path) -> None:
     """An HF folder written to a temp name and renamed (a crash never leaves a half-written best/)."""
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    old = out.with_name(out.name + ".old")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
 
 
 def _rng_state() -> dict:
