@@ -34,6 +34,8 @@ from typing import Any, Literal, Sequence, TypeVar, get_args, get_origin
 
 import yaml
 
+from .atomic import write_text
+
 T = TypeVar("T")
 _MISSING = object()
 
@@ -206,11 +208,7 @@ def config_to_dict(cfg: Any) -> dict:
 
 def save_yaml(cfg: Any, path: str | os.PathLike) -> None:
     """Write the config as YAML atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        yaml.safe_dump(config_to_dict(cfg), fh, sort_keys=False)
-    os.replace(tmp, path)
+    write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def load_yaml(path: str | os.PathLike) -> dict:

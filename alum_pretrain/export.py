@@ -18,7 +18,7 @@ OUT (written to a temporary folder beside it, renamed when complete)::
     tokenizer files        tokenizer.json, tokenizer_config.json, vocab.txt / sentencepiece model, ...
     README.md              a short model card: source checkpoint, step, training config
 
-Key map (STYLE.md 11): the native engine trains HF modules and saves them with ``save_pretrained``, so the
+Key map: the native engine trains HF modules and saves them with ``save_pretrained``, so the
 checkpoint's tensor names ARE the HF names (``bert.encoder.layer.0...``, ``cls.predictions...``); the map is
 the identity, and :func:`export` verifies it — every exported tensor equals the checkpoint tensor of the
 same name, and nothing is missing or unexpected when HF loads the folder.
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,15 +36,13 @@ from typing import Any
 import torch
 
 from .atomic import atomic_dir
+from .engine.checkpoint import CHECKPOINTS_DIR, MODEL_DIR, STATE_FILE, latest_checkpoint, list_checkpoints, step_of
 from .integrity import (IntegrityError, check_structure, first_nonfinite, safe_torch_load,
                         verify_checksums)
 from .models import load_hf_model
 
 log = logging.getLogger("alum_pretrain.export")
 
-STATE_FILE = "train_state.pt"
-MODEL_DIR = "model"
-_STEP_RE = re.compile(r"^step-(\d+)$")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",
                     "sentencepiece.bpe.model", "spiece.model", "special_tokens_map.json")
 
@@ -59,18 +56,6 @@ class ExportError(ValueError):
 # --------------------------------------------------------------------------------------------------
 
 
-def _latest_step(run: Path) -> Path | None:
-    root = run / "checkpoints"
-    if not root.is_dir():
-        return None
-    steps = []
-    for p in root.iterdir():
-        m = _STEP_RE.match(p.name)
-        if m and p.is_dir() and (p / MODEL_DIR / "config.json").is_file():
-            steps.append((int(m.group(1)), p))
-    return max(steps)[1] if steps else None
-
-
 def resolve_checkpoint(ckpt: str | os.PathLike) -> tuple[Path, Path | None, Path | None]:
     """``(model_dir, step_dir or None, run_dir or None)`` for any accepted form of CKPT."""
     p = Path(ckpt)
@@ -81,18 +66,18 @@ def resolve_checkpoint(ckpt: str | os.PathLike) -> tuple[Path, Path | None, Path
         raise ExportError(f"{p}: is a file — pass a run folder or a checkpoints/step-N folder "
                           "(fairseq checkpoint files *.pt are exported by `alum-export CKPT.pt OUT`)")
     if (p / MODEL_DIR / "config.json").is_file():  # a step folder
-        run = p.parent.parent if p.parent.name == "checkpoints" else None
+        run = p.parent.parent if p.parent.name == CHECKPOINTS_DIR else None
         return p / MODEL_DIR, p, run
     if (p / "config.json").is_file() and any(p.glob("*.safetensors")):  # the model folder itself
         step = p.parent if (p.parent / STATE_FILE).is_file() else None
-        run = step.parent.parent if step is not None and step.parent.name == "checkpoints" else None
+        run = step.parent.parent if step is not None and step.parent.name == CHECKPOINTS_DIR else None
         return p, step, run
-    latest = _latest_step(p)
+    latest = latest_checkpoint(p)
     if latest is not None:
         return latest / MODEL_DIR, latest, p
-    if (p / "checkpoints").is_dir():
-        raise ExportError(f"{p}/checkpoints: no complete step-N checkpoint (a step-N/model/config.json); "
-                          "the run saved nothing yet, or only an interrupted step-N.tmp")
+    if (p / CHECKPOINTS_DIR).is_dir():
+        raise ExportError(f"{p / CHECKPOINTS_DIR}: no complete step-N checkpoint (a step-N folder with {MODEL_DIR}/ "
+                          f"and {STATE_FILE}); the run saved nothing yet, or only an interrupted step-N.tmp")
     raise ExportError(f"{p}: not a checkpoint — expected {p}/checkpoints/step-N/, {p}/model/config.json "
                       "(a step folder) or config.json + model.safetensors (a model folder)")
 
@@ -117,13 +102,6 @@ def load_run_config(step: Path | None, run: Path | None, trust: bool = False) ->
 
             return config_to_dict(cfg)
     return {}
-
-
-def _step_number(step: Path | None) -> int | None:
-    if step is None:
-        return None
-    m = _STEP_RE.match(step.name)
-    return int(m.group(1)) if m else None
 
 
 def _has_tokenizer(d: Path) -> bool:
@@ -247,9 +225,8 @@ def verify_source(model_dir: Path, step: Path | None) -> None:
                                      "damaged); export an earlier checkpoint (RUN/checkpoints/step-N)")
     except IntegrityError as e:
         others = []
-        if step is not None and step.parent.name == "checkpoints":
-            others = sorted((p for p in step.parent.glob("step-*") if p.is_dir() and p != step and
-                             not p.name.endswith(".tmp")), key=lambda p: p.stat().st_mtime)
+        if step is not None and step.parent.name == CHECKPOINTS_DIR:
+            others = [p for _, p in list_checkpoints(step.parent.parent) if p != step]
         hint = f"; other checkpoints: {', '.join(p.name for p in others)}" if others else ""
         raise ExportError(f"cannot export: {e}{hint}") from e
 
@@ -297,7 +274,7 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, tokenizer: str | 
         model.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
         n = _verify_identity_map(model_dir, tmp) if zero_sd is None else _verify_against(zero_sd, tmp)
-        (tmp / "README.md").write_text(_model_card(model_dir, _step_number(step), model, cfg, tok_src),
+        (tmp / "README.md").write_text(_model_card(model_dir, step_of(step) if step is not None else None, model, cfg, tok_src),
                                        encoding="utf-8")
     log.info("exported %s (%s, %d tensors) with tokenizer %s -> %s", model_dir, type(model).__name__, n, tok_src, out)
     return out

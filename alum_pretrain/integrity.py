@@ -27,7 +27,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from .atomic import apply_umask, current_umask  # noqa: F401  (re-exported)
+from .atomic import apply_umask, atomic_file, write_json  # noqa: F401  (apply_umask re-exported)
 
 CHECKSUMS = "checksums.json"
 _BUF = 1 << 22
@@ -87,12 +87,7 @@ def write_checksums(root: str | os.PathLike) -> dict:
     files = {p.relative_to(root).as_posix(): {"bytes": p.stat().st_size, DIGEST: _DIGESTS[DIGEST][0](p)}
              for p in _files(root)}
     rec = {"format": 1, "files": files}
-    tmp = root / (CHECKSUMS + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(rec, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, root / CHECKSUMS)
+    write_json(root / CHECKSUMS, rec, durable=True)
     return rec
 
 
@@ -192,26 +187,16 @@ def torch_save_verified(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temp name, fsync, record size + CRC-32 in ``PATH.json``, keep the previous
     version as ``X.prev.pt`` (+ its ``.json``), then rename into place; files follow the umask."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    check_structure(tmp)
-    side_tmp = _sidecar(tmp)
-    with open(side_tmp, "w", encoding="utf-8") as fh:
-        json.dump({"bytes": tmp.stat().st_size, DIGEST: _DIGESTS[DIGEST][0](tmp)}, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    apply_umask(tmp)
-    apply_umask(side_tmp)
-    prev = previous_path(path)
-    if path.exists():  # the new file verified: only now does the old one become the fallback
-        os.replace(path, prev)
-        if _sidecar(path).exists():
-            os.replace(_sidecar(path), _sidecar(prev))
-    os.replace(side_tmp, _sidecar(path))
-    os.replace(tmp, path)
+    with atomic_file(path, durable=True) as tmp:
+        torch.save(obj, tmp)
+        check_structure(tmp)
+        rec = {"bytes": tmp.stat().st_size, DIGEST: _DIGESTS[DIGEST][0](tmp)}
+        prev = previous_path(path)
+        if path.exists():  # the new file verified: only now does the old one become the fallback
+            os.replace(path, prev)
+            if _sidecar(path).exists():
+                os.replace(_sidecar(path), _sidecar(prev))
+        write_json(_sidecar(path), rec, indent=None, durable=True)  # then the file itself, as the block ends
     return path
 
 

@@ -27,10 +27,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
+from .atomic import write_json
 from .config import parse_config
 from .engine import deepspeed_engine as DS
 from .engine import distributed as D
-from .engine.checkpoint import write_json_atomic
 from .engine.config import TrainConfig
 from .engine.metrics import LOG
 from .engine.plot import plot_run
@@ -140,7 +140,7 @@ def train(cfg: TrainConfig, env: D.DistEnv) -> dict:
         run.logger.close()
         plot_run(run.out / "log.jsonl", run.out / "plot.png", title=f"alum-train {run.out.name}",
                  alum_start=cfg.alum.start_step if cfg.alum.alpha > 0 else None)
-        write_json_atomic(run.out / "COMPLETED", {"step": step, "max_steps": tc.max_steps})
+        write_json(run.out / "COMPLETED", {"step": step, "max_steps": tc.max_steps}, durable=True)
         LOG.info("done: %d steps; log %s; plot %s", step, run.out / "log.jsonl", run.out / "plot.png")
     run.logger.close()
     return {"step": step, "completed": completed, "stopped": stopped}

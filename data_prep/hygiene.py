@@ -29,10 +29,15 @@ more than :data:`MAX_GARBLED_SHARE` of the documents, or of the characters, were
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import json
 import lzma
 import re
 from pathlib import Path
+from typing import BinaryIO
+
+from .readers_columnar import open_zstd
 
 # Characters that make up "garbage": the replacement character and C0/C1 controls except \t \n \r
 # (line ends are normalised by cleaning, not garbage; the byte-order mark is not counted either).
@@ -213,6 +218,20 @@ def read_error(path: Path, exc: BaseException) -> ValueError:
                       "and in the --format given")
 
 
+def open_decompressed(path: Path, raw: BinaryIO) -> BinaryIO:
+    """``raw`` (the open file ``path``) decompressed as its name says (.bz2, .xz, .gz, .zst), else ``raw``."""
+    name = path.name
+    if name.endswith(".bz2"):
+        return bz2.BZ2File(raw)
+    if name.endswith(".xz"):
+        return lzma.LZMAFile(raw)
+    if name.endswith(".gz"):
+        return gzip.GzipFile(fileobj=raw)
+    if name.endswith(".zst"):
+        return open_zstd(raw, str(path))
+    return raw
+
+
 def sniff_inputs(files: list[Path], fmt: str, max_frac: float = DEFAULT_MAX_GARBAGE_FRAC) -> list[str]:
     """Look at the start of the first :data:`SNIFF_FILES` inputs before anything is written.
 
@@ -221,8 +240,6 @@ def sniff_inputs(files: list[Path], fmt: str, max_frac: float = DEFAULT_MAX_GARB
     fails here, before an output folder exists.  Returns warnings for ``--format text``/``wikitext`` inputs
     that clearly are another format (:func:`guess_format`) and for inputs whose start is mostly garbage
     (with the UTF-16 diagnosis when it applies)."""
-    from .readers import _open_decompressed
-
     warnings = []
     for path in files[:SNIFF_FILES]:
         try:
@@ -233,7 +250,7 @@ def sniff_inputs(files: list[Path], fmt: str, max_frac: float = DEFAULT_MAX_GARB
                     if problem:
                         raise ValueError(problem)
                 raw.seek(0)
-                stream = _open_decompressed(path, raw)
+                stream = open_decompressed(path, raw)
                 data = head if stream is raw else stream.read(SNIFF_BYTES)
         except MemoryError:
             raise

@@ -52,8 +52,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from .hygiene import check_tar_end, read_error
-from .readers_columnar import PARQUET_SUFFIXES, open_zstd, parquet_documents
+from .hygiene import check_tar_end, open_decompressed, read_error
+from .readers_columnar import PARQUET_SUFFIXES, parquet_documents
 
 FORMATS = ("wikitext", "wikiextractor", "wiki-xml", "owt", "text", "jsonl", "parquet")
 LINE_LIMIT = 16 * 1024 * 1024
@@ -204,19 +204,6 @@ def list_inputs(inputs: list[str | os.PathLike], fmt: str) -> list[Path]:
     return files
 
 
-def _open_decompressed(path: Path, raw: BinaryIO) -> BinaryIO:
-    name = path.name
-    if name.endswith(".bz2"):
-        return bz2.BZ2File(raw)
-    if name.endswith(".xz"):
-        return lzma.LZMAFile(raw)
-    if name.endswith(".gz"):
-        return gzip.GzipFile(fileobj=raw)
-    if name.endswith(".zst"):
-        return open_zstd(raw, str(path))
-    return raw
-
-
 # --- readers ----------------------------------------------------------------------------------------------
 
 
@@ -257,7 +244,7 @@ class Reader:
 
     # Lines of a (possibly compressed) file as (text, 1-based line number, global position).
     def _lines(self, path: Path, raw: BinaryIO, base: int) -> Iterator[tuple[str, int, int]]:
-        stream = _open_decompressed(path, raw)
+        stream = open_decompressed(path, raw)
         for lineno, (data, off) in enumerate(iter_byte_lines(stream), start=1):
             pos = base + (raw.tell() if stream is not raw else off)
             yield self.decoder.decode(data, str(path), off), lineno, pos
@@ -347,7 +334,7 @@ class Reader:
             raise ValueError(f"{path}:{first}: '<doc>' block not closed by '</doc>' (truncated file?)")
 
     def _wiki_xml(self, path, raw, base):
-        stream = _open_decompressed(path, raw)
+        stream = open_decompressed(path, raw)
         parser = ET.XMLPullParser(events=("start", "end"))
         root = None
         page_start = base
@@ -413,7 +400,7 @@ class Reader:
             with tarfile.open(fileobj=raw, mode="r|*") as tar:
                 yield from self._owt_tar(tar, str(path), lambda: base + raw.tell())
             return
-        stream = _open_decompressed(path, raw)  # a single compressed text document
+        stream = open_decompressed(path, raw)  # a single compressed text document
         yield RawDoc(self.decoder.decode(stream.read(), str(path), 0), base, str(path))
 
     def _owt_tar(self, tar: tarfile.TarFile, where: str, position) -> Iterator[RawDoc]:

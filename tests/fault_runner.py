@@ -86,14 +86,14 @@ def install(fault: str) -> None:
 
         C.write_checksums = write_checksums
     elif kind == "renamed":
-        orig_fsync_dir = C._fsync_dir
+        orig_fsync_dir = C.fsync_dir
 
         def fsync_dir(path):
             orig_fsync_dir(path)
             if Path(path).name == "checkpoints" and count["save"] == n:
                 _die()
 
-        C._fsync_dir = fsync_dir
+        C.fsync_dir = fsync_dir
     elif kind != "model":
         raise SystemExit(f"unknown fault {fault!r}")
 

@@ -30,7 +30,7 @@ def databin(tmp_path_factory) -> Path:
 
 def _batch(databin, batch_size=8, seq=32, seed=3):
     from alum_pretrain.data.databin import DataBin
-    from alum_pretrain.data.pretrain import build_loader, build_token_tables
+    from alum_pretrain.data import build_loader, build_token_tables
 
     tables = build_token_tables(DataBin(databin))
     loader = build_loader(str(databin), "train", mode="pairs", nsp=True, max_seq_len=seq, batch_size=batch_size,

@@ -129,3 +129,38 @@ def test_data_verify_flag_is_validated():
 
         parse_config(TrainConfig, ["--data.verify=sha"], prog="t")
     assert DataConfig().verify == "size"
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "not found"),
+    ('{"format_version": 1, "num_sh', "not valid JSON"),
+    ("[1, 2]", "not a JSON object"),
+    ('{"num_shards": 1}', "format_version None"),
+    ('{"format_version": 99}', "format_version 99"),
+])
+def test_unreadable_manifest_is_named_by_every_reader(tmp_path, content, message):
+    from alum_pretrain.data import DataBin, load_manifest
+    from alum_pretrain.fairseq_ext.remap_checkpoint import remap_checkpoint
+
+    db = tmp_path / "data-bin"
+    db.mkdir()
+    if content is not None:
+        (db / "manifest.json").write_text(content)
+    for read in (load_manifest, DataBin, lambda p: remap_checkpoint(tmp_path / "ck.pt", p, tmp_path / "out.pt")):
+        with pytest.raises((ValueError, FileNotFoundError), match=message) as e:
+            read(db)
+        assert str(db / "manifest.json") in str(e.value)
+
+
+def test_manifest_of_a_running_prep_loads_but_is_not_a_databin(databin):
+    from alum_pretrain.data import DataBin, load_manifest
+
+    m = load_manifest(databin)
+    (databin / "manifest.json").write_text(json.dumps(dict(m, status="running")))
+    assert load_manifest(databin)["status"] == "running"
+    with pytest.raises(ValueError, match="preparation did not finish"):
+        DataBin(databin)
+    del m["tokenizer"]
+    (databin / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match=r"manifest.json: missing or malformed entry .*'tokenizer'"):
+        DataBin(databin)

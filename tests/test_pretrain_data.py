@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from alum_pretrain.data import DataBin, build_loader, build_token_tables, random_pool
+from alum_pretrain.data import DataBin, build_loader, build_token_tables
 from alum_pretrain.data.indexed import MMapIndexedDataset
 
 from databin_factory import default_vocab_file, make_databin, wikitext_documents
@@ -76,11 +76,20 @@ def split_pair(ids: torch.Tensor, att: torch.Tensor, cls: int, sep: int) -> tupl
     return x[1:seps[0]], x[seps[0] + 1:-1]
 
 
+def batches_in_epoch(loader, epoch: int) -> int:
+    """Batches a single-rank loader yields in ``epoch``: full global batches (+ the partial last one)."""
+    n, gb = len(loader.plan(epoch)), loader.batch_size * loader.world_size
+    assert loader.world_size == 1
+    return n // gb if loader.drop_last else -(-n // gb)
+
+
 def one_epoch(loader, epoch: int = 0) -> list[dict]:
     """All batches of ``epoch`` (rewinds the loader to the epoch's start)."""
     loader.load_state_dict({"epoch": epoch, "offset": 0, "position": 0, "batch_size": loader.batch_size,
                             "world_size": loader.world_size})
-    return take(loader, loader.batches_in_epoch(epoch))
+    batches = take(loader, batches_in_epoch(loader, epoch))
+    assert loader.epoch == epoch and loader.offset == len(loader.plan(epoch)) - loader.stats.remainder_samples
+    return batches
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -93,7 +102,7 @@ def test_pairs_are_true_continuations_or_from_another_document(databin):
     tables = loader.tables
     docs = shard_docs(databin, 0)
     batches = one_epoch(loader)
-    assert len(batches) == loader.len_epoch > 10
+    assert len(batches) == batches_in_epoch(loader, 0) > 10
     n_checked = {0: 0, 1: 0}
     exact_next = 0
     for b in batches:
@@ -177,9 +186,9 @@ def test_single_sentence_documents_are_used_not_dropped(databin, articles):
             dot_as_a |= label == 1 and a.tolist() == [dot]
     assert found, "the one-sentence document must yield a pair"
     st = loader.stats
-    assert st["single_sentence_docs"] == 2 and st["docs"] == 14
+    assert st.single_sentence_docs == 2 and st.docs == 14
     # The one-token document cannot be split A|B: either it is A of a random pair, or it is counted.
-    assert dot_as_a or st["unusable_chunks"] == 1
+    assert dot_as_a or st.unusable_chunks == 1
 
 
 def test_nsp_needs_two_documents(tmp_path, articles, vocab_file):
@@ -199,7 +208,7 @@ def test_evaluation_split_with_one_document_and_empty_shards(tmp_path, articles,
     assert ld.shards == [0]  # the empty valid split of shard 1 is skipped
     labels = torch.cat([b["next_sentence_label"] for b in ld])
     assert labels.numel() == len(ld.plan(0)) and not labels.any()  # one document: true continuations only
-    assert ld.stats["nsp_off_shards"] == 1
+    assert ld.stats.nsp_off_shards == 1
     empty = DataBin(make_databin(tmp_path / "e", [{"train": articles[:2]}, {"train": []}], vocab_file))
     with pytest.raises(ValueError, match=r"shard\(s\) \[1\] have an empty train split"):
         build_loader(empty, "train")
@@ -304,7 +313,7 @@ def test_ranks_are_disjoint_slices_of_the_global_batch(databin, mode):
 def test_resume_mid_epoch_continues_exactly(databin, mode):
     kw = dict(mode=mode, nsp=True, max_seq_len=MAX_LEN, batch_size=16, seed=7)
     ref = build_loader(databin, "train", **kw)
-    per_epoch = ref.len_epoch
+    per_epoch = batches_in_epoch(ref, 0)
     uninterrupted = take(ref, per_epoch + 4)  # crosses into epoch 1 (shard 1)
     k = per_epoch - 2
     first = build_loader(databin, "train", **kw)
@@ -371,7 +380,7 @@ def test_per_epoch_reads_one_shard_interleave_reads_all(databin):
         got |= shards_of(b)
     assert got == {0, 1}
     assert len(inter.plan(0)) == len(per.plan(0)) + len(per.plan(1))
-    assert inter.batches_in_epoch(0) == len(inter.plan(0)) // 8
+    assert batches_in_epoch(inter, 0) == len(inter.plan(0)) // 8
 
 
 def test_validation_is_finite_deterministic_and_complete(databin):
@@ -396,7 +405,7 @@ def test_validation_is_finite_deterministic_and_complete(databin):
 
 def test_random_pool_and_tables(databin):
     tok = databin.tokenizer()
-    pool = random_pool(databin)
+    pool = build_token_tables(databin).random_pool
     assert pool.dtype == torch.long
     names = tok.convert_ids_to_tokens(pool.tolist())
     assert not set(pool.tolist()) & set(tok.all_special_ids)

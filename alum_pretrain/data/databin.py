@@ -17,8 +17,9 @@ Token ids on disk are **fairseq dictionary ids**: ``disk_id = tokenizer_id + id_
 (:meth:`DataBin.split` returns a view that does it).  One item = one sentence (no EOS appended); the
 ``.doc.npy`` side file gives document boundaries (see :mod:`alum_pretrain.data.indexed`).
 
-``manifest.json`` keys read here: ``format_version``, ``id_offset``, ``num_shards``, ``splits``,
-``tokenizer`` (``{"kind", "vocab_size", "special_ids": {"cls","sep","mask","pad","unk", ...}}``).
+``manifest.json`` is read only by :func:`load_manifest`; keys read here: ``format_version``, ``status``,
+``id_offset``, ``num_shards``, ``shards``, ``tokenizer`` (``{"kind", "vocab_size", "special_ids":
+{"cls","sep","mask","pad","unk", ...}}``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ import numpy as np
 from .indexed import MMapIndexedDataset
 
 MANIFEST = "manifest.json"
-FAIRSEQ_NSPECIAL = 4  # <s> <pad> </s> <unk>
+FORMAT_VERSION = 1  # of manifest.json and the layout it describes
+FAIRSEQ_NSPECIAL = 4  # <s> <pad> </s> <unk>: the id offset of data-bins whose manifest does not record one
 
 
 class DataIntegrityError(ValueError):
@@ -74,29 +76,50 @@ class OffsetDataset:
         return self.ds.num_docs
 
 
+def load_manifest(root: str | os.PathLike) -> dict:
+    """The parsed ``ROOT/manifest.json`` of a data-bin, in any state (a running ``alum-prep`` included).
+
+    The one reader of the file: FileNotFoundError when it is missing, ValueError naming the file when it is
+    not JSON, not a JSON object, or has a ``format_version`` this version cannot read."""
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found — {Path(root)} is not a data-bin written by alum-prep "
+                                "(run `alum-prep INPUT --out DIR ...` first)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); the file is damaged — re-run alum-prep") from e
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path}: not a JSON object (a {type(manifest).__name__}); re-run alum-prep")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {version!r}, but this alum-pretrain reads format_version "
+                         f"{FORMAT_VERSION} (written by another version of alum-prep, or by another tool); "
+                         "re-run alum-prep with this version")
+    return manifest
+
+
 @dataclass
 class DataBin:
-    """Open a data-bin folder: ``DataBin("data-bin")``."""
+    """Open a complete data-bin folder: ``DataBin("data-bin")``."""
 
     path: Path
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self.manifest = load_manifest(self.path)
         mpath = self.path / MANIFEST
-        if not mpath.exists():
-            raise FileNotFoundError(
-                f"{mpath}: not found — {self.path} is not a data-bin written by alum-prep "
-                "(run `alum-prep INPUT --out DIR ...` first)"
-            )
-        with open(mpath, encoding="utf-8") as fh:
-            self.manifest = json.load(fh)
         if self.manifest.get("status", "complete") != "complete":
             raise ValueError(f"{mpath}: preparation did not finish (status {self.manifest.get('status')!r}); re-run alum-prep")
-        self.id_offset = int(self.manifest.get("id_offset", FAIRSEQ_NSPECIAL))
-        self.num_shards = int(self.manifest["num_shards"])
-        tok = self.manifest["tokenizer"]
-        self.vocab_size = int(tok["vocab_size"])
-        self.special_ids: dict[str, int] = {k: int(v) for k, v in tok["special_ids"].items()}
+        try:
+            self.id_offset = int(self.manifest.get("id_offset", FAIRSEQ_NSPECIAL))
+            self.num_shards = int(self.manifest["num_shards"])
+            tok = self.manifest["tokenizer"]
+            self.vocab_size = int(tok["vocab_size"])
+            self.special_ids: dict[str, int] = {k: int(v) for k, v in tok["special_ids"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"{mpath}: missing or malformed entry ({type(e).__name__}: {e}); it needs num_shards, "
+                             "id_offset and tokenizer.{vocab_size, special_ids} — re-run alum-prep") from e
 
     def shard_dir(self, shard: int) -> Path:
         if not 0 <= shard < self.num_shards:

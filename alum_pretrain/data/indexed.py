@@ -23,18 +23,22 @@ fairseq (Megatron puts it inside the ``.idx``, which fairseq then misreads).
 The reader also accepts Megatron's ``.idx`` (which carries a document count at offset 26 and the
 document index after the pointers) when ``megatron=True``.
 
-Writers write to ``PREFIX.{bin,idx,doc.npy}.tmp`` and rename only in :meth:`IndexedDatasetBuilder.finalize`,
-so a killed run never leaves a truncated file under its final name.
+Writers write to ``PREFIX.{bin,idx,doc.npy}.tmp`` and rename only in :meth:`IndexedDatasetBuilder.finalize`
+(``.bin`` first, ``.idx`` last: a prefix whose ``.idx`` exists is complete), so a killed run never leaves a
+truncated file under its final name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
+
+from ..atomic import atomic_file
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -64,10 +68,27 @@ def best_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.int64)
 
 
-def _fsync_rename(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
+def _publish(prefix: Path, dtype: np.dtype, sizes: np.ndarray, doc_starts: np.ndarray,
+             publish_bin: Callable[[], None]) -> None:
+    """Write ``PREFIX.idx`` and ``PREFIX.doc.npy`` through temporaries; rename ``.bin`` (``publish_bin``),
+    then ``.doc.npy``, then ``.idx``: a prefix whose ``.idx`` exists is complete."""
+    sizes = np.asarray(sizes, dtype=np.int32)
+    pointers = np.zeros(len(sizes), dtype=np.int64)
+    if len(sizes) > 1:
+        np.cumsum(sizes[:-1].astype(np.int64) * dtype.itemsize, out=pointers[1:])
+    with atomic_file(f"{prefix}.idx", durable=True) as tmp_idx:
+        with open(tmp_idx, "wb") as fh:
+            fh.write(_HEADER.pack(MAGIC, VERSION, DTYPE_TO_CODE[dtype], len(sizes)))
+            fh.write(sizes.astype("<i4").tobytes(order="C"))
+            fh.write(pointers.astype("<i8").tobytes(order="C"))
+        with atomic_file(f"{prefix}.doc.npy", durable=True) as tmp_doc:
+            with open(tmp_doc, "wb") as fh:
+                np.save(fh, np.asarray(doc_starts, dtype=np.int64))
+            publish_bin()
+
+
+class _Abort(Exception):
+    pass
 
 
 class IndexedDatasetBuilder:
@@ -87,8 +108,8 @@ class IndexedDatasetBuilder:
             raise ValueError(f"unsupported dtype {self.dtype}")
         self.prefix = Path(prefix)
         self.prefix.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp_bin = Path(str(self.prefix) + ".bin.tmp")
-        self._bin = open(self._tmp_bin, "wb")
+        self._pending = contextlib.ExitStack()  # the .bin, renamed into place by finalize()
+        self._bin = open(self._pending.enter_context(atomic_file(f"{self.prefix}.bin", durable=True)), "wb")
         self.sizes: list[int] = []
         self.doc_starts: list[int] = [0]
         self._max = np.iinfo(self.dtype).max if self.dtype.kind in "iu" else None
@@ -131,28 +152,13 @@ class IndexedDatasetBuilder:
     def finalize(self) -> None:
         self.end_document()
         self._bin.close()
-        sizes = np.asarray(self.sizes, dtype=np.int32)
-        pointers = np.zeros(len(sizes), dtype=np.int64)
-        if len(sizes) > 1:
-            np.cumsum(sizes[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
-        tmp_idx = Path(str(self.prefix) + ".idx.tmp")
-        with open(tmp_idx, "wb") as fh:
-            fh.write(_HEADER.pack(MAGIC, VERSION, DTYPE_TO_CODE[self.dtype], len(sizes)))
-            fh.write(sizes.astype("<i4").tobytes(order="C"))
-            fh.write(pointers.astype("<i8").tobytes(order="C"))
-        tmp_doc = Path(str(self.prefix) + ".doc.npy.tmp")
-        with open(tmp_doc, "wb") as fh:
-            np.save(fh, np.asarray(self.doc_starts, dtype=np.int64))
-        # .bin first, .idx last: a prefix whose .idx exists is complete.
-        _fsync_rename(self._tmp_bin, Path(str(self.prefix) + ".bin"))
-        _fsync_rename(tmp_doc, Path(str(self.prefix) + ".doc.npy"))
-        _fsync_rename(tmp_idx, Path(str(self.prefix) + ".idx"))
+        _publish(self.prefix, self.dtype, self.sizes, self.doc_starts, self._pending.close)
 
     def abort(self) -> None:
         """Close and delete the temp files (nothing is published)."""
         self._bin.close()
-        for suffix in (".bin.tmp", ".idx.tmp", ".doc.npy.tmp"):
-            Path(str(self.prefix) + suffix).unlink(missing_ok=True)
+        with contextlib.suppress(_Abort), self._pending:
+            raise _Abort  # unwinds the pending .bin write: its temporary is removed
 
 
 class MMapIndexedDataset:
@@ -265,33 +271,21 @@ def merge(prefixes: Sequence[str | os.PathLike], out_prefix: str | os.PathLike) 
         doc.append(starts[1:].astype(np.int64) + n_before)
         n_before += len(p)
     doc_starts = np.concatenate(doc)
-    tmp_bin = Path(str(out_prefix) + ".bin.tmp")
-    with open(tmp_bin, "wb") as out:
-        for p in parts:
-            nbytes = int(np.asarray(p.sizes, dtype=np.int64).sum()) * dtype.itemsize
-            with open(p.prefix + ".bin", "rb") as src:
-                remaining = nbytes
-                while remaining:
-                    buf = src.read(min(remaining, 1 << 24))
-                    if not buf:
-                        raise ValueError(f"{p.prefix}.bin: shorter than its index says")
-                    out.write(buf)
-                    remaining -= len(buf)
-    pointers = np.zeros(len(sizes), dtype=np.int64)
-    if len(sizes) > 1:
-        np.cumsum(sizes[:-1].astype(np.int64) * dtype.itemsize, out=pointers[1:])
-    tmp_idx = Path(str(out_prefix) + ".idx.tmp")
-    with open(tmp_idx, "wb") as fh:
-        fh.write(_HEADER.pack(MAGIC, VERSION, DTYPE_TO_CODE[dtype], len(sizes)))
-        fh.write(sizes.astype("<i4").tobytes(order="C"))
-        fh.write(pointers.astype("<i8").tobytes(order="C"))
-    tmp_doc = Path(str(out_prefix) + ".doc.npy.tmp")
-    with open(tmp_doc, "wb") as fh:
-        np.save(fh, doc_starts)
-    _fsync_rename(tmp_bin, Path(str(out_prefix) + ".bin"))
-    _fsync_rename(tmp_doc, Path(str(out_prefix) + ".doc.npy"))
-    _fsync_rename(tmp_idx, Path(str(out_prefix) + ".idx"))
 
+    def copy_bins() -> None:
+        with atomic_file(f"{out_prefix}.bin", durable=True) as tmp_bin, open(tmp_bin, "wb") as out:
+            for p in parts:
+                nbytes = int(np.asarray(p.sizes, dtype=np.int64).sum()) * dtype.itemsize
+                with open(p.prefix + ".bin", "rb") as src:
+                    remaining = nbytes
+                    while remaining:
+                        buf = src.read(min(remaining, 1 << 24))
+                        if not buf:
+                            raise ValueError(f"{p.prefix}.bin: shorter than its index says")
+                        out.write(buf)
+                        remaining -= len(buf)
+
+    _publish(out_prefix, dtype, sizes, doc_starts, copy_bins)
 
 def exists(prefix: str | os.PathLike) -> bool:
     return os.path.exists(f"{prefix}.idx") and os.path.exists(f"{prefix}.bin")

@@ -1,4 +1,4 @@
-"""Complete, atomic checkpoints in ``OUTPUT/checkpoints/step-N/`` and automatic resume (STYLE.md 10).
+"""Complete, atomic checkpoints in ``OUTPUT/checkpoints/step-N/`` and automatic resume.
 
 Layout (the contract with ``alum-export``)::
 
@@ -24,7 +24,6 @@ umask (``0644``/``0755`` under umask 022).
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -35,16 +34,24 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ..atomic import fsync_dir
 from ..integrity import (IntegrityError, apply_umask, check_structure, first_nonfinite, safe_torch_load,
                          verify_checksums, write_checksums)
 
+CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "train_state.pt"
 MODEL_DIR = "model"
-_STEP_RE = re.compile(r"^step-(\d+)$")
+STEP_DIR_RE = re.compile(r"^step-(\d+)$")  # a complete checkpoint's folder; a save in progress is step-N.tmp
 
 
 def checkpoints_dir(output_dir: str | os.PathLike) -> Path:
-    return Path(output_dir) / "checkpoints"
+    return Path(output_dir) / CHECKPOINTS_DIR
+
+
+def step_of(path: str | os.PathLike) -> int | None:
+    """The step of a ``step-N`` checkpoint folder (None for any other name, ``step-N.tmp`` included)."""
+    m = STEP_DIR_RE.match(Path(path).name)
+    return int(m.group(1)) if m else None
 
 
 def _fsync_tree(root: Path) -> None:
@@ -52,36 +59,24 @@ def _fsync_tree(root: Path) -> None:
         for f in files:
             with open(os.path.join(dirpath, f), "rb") as fh:
                 os.fsync(fh.fileno())
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        fsync_dir(dirpath)
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoints (``step-N`` with a train_state.pt), oldest first."""
+    """Complete checkpoints (``step-N`` folders with ``model/`` and ``train_state.pt``), oldest first."""
     root = checkpoints_dir(output_dir)
     if not root.is_dir():
         return []
     out = []
     for p in root.iterdir():
-        m = _STEP_RE.match(p.name)
-        if m and p.is_dir() and (p / STATE_FILE).is_file() and (p / MODEL_DIR).is_dir():
-            out.append((int(m.group(1)), p))
+        step = step_of(p)
+        if step is not None and p.is_dir() and (p / STATE_FILE).is_file() and (p / MODEL_DIR).is_dir():
+            out.append((step, p))
     return sorted(out)
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint of the run in ``output_dir`` (None when there is none)."""
     ck = list_checkpoints(output_dir)
     return ck[-1][1] if ck else None
 
@@ -131,11 +126,11 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, save_model_fn: Cal
             check_structure(f)
     write_checksums(tmp)
     apply_umask(tmp / "checksums.json")
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if final.exists():  # a re-save of the same step (e.g. a signal right after a periodic save)
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     for _s, p in list_checkpoints(output_dir)[:-keep_last]:
         shutil.rmtree(p, ignore_errors=True)
     for p in root.glob("step-*.tmp"):  # leftovers of killed saves
@@ -212,11 +207,3 @@ def newest_intact_checkpoint(output_dir: str | os.PathLike, warn: Callable[[str]
             warn(f"checkpoint {path} is unusable: {e}; falling back to the previous one")
     return None, None, problems
 
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from ..atomic import atomic_file
+
 LOG = logging.getLogger("alum_pretrain.train")
 
 # Dense peak FLOP/s per (GPU, math mode), from NVIDIA's datasheets (no sparsity), for MFU.  The first
@@ -122,10 +124,8 @@ class RunLogger:
         path = self.output_dir / "log.jsonl"
         self._fh.close()
         kept = [r for r in read_log(path) if int(r.get("step", 0)) <= step]
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
+        with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in kept)
-        os.replace(tmp, path)
         self._fh = open(path, "a", encoding="utf-8")
         if self._tb is not None:
             from torch.utils.tensorboard import SummaryWriter

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..atomic import atomic_file
 from .metrics import read_log
 
 
@@ -52,8 +53,9 @@ def plot_run(log_path: str | os.PathLike, out_path: str | os.PathLike, title: st
     fig.tight_layout()
 
     out = Path(out_path)
-    tmp = out.with_name(out.stem + ".tmp" + out.suffix)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        with atomic_file(out, keep_suffix=True) as tmp:  # plot.tmp.png: matplotlib picks the format by suffix
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
     return out

@@ -18,7 +18,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from .. import models as M
 from ..config import config_from_dict, config_to_dict, diff_configs, save_yaml
 from ..data.databin import DataBin, verify_databin
-from ..data.pretrain import build_loader, build_token_tables
+from ..data.loader import build_loader
+from ..data.tokens import build_token_tables
 from ..integrity import first_nonfinite
 from . import checkpoint as C
 from . import distributed as D
@@ -59,7 +60,7 @@ class Run:
     def sample_ids(self, micro: int) -> torch.Tensor:
         """Global index, within the optimizer step, of each row of this rank's micro-batch ``micro``.
 
-        The loader's layout (``data/pretrain.py``): global batch g = plan[g*B*W:(g+1)*B*W], rank r takes its
+        The loader's layout (``data/loader.py``): global batch g = plan[g*B*W:(g+1)*B*W], rank r takes its
         r-th B rows; micro-batches of one step are consecutive global batches.  So row i of (micro m,
         rank r) is sample (m*W + r)*B + i of the step - the same sample, hence the same index, for any
         split of the global batch into processes and micro-batches.

@@ -21,6 +21,9 @@ import numpy as np
 import torch
 from fairseq.data import FairseqDataset, data_utils
 
+from alum_pretrain.data.plans import PlanStats, plan_pairs, shard_rng
+from alum_pretrain.data.samples import SampleBuilder
+
 logger = logging.getLogger(__name__)
 
 
@@ -116,30 +119,29 @@ class NSPPairDataset(_SizedDataset):
     """BERT sentence pairs ``[CLS] A [SEP] B [SEP]`` with next-sentence labels (0 next, 1 random).
 
     The sampling is the native engine's, shared rather than re-implemented: the epoch plan comes from
-    :func:`alum_pretrain.data.pretrain._plan_pairs` (Google BERT's ``create_instances_from_document``,
-    without its single-sentence biases) and each pair is assembled by the native ``_SampleBuilder.pair``
-    (truncation, split-point snapping).  Here the result is moved to fairseq ids (``+ id_offset``) and the
-    segment ids are dropped (fairseq RoBERTa has no segment embeddings).  The plan is drawn from
-    ``np.random.RandomState([seed, epoch - 1, shard, 0])`` - the native loader's generator for the same
-    (0-based) epoch and shard - so both engines see the same pairs.
+    :func:`alum_pretrain.data.plans.plan_pairs` (Google BERT's ``create_instances_from_document``,
+    without its single-sentence biases) and each pair is assembled by the native
+    :meth:`SampleBuilder.pair <alum_pretrain.data.samples.SampleBuilder.pair>` (truncation, split-point
+    snapping).  Here the result is moved to fairseq ids (``+ id_offset``) and the segment ids are dropped
+    (fairseq RoBERTa has no segment embeddings).  The plan is drawn from
+    :func:`~alum_pretrain.data.plans.shard_rng` for ``(seed, epoch - 1, shard)`` - the native loader's
+    generator for the same (0-based) epoch and shard - so both engines see the same pairs.
 
     Each item is ``{"source": LongTensor (L,), "nsp": int}``.
     """
 
     def __init__(self, root: str, shard: int, split: str, tokens_per_sample: int, tables, id_offset: int,
                  short_seq_prob: float = 0.1, seed: int = 1, epoch: int = 1):
-        from alum_pretrain.data.pretrain import _SampleBuilder, _doc_starts, _new_stats, _plan_pairs
-
         if tokens_per_sample < 5:
             raise ValueError(f"--tokens-per-sample {tokens_per_sample} is too small for sentence pairs (need >= 5)")
-        self.builder = _SampleBuilder(str(root), split, "pairs", True, tokens_per_sample, False, tables, None, False)
-        ds = self.builder.dataset(shard)
-        where = f"{root}/shard{shard}/{split}"
-        stats = _new_stats()
-        rng = np.random.RandomState([int(seed), int(epoch) - 1, int(shard), 0])
+        self.builder = SampleBuilder(root, split, mode="pairs", tables=tables, max_seq_len=tokens_per_sample, nsp=True)
+        where = self.builder.where(shard)
+        sizes = np.asarray(self.builder.dataset(shard).sizes, dtype=np.int64)
+        stats = PlanStats()
         try:
-            plan = _plan_pairs(ds.sizes, _doc_starts(ds, where), shard, rng, tokens_per_sample - 3, short_seq_prob,
-                               True, stats, where)
+            plan = plan_pairs(sizes, self.builder.doc_starts(shard), shard=shard, rng=shard_rng(seed, epoch - 1, shard),
+                              max_num_tokens=tokens_per_sample - 3, short_seq_prob=short_seq_prob, nsp=True,
+                              stats=stats, where=where)
         except ValueError as e:
             raise ValueError(f"{where}: --sample-mode pairs needs at least 2 documents per shard and split for "
                              f"random next sentences ({e}); use --sample-mode blocks, more data, or for a tiny "
@@ -148,7 +150,6 @@ class NSPPairDataset(_SizedDataset):
             raise ValueError(f"{where}: no sentence pairs could be built ({stats})")
         self.plan = plan
         self.id_offset = int(id_offset)
-        sizes = np.asarray(ds.sizes, dtype=np.int64)
         la = np.where(plan["a_cut"] >= 0, plan["a_cut"], sizes_between(sizes, plan["a_lo"], plan["a_hi"]))
         lb = sizes_between(sizes, plan["b_lo"], plan["b_hi"]) - plan["b_skip"]
         self._sizes = (np.minimum(la + lb, tokens_per_sample - 3) + 3).astype(np.int64)

@@ -7,7 +7,7 @@ which fairseq checkpoints pickle); it does **not** import fairseq.
 Why not transformers' ``convert_roberta_original_pytorch_checkpoint_to_pytorch.py``: it needs fairseq's
 hub interface (broken on current fairseq: ``roberta.args``, ``emb_layer_norm`` renamed), hard-codes
 ``max_position_embeddings=514``, does not remap the dictionary and writes no tokenizer.  This exporter
-reads the state dict directly through an explicit key map (STYLE.md 11):
+reads the state dict directly through an explicit key map:
 
 =====================================================================  ==========================================
 fairseq (``encoder.sentence_encoder.`` = ``S.``)                       HF ``RobertaForMaskedLM``
@@ -54,10 +54,10 @@ from typing import Any, Optional
 import torch
 
 from ..atomic import atomic_dir
+from ..data.databin import FAIRSEQ_NSPECIAL, MANIFEST, DataBin
 
 log = logging.getLogger("alum_pretrain.fairseq_export")
 
-MANIFEST = "manifest.json"
 FAIRSEQ_PAD = 1  # fairseq Dictionary: <s>=0 <pad>=1 </s>=2 <unk>=3
 ACTIVATIONS = {"gelu": "gelu", "relu": "relu", "gelu_accurate": "gelu_new", "tanh": "tanh"}
 SE = "encoder.sentence_encoder."
@@ -321,14 +321,13 @@ def export_fairseq(ckpt: str | os.PathLike, out: str | os.PathLike, *, tokenizer
     if not tok_dir.is_dir():
         raise FairseqExportError(f"{tok_dir}: tokenizer folder not found")
     tok = AutoTokenizer.from_pretrained(str(tok_dir), model_input_names=["input_ids", "attention_mask"])
-    id_offset = 4
     if root is not None:
-        manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
-        id_offset = int(manifest.get("id_offset", 4))
-        vocab_size = int(manifest["tokenizer"]["vocab_size"])
+        databin = DataBin(root)
+        id_offset, vocab_size = databin.id_offset, databin.vocab_size
     else:
-        log.warning("no manifest.json beside %s: assuming id_offset=4 (fairseq id = tokenizer id + 4)", tok_dir)
-        vocab_size = len(tok)
+        id_offset, vocab_size = FAIRSEQ_NSPECIAL, len(tok)
+        log.warning("no %s beside %s: assuming id_offset=%d (fairseq id = tokenizer id + %d)", MANIFEST, tok_dir,
+                    id_offset, id_offset)
     if tok.pad_token_id is None:
         raise FairseqExportError(f"tokenizer {tok_dir} has no pad token; HF RoBERTa needs one for positions")
     if task_cfg.get("_name") == "masked_lm":

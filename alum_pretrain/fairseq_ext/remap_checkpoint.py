@@ -23,17 +23,17 @@ for ``encoder.sentence_encoder.embed_tokens.weight``, ``encoder.lm_head.bias`` a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_file
+from ..data.databin import FAIRSEQ_NSPECIAL, MANIFEST, DataBin
 from .export_hf import FairseqExportError, _upgrade_key, load_checkpoint_state
 
 VOCAB_KEYS = ("encoder.sentence_encoder.embed_tokens.weight", "encoder.lm_head.weight", "encoder.lm_head.bias")
-NSPECIAL = 4
 
 
 def remap_rows(t: torch.Tensor, *, src_off: int, dst_off: int, vocab: int, mask_id: int, rows: int) -> torch.Tensor:
@@ -42,7 +42,7 @@ def remap_rows(t: torch.Tensor, *, src_off: int, dst_off: int, vocab: int, mask_
         raise FairseqExportError(f"the checkpoint has {t.shape[0]} vocabulary rows; --src-id-offset {src_off} + "
                                  f"{vocab} tokenizer ids does not fit: wrong offset or wrong data-bin")
     new = t.new_zeros((rows,) + tuple(t.shape[1:]))
-    new[:NSPECIAL] = t[:NSPECIAL]
+    new[:FAIRSEQ_NSPECIAL] = t[:FAIRSEQ_NSPECIAL]
     new[dst_off:dst_off + vocab] = t[src_off:src_off + vocab]
     if rows > dst_off + vocab:  # the <mask> appended by the task (and anything after it)
         new[dst_off + vocab:] = t[src_off + mask_id]
@@ -51,14 +51,14 @@ def remap_rows(t: torch.Tensor, *, src_off: int, dst_off: int, vocab: int, mask_
 
 def remap_checkpoint(src: str | os.PathLike, databin: str | os.PathLike, out: str | os.PathLike, *,
                      src_id_offset: int = 0) -> Path:
-    databin, out = Path(databin), Path(out)
-    manifest = json.loads((databin / "manifest.json").read_text(encoding="utf-8"))
-    dst_off = int(manifest.get("id_offset", NSPECIAL))
-    vocab = int(manifest["tokenizer"]["vocab_size"])
-    mask_id = int(manifest["tokenizer"]["special_ids"]["mask"])
-    with open(databin / "dict.txt", encoding="utf-8") as fh:
+    db, out = DataBin(databin), Path(out)
+    dst_off, vocab = db.id_offset, db.vocab_size
+    if "mask" not in db.special_ids:
+        raise ValueError(f"{db.path / MANIFEST}: tokenizer.special_ids has no 'mask' (re-run alum-prep)")
+    mask_id = db.special_ids["mask"]
+    with open(db.path / "dict.txt", encoding="utf-8") as fh:
         n_dict = sum(1 for line in fh if line.strip())
-    rows = NSPECIAL + n_dict + 1  # fairseq's specials + dict.txt + the task's <mask>
+    rows = FAIRSEQ_NSPECIAL + n_dict + 1  # fairseq's specials + dict.txt + the task's <mask>
     state = load_checkpoint_state(src)
     model = state["model"] = {_upgrade_key(k): v for k, v in state["model"].items()}  # decoder.* -> encoder.*
     for k in VOCAB_KEYS:
@@ -68,9 +68,8 @@ def remap_checkpoint(src: str | os.PathLike, databin: str | os.PathLike, out: st
     if VOCAB_KEYS[0] not in model:
         raise FairseqExportError(f"{src}: no {VOCAB_KEYS[0]} - not a fairseq RoBERTa checkpoint")
     state.pop("last_optimizer_state", None)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, out)
+    with atomic_file(out) as tmp:
+        torch.save(state, tmp)
     return out
 
 

@@ -25,7 +25,6 @@ this task does not use that symbol.
 """
 
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -51,15 +50,15 @@ from fairseq.data import (
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
 
-from alum_pretrain.data.databin import DataBin
-from alum_pretrain.data.pretrain import build_token_tables
+from alum_pretrain.data import indexed
+from alum_pretrain.data.databin import MANIFEST, DataBin
+from alum_pretrain.data.tokens import build_token_tables
 from alum_pretrain.masking import IGNORE_INDEX, MaskingConfig, mask_batch
 
 from .datasets import NSPPairDataset, NSPSampleDataset, SentenceChunkDataset, load_doc_starts
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 # randomness streams (as in the native engine): one consumer per stream so draws never collide.
 STREAM_MASK = 0
 STREAM_ALUM = 1
@@ -113,8 +112,8 @@ def _find_root(path: str) -> Optional[str]:
     return None
 
 
-def resolve_data(data: str) -> tuple[str, list[str], dict]:
-    """``(root, shard_dirs, manifest)`` for ``--data`` (a data-bin root or a colon list of shard folders)."""
+def resolve_data(data: str) -> tuple[str, list[str], DataBin]:
+    """``(root, shard_dirs, data-bin)`` for ``--data`` (a data-bin root or a colon list of shard folders)."""
     paths = utils.split_paths(data)
     if not paths:
         raise ValueError("alum_masked_lm: empty DATA path")
@@ -122,13 +121,9 @@ def resolve_data(data: str) -> tuple[str, list[str], dict]:
     if root is None:
         raise ValueError(f"{paths[0]}: no {MANIFEST} here or in the parent folder - DATA must be a data-bin "
                          "written by alum-prep (or its shardK folders); run `alum-prep INPUT --out DIR` first")
-    with open(os.path.join(root, MANIFEST), encoding="utf-8") as fh:
-        manifest = json.load(fh)
-    if manifest.get("status", "complete") != "complete":
-        raise ValueError(f"{root}/{MANIFEST}: preparation did not finish (status {manifest.get('status')!r}); "
-                         "re-run alum-prep")
+    databin = DataBin(root)
     if len(paths) == 1 and os.path.normpath(paths[0]) == os.path.normpath(root):
-        n = int(manifest.get("num_shards", 0))
+        n = databin.num_shards
         shards = [os.path.join(root, f"shard{k}") for k in range(n)]
         if not shards or not all(os.path.isdir(s) for s in shards):
             raise ValueError(f"{root}/{MANIFEST}: lists {n} shards but shard0..shard{n - 1} are not all present")
@@ -137,7 +132,7 @@ def resolve_data(data: str) -> tuple[str, list[str], dict]:
         for s in shards:
             if _find_root(s) is None:
                 raise ValueError(f"{s}: not a shard of an alum-prep data-bin (no {MANIFEST} in its parent)")
-    return root, shards, manifest
+    return root, shards, databin
 
 
 def shard_index(shard_dir: str) -> int:
@@ -154,27 +149,27 @@ class AlumMaskedLMTask(FairseqTask):
     cfg: AlumMaskedLMConfig
 
     def __init__(self, cfg: AlumMaskedLMConfig, dictionary: Dictionary, root: str, shards: list[str],
-                 manifest: dict):
+                 databin: DataBin):
         super().__init__(cfg)
         self.dictionary = dictionary
-        self.root, self.shards, self.manifest = root, shards, manifest
-        self.id_offset = int(manifest.get("id_offset", 4))
-        tok = manifest["tokenizer"]
-        self.tokenizer_vocab_size = int(tok["vocab_size"])
-        special = {k: int(v) + self.id_offset for k, v in tok["special_ids"].items()}
+        self.root, self.shards, self.manifest = root, shards, databin.manifest
+        self.id_offset = databin.id_offset
+        self.tokenizer_vocab_size = databin.vocab_size
+        special = {k: v + self.id_offset for k, v in databin.special_ids.items()}
         for key in ("cls", "sep", "mask"):
             if key not in special:
                 raise ValueError(f"{root}/{MANIFEST}: tokenizer.special_ids has no {key!r}; the task frames "
                                  "sequences with [CLS]/[SEP] and masks with [MASK]")
         self.cls_idx, self.sep_idx, self.mask_idx = special["cls"], special["sep"], special["mask"]
         if len(dictionary) < self.id_offset + self.tokenizer_vocab_size:
-            raise ValueError(f"{root}/dict.txt: {len(dictionary) - 4} symbols but the manifest's tokenizer has "
-                             f"{self.tokenizer_vocab_size} (+ id_offset {self.id_offset}); the data-bin is inconsistent")
+            raise ValueError(f"{root}/dict.txt: {len(dictionary) - dictionary.nspecial} symbols but the manifest's "
+                             f"tokenizer has {self.tokenizer_vocab_size} (+ id_offset {self.id_offset}); the data-bin "
+                             "is inconsistent")
         # Like masked_lm: append <mask> so the embedding size matches masked_lm checkpoints (unused here).
         self.fairseq_mask_idx = dictionary.add_symbol("<mask>")
         # The native engine's per-vocabulary tables (tokenizer specials, word continuations, random pool
         # without [unusedN] placeholders), shifted to fairseq ids: both engines mask the same way.
-        self.tables = build_token_tables(DataBin(root))
+        self.tables = build_token_tables(databin)
         off = self.id_offset
         never = set(range(dictionary.nspecial)) | {self.fairseq_mask_idx}
         never |= {int(i) + off for i in torch.nonzero(self.tables.special).flatten().tolist()}
@@ -202,7 +197,7 @@ class AlumMaskedLMTask(FairseqTask):
 
     @classmethod
     def setup_task(cls, cfg: AlumMaskedLMConfig, **kwargs):
-        root, shards, manifest = resolve_data(cfg.data)
+        root, shards, databin = resolve_data(cfg.data)
         dict_path = os.path.join(root, "dict.txt")
         if not os.path.exists(dict_path):
             dict_path = os.path.join(shards[0], "dict.txt")
@@ -211,7 +206,7 @@ class AlumMaskedLMTask(FairseqTask):
         dictionary = Dictionary.load(dict_path)
         logger.info("dictionary: %d types from %s; %d shard(s): %s", len(dictionary), dict_path, len(shards),
                     ", ".join(shards))
-        return cls(cfg, dictionary, root, shards, manifest)
+        return cls(cfg, dictionary, root, shards, databin)
 
     # ---------------------------------------------------------------- curriculum
 
@@ -237,20 +232,22 @@ class AlumMaskedLMTask(FairseqTask):
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
         shard = self.shards[(epoch - 1) % len(self.shards)]
         prefix = os.path.join(shard, split)
-        base = data_utils.load_indexed_dataset(prefix, self.source_dictionary, combine=False)
-        if base is None:
-            raise FileNotFoundError(f"{prefix}.idx/.bin: split {split!r} not found in shard {shard}")
-        doc_starts = load_doc_starts(prefix, len(base))
+        missing = FileNotFoundError(f"{prefix}.idx/.bin: split {split!r} not found in shard {shard}")
         pad = self.source_dictionary.pad()
-        if self.cfg.sample_mode == "pairs":
+        if self.cfg.sample_mode == "pairs":  # read through the native sampler (NSPPairDataset)
+            if not indexed.exists(prefix):
+                raise missing
             pairs = NSPPairDataset(self.root, shard_index(shard), split, self.cfg.tokens_per_sample, self.tables,
                                    self.id_offset, short_seq_prob=self.cfg.short_seq_prob, seed=self.cfg.seed,
                                    epoch=epoch)
             dataset = NSPSampleDataset(pairs, pad)
             sizes = pairs.sizes
         else:
+            base = data_utils.load_indexed_dataset(prefix, self.source_dictionary, combine=False)
+            if base is None:
+                raise missing
             block = self.cfg.tokens_per_sample - 1  # one less for [CLS]
-            chunks = SentenceChunkDataset(base, doc_starts, block, self.sep_idx)
+            chunks = SentenceChunkDataset(base, load_doc_starts(prefix, len(base)), block, self.sep_idx)
             blocks = TokenBlockDataset(chunks, chunks.sizes, block, pad=pad, eos=self.sep_idx,
                                        break_mode=self.cfg.sample_break_mode)
             src = PrependTokenDataset(blocks, self.cls_idx)

@@ -56,6 +56,7 @@ from typing import Optional
 import numpy as np
 import yaml
 
+from ..atomic import atomic_file, write_json, write_text
 from ..config import config_from_dict, config_to_dict
 from .config import FinetuneConfig
 from .robust_sets import LabelledSet, map_labels, model_labels, read_advglue, read_anli, read_glue_layout
@@ -345,12 +346,6 @@ def _model_fingerprint(best: Path) -> list:
     return sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in best.iterdir() if f.is_file())
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def evaluate_set(run: Run, spec: RobustSetSpec, lset: LabelledSet, *, device: str = "auto",
                  progress: bool = False) -> dict:
     """Evaluate ``run``'s best model on a robust set through ``alum-eval-robust`` (cached in ``eval/``).
@@ -384,7 +379,7 @@ def evaluate_set(run: Run, spec: RobustSetSpec, lset: LabelledSet, *, device: st
                                    batch_size=run.cfg.optim.eval_batch_size, device=device, seed=run.seed,
                                    attack=spec.attack, embedding=spec.embedding, progress=progress,
                                    where=spec.where)
-    _write_json_atomic(cache, {"fingerprint": fp, "report": report})
+    write_json(cache, {"fingerprint": fp, "report": report}, indent=2)
     return report
 
 
@@ -410,14 +405,12 @@ def evaluate_labelled_set(model_dir: str | Path, lset: LabelledSet, *, model_tas
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     data = workdir / f"{lset.name}.jsonl"
-    tmp = data.with_name(data.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with atomic_file(data) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         for e, idx in zip(lset.examples, lset.ids):
             rec = {"id": idx, "text_a": e.text_a, "label": names[mapping[e.label]]}
             if pair:
                 rec["text_b"] = e.text_b
             fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    os.replace(tmp, data)
     rcfg = config_from_dict(RobustConfig, {
         "model": {"path": str(model_dir)},
         "data": {"task": "custom", "file": str(data), "format": "jsonl", "text_a_field": "text_a",
@@ -630,11 +623,9 @@ def bench(suite_path: str, checkpoints: list[str], out: str, *, run_index: Optio
     result = {"suite": str(Path(suite_path).resolve()), "checkpoints": cks, "seeds": suite.seeds,
               "runs": records, "failed": failed}
     result.update(summarise(suite, list(cks), records))
-    _write_json_atomic(outp / "results.json", result)
+    write_json(outp / "results.json", result, indent=2)
     table = markdown_table(result, suite.seeds)
-    tmp = outp / "results.md.tmp"
-    tmp.write_text(table, encoding="utf-8")
-    os.replace(tmp, outp / "results.md")
+    write_text(outp / "results.md", table)
     result["table"] = table
     return result
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..atomic import write_text
 from ..config import config_to_dict, opt, parse_config, section
 from .data import EncodedDataset, collate, encode, read_examples
 from .methods.base import forward_from_embeds, word_embeddings
@@ -299,11 +299,7 @@ def main(argv=None) -> int:
         return 2
     print(format_table([report]))
     if cfg.run.out:
-        out = Path(cfg.run.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        os.replace(tmp, out)
+        out = write_text(cfg.run.out, json.dumps(report, indent=2))
         print(f"report written to {out}")
     return 0
 

@@ -26,7 +26,6 @@ import re
 import warnings
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional
 
 DEFAULT_WORDNET_DIR = "/usr/share/wordnet"
 
@@ -133,10 +132,3 @@ def match_case(template: str, word: str) -> str:
     if template[:1].isupper():
         return word[:1].upper() + word[1:]
     return word
-
-
-def synonym_source_or_none(path: str = "", max_candidates: int = 50) -> Optional[SynonymSource]:
-    try:
-        return SynonymSource(path, max_candidates)
-    except WordNetUnavailable:
-        return None

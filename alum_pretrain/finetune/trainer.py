@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_dir
+from ..atomic import atomic_dir, atomic_file, write_text
 from ..config import config_to_dict
 from .config import FinetuneConfig, amp_dtype
 from .data import EncodedDataset, Example, collate, encode, read_examples, substitution_candidates
@@ -145,8 +145,7 @@ def evaluate(model, enc, spec: TaskSpec, batch_size: int, device, pad_id: int, p
 def write_predictions(path: Path, examples: list[Example], logits: np.ndarray, spec: TaskSpec, fmt: str) -> None:
     """``line  prediction  [label]`` (TSV) or JSON lines with probabilities; written atomically."""
     preds = predictions_from_logits(logits, spec)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         if fmt == "tsv":
             fh.write("line\tprediction\tlabel\n")
         for ex, lg, pr in zip(examples, logits, preds):
@@ -159,7 +158,6 @@ def write_predictions(path: Path, examples: list[Example], logits: np.ndarray, s
                 if not spec.is_regression:
                     rec["probs"] = [round(float(x), 6) for x in torch.softmax(torch.from_numpy(lg), -1)]
                 fh.write(json.dumps(rec) + "\n")
-    os.replace(tmp, path)
 
 
 def save_hf(model, tokenizer, out: Path) -> None:
@@ -386,7 +384,5 @@ def finetune(cfg: FinetuneConfig) -> dict:
                                   cfg.optim.eval_batch_size, device, pad_id, show)
             write_predictions(out / f"predictions_test.{cfg.run.predictions_format}", test_ex, test_logits, spec,
                               cfg.run.predictions_format)
-        tmp = out / "results.json.tmp"
-        tmp.write_text(json.dumps(results, indent=2))
-        os.replace(tmp, out / "results.json")
+        write_text(out / "results.json", json.dumps(results, indent=2))
     return results
