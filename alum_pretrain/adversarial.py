@@ -20,7 +20,7 @@ projected normalised-gradient-ascent steps from a small random start (Algorithm 
    ``g = grad_delta SymKL(z_adv, z.detach())`` (an *input-only* gradient);
    ``delta <- Proj_eps(delta + eta * g / ||g||_inf,token)``                      -> :func:`ascent_step`;
 4. adversarial pass ``z_adv = f(e + delta.detach())``, ``R = SymKL(z_adv, z)`` -> :func:`alum_regularizer`;
-5. ``loss = L + alpha * R``; one backward; one optimizer step                    -> :func:`alum_loss`.
+5. ``loss = L + alpha * R``; one backward; one optimizer step  -> :func:`alum_pretrain.objective.pretrain_objective`.
 
 **Defaults (the paper, Sec. 4.2).** ``epsilon`` = 1e-5, ``step_size`` (eta) = 1e-3, ``noise_std``
 (sigma) = 1e-5, ``k_steps`` (K) = 1, ``alpha`` = 10 for pre-training and 1 for fine-tuning.  The paper's
@@ -28,8 +28,8 @@ projected normalised-gradient-ascent steps from a small random start (Algorithm 
 paper used the last 500K of 1M BERT steps, and ALUM from step 0 for continual pre-training of RoBERTa).
 
 **alpha = 0.** ``alpha == 0`` (or ``step < start_step``) means *do not call the regulariser*: the engine
-runs a standard step with no extra forward or backward pass.  :func:`alum_loss` implements exactly that
-(it returns the task loss unchanged and never calls ``forward_fn``), so the training loop has no branch.
+runs a standard step with no extra forward or backward pass (:func:`alum_pretrain.objective.pretrain_objective`
+skips the call).
 
 **Cost per step (K = 1).** Three forwards (clean, noisy start, adversarial), one input-only backward
 for the ascent (no weight gradients) and one backward through two graphs (clean + adversarial).  Counting
@@ -143,7 +143,6 @@ __all__ = [
     "perturb",
     "ascent_step",
     "alum_regularizer",
-    "alum_loss",
 ]
 
 PROJECTIONS = ("linf", "l2", "none")
@@ -554,8 +553,9 @@ def _as_tuple(x: LogitsTuple) -> tuple[Logits, ...]:
 
 
 def _sum_divergence(adv: LogitsTuple, clean: tuple[Logits, ...], divergence: Divergence,
-                    detach_clean: bool) -> torch.Tensor:
-    """Sum over heads of divergence(adv_h, clean_h), skipping heads whose clean logits are None."""
+                    detach_clean: bool, weights: Optional[Sequence[Optional[float]]] = None) -> torch.Tensor:
+    """Sum over heads of divergence(adv_h, clean_h) (times ``weights[h]`` when given), skipping heads whose
+    clean logits are None."""
     adv_t = _as_tuple(adv)
     if len(adv_t) != len(clean):
         raise ValueError(f"forward_fn returned {len(adv_t)} logits tensors but clean_logits has {len(clean)}; "
@@ -567,6 +567,8 @@ def _sum_divergence(adv: LogitsTuple, clean: tuple[Logits, ...], divergence: Div
         if a is None:
             raise ValueError(f"forward_fn returned None for head {h} whose clean logits are a tensor")
         d = divergence(a, c.detach() if detach_clean else c)
+        if weights is not None:
+            d = d * weights[h]
         total = d if total is None else total + d
     assert total is not None  # checked by the caller: at least one head
     return total
@@ -582,6 +584,7 @@ def alum_regularizer(
     divergence: Optional[Divergence] = None,
     baseline: Optional[bool] = None,
     per_example_scale: bool = False,
+    head_weights: Optional[Sequence[Optional[float]]] = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The ALUM term R (Algorithm 1 lines 3-8), to be added as ``task_loss + cfg.alpha * R``.
 
@@ -598,7 +601,10 @@ def alum_regularizer(
     ``get_divergence(cfg.divergence)``.  ``baseline``: also compute ``adv_dropout`` (default
     ``cfg.log_baseline``).  ``per_example_scale``: the logits' dim 0 is the batch axis of ``embeds``
     (sequence classification, not the flat masked tokens of MLM): rescale each example's backward on its
-    own (see :func:`scale_free_input_grad`).
+    own (see :func:`scale_free_input_grad`).  ``head_weights``: one factor per head (entries of heads whose
+    clean logits are None are ignored): R = sum over heads of ``head_weights[h] * divergence_h``, e.g. to
+    turn each head's row mean into a sum over its rows divided by a global count; the ascent uses the same
+    weighted sum, so the weights also set the heads' relative share of the ascent direction.
 
     **Precision.** The ascent gradient is :func:`scale_free_input_grad` of the divergence: its backward
     starts from output gradients rescaled to a fixed maximum, so neither a tiny divergence nor the
@@ -621,7 +627,7 @@ def alum_regularizer(
     ``adv - adv_dropout`` is the share of R due to delta rather than to dropout.
 
     Do not call this with ``cfg.alpha == 0``: alpha=0 means "standard training, no extra passes" and the
-    caller (or :func:`alum_loss`) skips the call.
+    caller skips the call.
     """
     clean = _as_tuple(clean_logits)
     if all(c is None for c in clean):
@@ -633,6 +639,8 @@ def alum_regularizer(
         divergence = get_divergence(cfg.divergence)
     if baseline is None:
         baseline = cfg.log_baseline
+    if head_weights is not None and len(head_weights) != len(clean):
+        raise ValueError(f"alum_regularizer: {len(head_weights)} head_weights for {len(clean)} heads")
     check_perturbation_resolution(embeds, cfg.epsilon, cfg.noise_std, mask, "alum_regularizer")
 
     delta = init_delta(embeds, mask, cfg.noise_std, generator)  # (B, T, H) float32
@@ -650,7 +658,7 @@ def alum_regularizer(
         # rescaled backward (fp16 cannot underflow it); input-only: no param .grad, no DDP sync.
         g, finite = scale_free_input_grad(
             [a if c is not None else None for a, c in zip(adv, clean)],
-            lambda outs: _sum_divergence(outs, clean, divergence, detach_clean=True), delta,
+            lambda outs: _sum_divergence(outs, clean, divergence, detach_clean=True, weights=head_weights), delta,
             per_example=per_example_scale)
         # Line 6; a non-finite gradient skips this update (delta keeps its value) and is counted.
         stepped = ascent_step(delta.detach(), torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0), cfg, mask)
@@ -667,12 +675,12 @@ def alum_regularizer(
         devices = [embeds.device] if embeds.device.type == "cuda" else []
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             adv_dropout = _sum_divergence(forward_fn(perturb(base, torch.zeros_like(delta))), clean, divergence,
-                                          detach_clean=True).detach()
+                                          detach_clean=True, weights=head_weights).detach()
 
     # Lines 8: the adversarial pass on embeds + delta with embeds NOT detached, and R against the clean
     # logits NOT detached: gradients flow into both graphs.
     adv = forward_fn(perturb(embeds, delta.detach()))
-    r = _sum_divergence(adv, clean, divergence, detach_clean=False)
+    r = _sum_divergence(adv, clean, divergence, detach_clean=False, weights=head_weights)
     r_value = r.detach()
     adv_nonfinite = torch.zeros((), device=r.device)
     if not bool(torch.isfinite(r_value)):  # host sync: a NaN/inf R must not reach the backward at all
@@ -703,26 +711,3 @@ def alum_regularizer(
         metrics["adv_dropout"] = adv_dropout
     return r, metrics
 
-
-def alum_loss(
-    task_loss: torch.Tensor,
-    forward_fn: ForwardFn,
-    embeds: torch.Tensor,
-    clean_logits: LogitsTuple,
-    cfg: ALUMConfig,
-    step: int,
-    pad_mask: Optional[torch.Tensor] = None,
-    generator: GeneratorArg = None,
-    divergence: Optional[Divergence] = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``task_loss + cfg.alpha * R`` when ``cfg.active(step)``, else ``task_loss`` unchanged.
-
-    When inactive (alpha == 0 or step < start_step) ``forward_fn`` is never called - a standard step
-    with zero extra passes - and the metrics dict is empty.  Otherwise returns the metrics of
-    :func:`alum_regularizer` (``adv`` is the unweighted R).
-    """
-    if not cfg.active(step):
-        return task_loss, {}
-    r, metrics = alum_regularizer(forward_fn, embeds, clean_logits, cfg, pad_mask=pad_mask,
-                                  generator=generator, divergence=divergence)
-    return task_loss + cfg.alpha * r, metrics

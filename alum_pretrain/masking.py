@@ -49,11 +49,17 @@ import torch
 
 from .config import opt
 
-__all__ = ["MaskingConfig", "SCHEDULES", "mask_rate", "mask_tokens", "mask_batch", "sample_uniforms", "step_generator",
-           "IGNORE_INDEX"]
+__all__ = ["MaskingConfig", "SCHEDULES", "mask_rate", "mask_tokens", "mask_batch", "TokenMasker", "sample_uniforms",
+           "step_generator", "sample_generators", "IGNORE_INDEX", "STREAM_MASK", "STREAM_ALUM", "STREAM_EVAL_MASK"]
 
 SCHEDULES = ("curriculum", "constant")
 IGNORE_INDEX = -100  # label at unselected positions (torch cross_entropy's default ignore_index)
+
+# Randomness streams of a training step, shared by every engine: one consumer per id, so draws never collide
+# (and a resumed run draws exactly what an uninterrupted one does).
+STREAM_MASK = 0  # training masks
+STREAM_ALUM = 1  # the ALUM random start
+STREAM_EVAL_MASK = 2  # validation masks
 
 
 @dataclass
@@ -133,8 +139,8 @@ def step_generator(
 
     The same integers always give the same generator state (resume reproduces masking); neighbouring
     steps/ranks get statistically independent streams (numpy ``SeedSequence`` hashing, not ``seed +
-    step``).  ``stream`` separates consumers of the same step, e.g. 0 = masking, 1 = the ALUM random
-    start, or ``(consumer, micro_batch)`` under gradient accumulation.
+    step``).  ``stream`` separates consumers of the same step (:data:`STREAM_MASK`, :data:`STREAM_ALUM`,
+    :data:`STREAM_EVAL_MASK`), or ``(consumer, micro_batch)`` under gradient accumulation.
     """
     extra = [stream] if isinstance(stream, int) else list(stream)
     ints = [seed, step, rank, *extra]
@@ -145,6 +151,13 @@ def step_generator(
     g = torch.Generator(device=device)
     g.manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
     return g
+
+
+def sample_generators(seed: int, step: int, sample_ids: torch.Tensor, stream: int = STREAM_ALUM,
+                      device: Union[str, torch.device] = "cpu") -> list[torch.Generator]:
+    """One :func:`step_generator` per sample, keyed by (seed, step, sample id, stream): per-sample draws
+    (e.g. the ALUM random start) that do not depend on how a batch is split."""
+    return [step_generator(seed, step, int(i), stream=stream, device=device) for i in sample_ids.tolist()]
 
 
 def mask_tokens(
@@ -396,3 +409,29 @@ def mask_batch(
     return _apply_masking(input_ids, special_mask.to(dev),
                           None if continuation is None else continuation.to(dev), rate, u_count, scores,
                           decision, rand_ids, mask_id=mask_id, mask_prob=mask_prob, random_prob=random_prob)
+
+
+@dataclass
+class TokenMasker:
+    """:func:`mask_batch` with a run's fixed arguments: the masking config (80/10/10 split, whole words),
+    the ``[MASK]`` id, the random-replacement pool and the seed.  Both engines mask through it."""
+
+    cfg: MaskingConfig
+    mask_id: int
+    random_pool: torch.Tensor  # 1-D ids allowed as random replacements
+    seed: int
+
+    def mask(self, input_ids: torch.Tensor, special_mask: torch.Tensor, rate: float, step: int,
+             sample_ids: torch.Tensor, stream: int = STREAM_MASK,
+             continuation: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(masked_input_ids (B, T), labels (B, T))`` on the device of ``input_ids``; ``continuation`` is
+        used only with ``cfg.whole_word``."""
+        dev = input_ids.device
+        pools = self.__dict__.setdefault("_pool_on", {})  # the pool copied once per device
+        if dev not in pools:
+            pools[dev] = self.random_pool.to(dev)
+        return mask_batch(
+            input_ids, rate, mask_id=self.mask_id, special_mask=special_mask, random_pool=pools[dev],
+            seed=int(self.seed), step=int(step), sample_ids=sample_ids.to(dev), stream=stream,
+            continuation=continuation if self.cfg.whole_word else None,
+            mask_prob=self.cfg.mask_prob, random_prob=self.cfg.random_prob)

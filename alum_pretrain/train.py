@@ -35,8 +35,7 @@ from .engine.config import TrainConfig
 from .engine.metrics import LOG
 from .engine.plot import plot_run
 from .engine.setup import NonFiniteError, build_run, evaluate, last_good_checkpoint, restore, save, step_is_finite
-from .engine.step import sample_generators, STREAM_ALUM
-from .masking import mask_rate
+from .masking import STREAM_ALUM, mask_rate, sample_generators
 
 _STOP = {"signal": None}
 

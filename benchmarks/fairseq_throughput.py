@@ -4,7 +4,7 @@ Three ``fairseq-train`` runs on the same data-bin, model, batch and masking rate
 
 * ``stock``   ``--task masked_lm --criterion masked_lm`` (fairseq's own; masks in the data loader);
 * ``alpha0``  ``--task alum_masked_lm --criterion alum_masked_lm --alum-alpha 0`` (masks per update);
-* ``alum``    the same with ``--alum-alpha 10 --alum-k 1`` (the paper's setting).
+* ``alum``    the same with ``--alum-alpha 10 --alum-k-steps 1`` (the paper's setting).
 
 Each run does ``--warmup`` + ``--updates`` updates and logs once after the warm-up and once at the end;
 updates/s and words/s are fairseq's own meters over the timed updates (the last ``train_inner`` line).
@@ -117,14 +117,14 @@ def main(argv=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="fs_bench_"))
     try:
         databin = args.data or prepare_data(tmp)
-        rate = ["--mask-schedule", "constant", "--mask-constant-rate", "0.15"]
+        rate = ["--masking-schedule", "constant", "--masking-constant-rate", "0.15"]
         configs = {
             "stock": (stock_view(databin, tmp), ["--task", "masked_lm", "--criterion", "masked_lm",
                                                  "--mask-prob", "0.15"]),
             "alpha0": (str(databin), ["--task", "alum_masked_lm", "--criterion", "alum_masked_lm",
                                       "--alum-alpha", "0", *rate]),
             "alum": (str(databin), ["--task", "alum_masked_lm", "--criterion", "alum_masked_lm",
-                                    "--alum-alpha", "10", "--alum-k", "1", *rate]),
+                                    "--alum-alpha", "10", "--alum-k-steps", "1", *rate]),
         }
         # Round-robin repeats, best of each: on a shared machine the least-disturbed run is the measurement.
         res: dict[str, dict] = {}

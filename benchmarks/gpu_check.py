@@ -57,7 +57,8 @@ from alum_pretrain.engine.config import OptimConfig  # noqa: E402
 from alum_pretrain.engine.metrics import (decoder_flops_per_masked_token, flops_per_token, math_mode, mfu,  # noqa: E402
                                           peak_flops_for)
 from alum_pretrain.engine.optim import build_optimizer  # noqa: E402
-from alum_pretrain.engine.step import STREAM_ALUM, Masker, PretrainStep, sample_generators  # noqa: E402
+from alum_pretrain.engine.step import Masker, PretrainStep  # noqa: E402
+from alum_pretrain.masking import STREAM_ALUM, sample_generators  # noqa: E402
 from alum_pretrain.masking import MaskingConfig  # noqa: E402
 from alum_pretrain.models import PRESETS, PretrainModel, build_scratch_model  # noqa: E402
 

@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from alum_pretrain.adversarial import ALUMConfig  # noqa: E402
 from alum_pretrain.engine.optim import build_optimizer  # noqa: E402
 from alum_pretrain.engine.config import OptimConfig  # noqa: E402
-from alum_pretrain.engine.step import STREAM_ALUM, Masker, PretrainStep, sample_generators  # noqa: E402
+from alum_pretrain.engine.step import Masker, PretrainStep  # noqa: E402
+from alum_pretrain.masking import STREAM_ALUM, sample_generators  # noqa: E402
 from alum_pretrain.masking import MaskingConfig  # noqa: E402
 from alum_pretrain.models import PretrainModel, build_scratch_model  # noqa: E402
 

@@ -324,13 +324,16 @@ def fairseq_user_dir() -> str:
 def fairseq_train_argv(cfg: Any, res: Resources) -> list[str]:
     """``fairseq-train`` flags for the same run (fairseq's own trainer; ``alum_masked_lm`` task/criterion).
 
-    Mapping: data.* -> task flags, masking.* -> --mask-*, alum.* -> --alum-*, optim.* -> Adam + polynomial
+    Mapping: data.* -> task flags; masking.* and alum.* -> ``--<section>-<field>`` for every field
+    (:func:`alum_pretrain.knobs.to_argv`, the rule the plugin's options are generated with); optim.* -> Adam + polynomial
     decay (linear warm-up/decay as in the native engine), train.* -> --max-update/--batch-size/--update-freq,
     checkpoints in OUTPUT/checkpoints (fairseq resumes from checkpoint_last.pt there by itself).
     model.init_from must be a fairseq checkpoint (.pt): it is passed as --finetune-from-model, which fairseq
     uses only when OUTPUT/checkpoints/checkpoint_last.pt does not exist yet, so a requeued job resumes
     instead of restarting from the initial model.
     """
+    from alum_pretrain import knobs
+
     d, m, a, o, t, mk = cfg.data, cfg.model, cfg.alum, cfg.optim, cfg.train, cfg.masking
     if d.mode == "pairs" and not d.nsp:
         raise ValueError("--data.nsp=false with --data.mode=pairs: the fairseq task's pairs mode always trains NSP; "
@@ -348,14 +351,7 @@ def fairseq_train_argv(cfg: Any, res: Resources) -> list[str]:
     if m.dropout >= 0:
         argv += ["--dropout", str(m.dropout), "--attention-dropout", str(m.dropout)]
     argv += ["--sample-mode", d.mode, "--tokens-per-sample", str(d.max_seq_len)]
-    argv += ["--mask-schedule", mk.schedule, "--mask-start-rate", str(mk.start_rate), "--mask-end-rate",
-             str(mk.end_rate), "--mask-num-phases", str(mk.num_phases), "--mask-constant-rate", str(mk.constant_rate),
-             "--mask-replace-prob", str(mk.mask_prob), "--mask-random-prob", str(mk.random_prob)]
-    if mk.whole_word:
-        argv += ["--mask-whole-words"]
-    argv += ["--alum-alpha", str(a.alpha), "--alum-epsilon", str(a.epsilon), "--alum-step-size", str(a.step_size),
-             "--alum-noise-std", str(a.noise_std), "--alum-k", str(a.k_steps), "--alum-start-update", str(a.start_step),
-             "--alum-projection", a.projection, "--alum-perturb-at", a.perturb_at]
+    argv += knobs.to_argv("masking", mk) + knobs.to_argv("alum", a)
     warmup = int(round(o.warmup_ratio * t.max_steps))
     argv += ["--optimizer", "adam", "--adam-betas", f"({o.betas[0]},{o.betas[1]})", "--adam-eps", str(o.eps),
              "--weight-decay", str(o.weight_decay), "--lr", str(o.lr), "--lr-scheduler", "polynomial_decay",

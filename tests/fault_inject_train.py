@@ -12,14 +12,15 @@ import sys
 import time
 
 from alum_pretrain.engine import step as S
+from alum_pretrain.masking import STREAM_MASK
 from alum_pretrain.train import main
 
 RANK, STEP = int(os.environ["ALUM_FAULT_RANK"]), int(os.environ["ALUM_FAULT_STEP"])
 _orig = S.Masker.__call__
 
 
-def _faulty(self, batch, rate, step, sample_ids, stream=S.STREAM_MASK):
-    if int(os.environ.get("RANK", "0")) == RANK and step == STEP and stream == S.STREAM_MASK:
+def _faulty(self, batch, rate, step, sample_ids, stream=STREAM_MASK):
+    if int(os.environ.get("RANK", "0")) == RANK and step == STEP and stream == STREAM_MASK:
         with open(os.environ["ALUM_FAULT_STAMP"], "w") as fh:
             fh.write(repr(time.time()))
         raise RuntimeError(f"injected fault on rank {RANK} at step {STEP}")

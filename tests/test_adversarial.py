@@ -14,7 +14,6 @@ import torch.nn as nn
 
 from alum_pretrain.adversarial import (
     ALUMConfig,
-    alum_loss,
     alum_regularizer,
     ascent_step,
     init_delta,
@@ -433,37 +432,91 @@ def test_gradient_reaches_both_graphs():
 
 
 # --------------------------------------------------------------------------------------------------
-# alpha = 0 / inactive, alum_loss
+# alpha = 0 / inactive, and the objective (alum_pretrain.objective) around the regulariser
 # --------------------------------------------------------------------------------------------------
 
 
 def test_inactive_equals_plain_objective_and_never_calls_forward():
+    from alum_pretrain.objective import Normalizers, pretrain_objective
+
     ids, pad_mask, masked, labels, nsp_labels = make_batch()
     model = make_model()
     e = model.word(ids)
     clean = model.from_embeds(e, pad_mask, masked)
-    task = task_loss_of(clean, labels, nsp_labels)
+    task = task_loss_of(clean, labels, nsp_labels)  # means: the normalisers are the counts
+    norm = Normalizers(mlm=float(labels.numel()), nsp=float(B))
     calls = []
 
-    def fwd(x):
-        calls.append(1)
-        return model.from_embeds(x, pad_mask, masked)
+    def heads(x, with_nsp):
+        calls.append(with_nsp)
+        mlm, nsp = model.from_embeds(x, pad_mask, masked)
+        return mlm, nsp if with_nsp else None
+
+    def objective(cfg, on, **kw):
+        return pretrain_objective(heads, e, clean, mlm_targets=labels, nsp_labels=nsp_labels, pad_mask=pad_mask,
+                                  alum=cfg, alum_on=on, norm=norm, **kw)
 
     for cfg, step in ((ALUMConfig(alpha=0.0), 10), (ALUMConfig(start_step=100), 99)):
         assert not cfg.active(step)
-        loss, metrics = alum_loss(task, fwd, e, clean, cfg, step, pad_mask=pad_mask)
-        assert loss is task and metrics == {}
+        loss, metrics = objective(cfg, cfg.active(step))
+        torch.testing.assert_close(loss, task)
+        assert set(metrics) == {"mlm", "nsp", "nsp_correct"}
+    loss, _ = objective(ALUMConfig(alpha=0.0), True)  # alpha = 0: never a pass, whatever the caller says
     assert calls == []
+    assert int(objective(ALUMConfig(), False)[1]["nsp_correct"]) == int((clean[1].argmax(-1) == nsp_labels).sum())
+
+    # Active: + alpha * R on the MLM head only (the paper), R the row mean like the task terms here.
     cfg = ALUMConfig(start_step=100)
     assert cfg.active(100)
-    loss, metrics = alum_loss(task, fwd, e, clean, cfg, 100, pad_mask=pad_mask,
-                              generator=torch.Generator().manual_seed(5))
-    assert len(calls) == 2
-    r, _, _, _ = run_impl(model, ids, pad_mask, masked, cfg, seed=5)
+    torch.manual_seed(5)
+    loss, metrics = pretrain_objective(heads, e, clean, mlm_targets=labels, nsp_labels=nsp_labels,
+                                       pad_mask=pad_mask, alum=cfg, alum_on=cfg.active(100), norm=norm,
+                                       generators=None)
+    assert calls == [False, False]  # K = 1 ascent + the adversarial pass, no NSP head in R
+    torch.manual_seed(5)
+    r, _ = alum_regularizer(lambda x: (model.from_embeds(x, pad_mask, masked)[0], None), e, (clean[0], None), cfg,
+                            pad_mask=pad_mask)
     torch.testing.assert_close(loss, task + 10.0 * r)
-    assert set(metrics) == {"adv", "delta_linf", "delta_l2", "ascent_grad_norm", "ascent_nonfinite",
-                            "ascent_zero_grad_frac", "adv_nonfinite"}
+    torch.testing.assert_close(metrics["adv"], r.detach())
+    assert {"adv", "delta_linf", "ascent_nonfinite", "ascent_zero_grad_frac", "adv_nonfinite"} <= set(metrics)
     assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in metrics.values())
+
+    # include_nsp: R = sum over masked rows / norm.mlm + sum over sequences / norm.nsp (each head a mean here),
+    # and nsp_weight scales the NSP cross-entropy only.
+    cfg = ALUMConfig(include_nsp=True)
+    calls.clear()
+    torch.manual_seed(5)
+    loss, metrics = objective(cfg, True, nsp_weight=0.5)
+    assert calls == [True, True]
+    torch.manual_seed(5)
+    r, _ = alum_regularizer(lambda x: model.from_embeds(x, pad_mask, masked), e, clean, cfg, pad_mask=pad_mask)
+    plain = nn.functional.cross_entropy(clean[0], labels) + 0.5 * nn.functional.cross_entropy(clean[1], nsp_labels)
+    torch.testing.assert_close(loss, plain + 10.0 * r)
+
+    # No masked token: nothing to regularise, no extra pass.
+    calls.clear()
+    empty = torch.zeros(B, T, dtype=torch.bool)
+    e2 = model.word(ids)
+    c2 = model.from_embeds(e2, pad_mask, empty)
+    _, metrics = pretrain_objective(heads, e2, c2, mlm_targets=labels[:0], nsp_labels=None, pad_mask=pad_mask,
+                                    alum=ALUMConfig(), alum_on=True, norm=norm)
+    assert calls == [] and "adv" not in metrics and "nsp" not in metrics
+
+
+def test_head_weights_scale_each_head():
+    """head_weights multiply each head's divergence: R and the ascent see the weighted sum."""
+    ids, pad_mask, masked, _, _ = make_batch()
+    model = make_model()
+    cfg = ALUMConfig(noise_std=1e-3, epsilon=1e-2, step_size=1e-2)
+    r1, m1, _, _ = run_impl(model, ids, pad_mask, masked, cfg, seed=3)
+    e = model.word(ids)
+    clean = model.from_embeds(e, pad_mask, masked)
+    r2, m2 = alum_regularizer(lambda x: model.from_embeds(x, pad_mask, masked), e, clean, cfg, pad_mask=pad_mask,
+                              generator=torch.Generator().manual_seed(3), head_weights=(2.0, 2.0))
+    torch.testing.assert_close(r2, 2.0 * r1)  # a common factor leaves the ascent direction unchanged
+    torch.testing.assert_close(m2["delta_linf"], m1["delta_linf"])
+    with pytest.raises(ValueError, match="head_weights"):
+        alum_regularizer(lambda x: model.from_embeds(x, pad_mask, masked), e, clean, cfg, head_weights=(1.0,))
 
 
 def test_none_heads_are_skipped_and_single_tensor_accepted():

@@ -76,7 +76,8 @@ def test_step_loss_equals_hf_full_logit_loss(databin):
 def test_masking_and_loss_do_not_depend_on_the_split(databin):
     """Two halves with global denominators == the whole batch: masks, loss, ALUM term and gradients."""
     from alum_pretrain.adversarial import ALUMConfig
-    from alum_pretrain.engine.step import STREAM_ALUM, Masker, PretrainStep, sample_generators
+    from alum_pretrain.engine.step import Masker, PretrainStep
+    from alum_pretrain.masking import STREAM_ALUM, sample_generators
     from alum_pretrain.masking import MaskingConfig
 
     raw, tables = _batch(databin)

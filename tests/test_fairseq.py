@@ -89,8 +89,8 @@ TOTAL, START = 12, 5
 @requires_fairseq
 def test_train_resume_curriculum_and_adv(databin, tmp_path):
     """6 updates, resume to 12 (curriculum over 12): loss parts logged, adv == 0 before
-    --alum-start-update and > 0 after, mask rate == the paper's curriculum, resumed == uninterrupted."""
-    common = ["--mask-curriculum-updates", TOTAL, "--alum-start-update", START, *STRONG_ALUM]
+    --alum-start-step and > 0 after, mask rate == the paper's curriculum, resumed == uninterrupted."""
+    common = ["--mask-curriculum-updates", TOTAL, "--alum-start-step", START, *STRONG_ALUM]
     data = f"{databin}/shard0:{databin}/shard1"  # fairseq's colon list
     first, _ = fairseq_train(data, tmp_path / "a", "--max-update", TOTAL // 2, *common)
     second, out2 = fairseq_train(data, tmp_path / "a", "--max-update", TOTAL, *common)
@@ -136,14 +136,14 @@ def test_pairs_nsp_continual_pretraining_and_export(databin, tmp_path):
     assert remap_main([str(released), str(databin), str(restore), "--src-id-offset", "0"]) == 0
     _check_same_lm(tmp_path / "s1" / "checkpoint_last.pt", restore)
     logs, out = fairseq_train(
-        databin, tmp_path / "s2", "--max-update", 4, "--sample-mode", "pairs", "--mask-whole-words",
+        databin, tmp_path / "s2", "--max-update", 4, "--sample-mode", "pairs", "--masking-whole-word",
         "--restore-file", restore, "--reset-optimizer", "--reset-dataloader",
         "--reset-meters", "--reset-lr-scheduler", *STRONG_ALUM)
     assert "Loaded checkpoint" in out and str(restore) in out
     assert [int(r["num_updates"]) for r in logs] == [1, 2, 3, 4]  # counters reset for the new stage
     for r in logs:
         assert float(r["nsp_loss"]) > 0 and 0.0 <= float(r["nsp_acc"]) <= 1.0
-        assert float(r["adv"]) > 0  # --alum-start-update 0: ALUM from the first update
+        assert float(r["adv"]) > 0  # --alum-start-step 0: ALUM from the first update
     assert float(logs[0]["mask_rate"]) == pytest.approx(0.05)
 
     # Export through the alum-export entry point (a fairseq .pt is dispatched to export_hf).
@@ -287,6 +287,43 @@ def test_criterion_alum_equals_core(databin, mode):
         nsp_mean = torch.nn.functional.cross_entropy(clean[1].float(), sample["nsp_target"])
         expect = expect + nsp_mean * float(n)
     assert float(loss) == pytest.approx(float(expect), rel=1e-4)
+
+
+@pytest.mark.fairseq
+@requires_fairseq
+def test_every_native_knob_is_a_fairseq_option(databin, monkeypatch):
+    """alum.* / masking.* of alum-train -> --<section>-<field> (alum_pretrain.knobs.to_argv) -> the real fairseq
+    parser -> the criterion's ALUMConfig and the task's MaskingConfig == the native configs; the old spellings
+    still work (mapped, with a FutureWarning)."""
+    from alum_pretrain import knobs
+    from alum_pretrain.adversarial import ALUMConfig
+    from alum_pretrain.masking import MaskingConfig
+
+    monkeypatch.setattr(knobs, "_warned", set())
+    alum = ALUMConfig(alpha=3.0, epsilon=2e-5, step_size=5e-4, noise_std=3e-5, k_steps=2, projection="l2",
+                      perturb_at="embedding_output", start_step=7, divergence="sym_kl", include_nsp=True,
+                      log_baseline=True)
+    masking = MaskingConfig(schedule="constant", start_rate=0.1, end_rate=0.3, num_phases=4, constant_rate=0.2,
+                            mask_prob=0.7, random_prob=0.2, whole_word=True)
+    task, _, criterion, _ = _setup(databin, *knobs.to_argv("alum", alum), *knobs.to_argv("masking", masking))
+    assert criterion.alum == alum and task.masking == masking and task.masker.cfg == masking
+    task, _, criterion, _ = _setup(databin)  # defaults: the native defaults (STRONG_ALUM aside)
+    assert task.masking == MaskingConfig()
+    assert criterion.alum == ALUMConfig(epsilon=1e-2, noise_std=1e-3, step_size=1e-2)
+
+    old = ["--alum-k", "2", "--alum-start-update", "7", "--mask-schedule", "constant", "--mask-start-rate", "0.1",
+           "--mask-end-rate", "0.3", "--mask-num-phases", "4", "--mask-constant-rate", "0.2", "--mask-replace-prob",
+           "0.7", "--mask-random-prob", "0.2", "--mask-whole-words"]
+    with pytest.warns(FutureWarning) as record:
+        task, _, criterion, _ = _setup(databin, *old)
+    said = " ".join(str(w.message) for w in record)
+    for flag in old[::2] + ["--mask-whole-words"]:
+        if flag.startswith("--"):
+            assert f"{flag} is deprecated" in said, flag
+    assert (criterion.alum.k_steps, criterion.alum.start_step) == (2, 7)
+    assert task.masking == masking
+    with pytest.raises(ValueError, match="--alum-k=3.*--alum-k-steps=2"):
+        _setup(databin, "--alum-k", "3", "--alum-k-steps", "2")
 
 
 @pytest.mark.fairseq

@@ -64,7 +64,7 @@ def _signalled_run(data, save_dir, stop_file, *extra, after_update: int = 1, tim
 
 def test_sigusr1_saves_at_the_current_update_exits_0_and_resumes(databin, tmp_path):
     common = ["--max-update", MAX_UPDATE, "--mask-curriculum-updates", MAX_UPDATE, "--save-interval-updates", INTERVAL,
-              "--alum-start-update", 2, "--alum-epsilon", "1e-2", "--alum-noise-std", "1e-3"]
+              "--alum-start-step", 2, "--alum-epsilon", "1e-2", "--alum-noise-std", "1e-3"]
     save, stop_file = tmp_path / "a", tmp_path / "stopped.json"
     rc, out = _signalled_run(databin, save, stop_file, *common)
     assert rc == 0, out[-4000:]

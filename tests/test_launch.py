@@ -230,6 +230,30 @@ def test_fairseq_script_wiring(tmp_path, capsys, nodes):
     assert 'kill -USR1 "$STEP_PID"' in script and '[ ! -e "$ALUM_FAIRSEQ_STOP_FILE" ]' in script
 
 
+def test_fairseq_knob_flags_follow_the_one_rule(tmp_path, capsys):
+    """Every alum.* / masking.* key reaches fairseq-train as --<section>-<field> with its value (booleans as a
+    bare flag when true), never in a deprecated spelling."""
+    from alum_pretrain import knobs
+
+    run = _run_yaml(tmp_path, batch_size=8, max_steps=1000)
+    cfg = yaml.safe_load(run.read_text())
+    cfg["alum"] = {"k_steps": 2, "start_step": 30, "divergence": "sym_kl", "include_nsp": True, "projection": "l2"}
+    cfg["masking"] = {"mask_prob": 0.7, "random_prob": 0.2, "whole_word": True, "schedule": "constant"}
+    run.write_text(yaml.safe_dump(cfg))
+    rc, script, err = _launch(["slurm", "--config", run, "--engine", "fairseq", "--dry-run"], capsys)
+    assert rc == 0, err
+    fs = _fairseq_flags_of(script)
+    opts = {a: b for a, b in zip(fs, fs[1:] + [""]) if a.startswith("--")}
+    assert opts["--alum-k-steps"] == "2" and opts["--alum-start-step"] == "30" and opts["--alum-divergence"] == "sym_kl"
+    assert opts["--alum-projection"] == "l2" and "--alum-include-nsp" in fs and "--alum-log-baseline" not in fs
+    assert opts["--masking-mask-prob"] == "0.7" and opts["--masking-random-prob"] == "0.2"
+    assert opts["--masking-schedule"] == "constant" and "--masking-whole-word" in fs
+    for section in knobs.SECTIONS:
+        for k in knobs.knobs(section):
+            assert k.flag in fs or k.type is bool, k.flag
+    assert not any("--" + old.replace("_", "-") in fs for old in knobs.DEPRECATED)
+
+
 def _fairseq_flags_of(script: str) -> list[str]:
     argv = _step_command(script)
     fs = argv[argv.index("fairseq-train") + 1:]

@@ -204,7 +204,8 @@ def test_bad_arguments_name_the_problem():
 
 def test_native_masker_uses_mask_batch_with_global_sample_ids():
     """The engine's Masker = mask_batch keyed by the global sample index; the log counts match the labels."""
-    from alum_pretrain.engine.step import STREAM_MASK, Masker
+    from alum_pretrain.engine.step import Masker
+    from alum_pretrain.masking import STREAM_MASK
 
     ids, special = _batch(B=8, T=16)
     raw = {"input_ids": ids, "special_mask": special, "attention_mask": (ids != 0).long()}

@@ -21,13 +21,14 @@ from ..data.databin import DataBin, verify_databin
 from ..data.loader import build_loader
 from ..data.tokens import build_token_tables
 from ..integrity import first_nonfinite
+from ..masking import STREAM_EVAL_MASK
 from . import checkpoint as C
 from . import distributed as D
 from .config import SPEED_ONLY, TrainConfig, resolve_grad_accum
 from .gpu import check_device
 from .metrics import LOG, RunLogger, decoder_flops_per_masked_token, flops_per_token, mfu, peak_flops
 from .optim import build_optimizer, build_scheduler
-from .step import STREAM_EVAL_MASK, Masker, PretrainStep, mlm_eval_batch
+from .step import Masker, PretrainStep, mlm_eval_batch
 
 
 HOST_ONLY_KEYS = ("sample_ids",)  # batch entries the step module never sees (kept on the host)

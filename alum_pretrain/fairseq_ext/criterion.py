@@ -7,18 +7,22 @@ Per micro-batch (Liu et al. 2020, Eq. 3 / Algorithm 1):
    point ``e`` (``--alum-perturb-at word``: the output of ``embed_tokens``, before positions and the
    embedding LayerNorm; ``embedding_output``: the output of ``layernorm_embedding``, mt-dnn's place)
    and, when NSP is on, the encoder features for the ``nsp`` classification head;
-2. ``L = CE_mlm (sum over masked tokens) + w_nsp * CE_nsp``;
-3. when ALUM is on (``alpha > 0``, ``update >= --alum-start-update``, training):
-   :func:`alum_pretrain.adversarial.alum_regularizer` - the project's single implementation of the
-   math - with a ``forward_fn`` that runs the *unwrapped* model with the hook *replacing* ``e`` by
-   ``e + delta`` (so DDP's forward bookkeeping runs once, for the clean pass; the ascent uses
-   ``torch.autograd.grad`` w.r.t. delta only: no parameter gradients, no all-reduce);
-4. ``loss = L + alpha * R``.
+2. :func:`alum_pretrain.objective.pretrain_objective` - the objective shared with the native engine:
+   ``L = CE_mlm (sum over masked tokens) + w_nsp * CE_nsp`` and, when ALUM is on (``alpha > 0``,
+   ``update >= --alum-start-step``, training), ``loss = L + alpha * R`` with ``heads`` running the
+   *unwrapped* model with the hook *replacing* ``e`` by ``e + delta`` (so DDP's forward bookkeeping runs
+   once, for the clean pass; the ascent uses ``torch.autograd.grad`` w.r.t. delta only: no parameter
+   gradients, no all-reduce).
+
+**Options.**  ``--alum-<field>`` for every ``alum.<field>`` of alum-train, with its default and help
+(:mod:`alum_pretrain.knobs`: ``--alum-k-steps``, ``--alum-start-step``, ...); the old spellings
+``--alum-k`` and ``--alum-start-update`` still work for one release (with a warning).
 
 **Normalisation.**  fairseq divides gradients by the summed ``sample_size`` (= masked tokens) of all
 micro-batches and workers, like the stock ``masked_lm`` criterion.  Mean-type terms (NSP cross-entropy
 averaged over sequences, and R, a symmetric KL averaged over masked tokens / sequences) are multiplied by
-the micro-batch's ``sample_size`` so that the step optimises ``mean CE_mlm + w_nsp * mean CE_nsp +
+the micro-batch's ``sample_size`` (the objective's normalisers: MLM / 1, NSP / (B / sample_size)) so that
+the step optimises ``mean CE_mlm + w_nsp * mean CE_nsp +
 alpha * R`` with every micro-batch weighted by its masked-token count.
 
 **Logged** (``--log-format json`` shows them): ``loss``, ``mlm_loss``, ``nsp_loss`` (base 2, fairseq's
@@ -41,7 +45,7 @@ gradient), ``ascent_zero_grad_frac`` (fraction of real tokens whose ascent gradi
 ``adv_dropout`` (R at delta = 0 under the same dropout masks: ``adv - adv_dropout`` is the adversarial
 share).
 
-**Random start.**  Each sample's delta is drawn from ``step_generator(seed, update, sample id)``, so the
+**Random start.**  Each sample's delta is drawn from ``sample_generators(seed, update, sample ids)``, so the
 result does not depend on how a batch is split over workers or ``--update-freq``.  ``--alum-perturb-at
 embedding_output`` perturbs the embedding block's output after its dropout (as the native engine).
 """
@@ -49,11 +53,10 @@ embedding_output`` perturbs the embedding block's output after its dropout (as t
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from omegaconf import II
 
 from fairseq import utils
@@ -61,40 +64,18 @@ from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.logging import metrics
 
-from alum_pretrain.adversarial import ALUMConfig, alum_regularizer
-from alum_pretrain.masking import step_generator
+from alum_pretrain import knobs
+from alum_pretrain.masking import STREAM_ALUM, sample_generators
+from alum_pretrain.objective import Normalizers, pretrain_objective
 
 NSP_HEAD = "nsp"
-STREAM_ALUM = 1  # step_generator stream of the ALUM random start (0 = masking, see task.py)
+
+# --alum-<field> for every alum.<field> of the native config (+ the deprecated spellings)
+_AlumOptions = make_dataclass("_AlumOptions", knobs.dataclass_fields("alum", ChoiceEnum), bases=(FairseqDataclass,))
 
 
 @dataclass
-class AlumMaskedLMCriterionConfig(FairseqDataclass):
-    alum_alpha: float = field(default=10.0, metadata={
-        "help": "weight of the adversarial SymKL term (paper: 10 for pre-training); 0 = standard MLM, no extra passes"})
-    alum_epsilon: float = field(default=1e-5, metadata={
-        "help": "radius of the per-token perturbation ball (Algorithm 1 line 6)"})
-    alum_step_size: float = field(default=1e-3, metadata={
-        "help": "ascent step size eta: delta += eta * g / max|g| per token"})
-    alum_noise_std: float = field(default=1e-5, metadata={
-        "help": "std sigma of the Gaussian initial perturbation"})
-    alum_k: int = field(default=1, metadata={"help": "number K of projected ascent steps (paper: 1)"})
-    alum_start_update: int = field(default=0, metadata={
-        "help": "update at which ALUM switches on (standard MLM before; the paper's curriculum; 0 for "
-                "continual pre-training)"})
-    alum_projection: ChoiceEnum(["linf", "l2", "none"]) = field(default="linf", metadata={
-        "help": "projection after each ascent step: linf (paper), l2, none (unconstrained step)"})
-    alum_perturb_at: ChoiceEnum(["word", "embedding_output"]) = field(default="word", metadata={
-        "help": "word: output of the token-embedding lookup (before positions and the embedding LayerNorm); "
-                "embedding_output: after the embedding LayerNorm (mt-dnn)"})
-    alum_divergence: ChoiceEnum(["sym_kl_ce", "sym_kl"]) = field(default="sym_kl_ce", metadata={
-        "help": "symmetric KL form: sym_kl_ce = KL(sg(q)||p) + KL(sg(p)||q) (the authors' code, R-Drop) or "
-                "sym_kl = KL(p||sg(q)) + KL(q||sg(p)); same value, different gradient under dropout"})
-    alum_include_nsp: bool = field(default=False, metadata={
-        "help": "also put the NSP distribution into the ALUM term (the paper: MLM only)"})
-    alum_log_baseline: bool = field(default=False, metadata={
-        "help": "log adv_dropout: the ALUM term at delta = 0 under the same dropout masks (one extra no-grad "
-                "forward), so adv - adv_dropout is the adversarial share"})
+class AlumMaskedLMCriterionConfig(_AlumOptions):
     nsp_loss_weight: float = field(default=1.0, metadata={
         "help": "weight of the NSP cross-entropy (only with --sample-mode pairs)"})
     seed: int = II("common.seed")
@@ -196,15 +177,9 @@ class AlumMaskedLMCriterion(FairseqCriterion):
 
     def __init__(self, cfg: AlumMaskedLMCriterionConfig, task):
         super().__init__(task)
-        self.alum = ALUMConfig(alpha=cfg.alum_alpha, epsilon=cfg.alum_epsilon, step_size=cfg.alum_step_size,
-                               noise_std=cfg.alum_noise_std, k_steps=cfg.alum_k, projection=str(cfg.alum_projection),
-                               perturb_at=str(cfg.alum_perturb_at), start_step=cfg.alum_start_update)
+        self.alum = knobs.from_flat("alum", cfg)
         if cfg.nsp_loss_weight < 0:
             raise ValueError(f"--nsp-loss-weight {cfg.nsp_loss_weight}: must be >= 0")
-        self.alum.divergence = str(cfg.alum_divergence)
-        self.alum.include_nsp = bool(cfg.alum_include_nsp)
-        self.alum.log_baseline = bool(cfg.alum_log_baseline)
-        self.alum.__post_init__()
         refuse_pure_half(cfg, self.alum.alpha)
         self.nsp_weight = float(cfg.nsp_loss_weight)
         self.seed = int(cfg.seed)
@@ -214,65 +189,48 @@ class AlumMaskedLMCriterion(FairseqCriterion):
         target = sample["target"]  # (B, T) original ids at masked positions, pad elsewhere
         masked = target.ne(self.padding_idx)  # (B, T) bool
         sample_size = masked.int().sum()
-        targets = target[masked]  # (N,)
         nsp_target = sample.get("nsp_target")  # (B,) or None
         use_nsp = nsp_target is not None
         inner = unwrap(model)
         if use_nsp and NSP_HEAD not in getattr(inner, "classification_heads", {}):
             raise ValueError("the batch has NSP labels but the model has no 'nsp' classification head; "
                              "use --task alum_masked_lm --sample-mode pairs (it registers the head)")
+        update = sample.get("update_num")  # set by the alum_masked_lm task; None with other tasks
+        if update is None and self.alum.start_step > 0 and self.training:
+            raise ValueError("--alum-start-step > 0 needs --task alum_masked_lm (it passes the update number "
+                             "to the criterion); with other tasks use --alum-start-step 0")
         tap = EmbeddingTap(inner, self.alum.perturb_at)
 
-        # 1. clean pass through the wrapper (DDP bookkeeping), LM head on masked positions only.
+        # clean pass through the wrapper (DDP bookkeeping), LM head on masked positions only
         with tap.capture():
             mlm_logits, _ = model(src, masked_tokens=masked)  # (N, V)
         nsp_logits = inner.classification_heads[NSP_HEAD](tap.features) if use_nsp else None  # (B, 2)
 
-        # 2. task loss; sums, normalised by fairseq with the summed sample_size (masked tokens).
-        mlm_loss = F.cross_entropy(mlm_logits.float(), targets, reduction="sum")
-        loss = mlm_loss
+        def heads(perturbed: torch.Tensor, with_nsp: bool):
+            with tap.replace(perturbed):
+                lg, _ = inner(src, masked_tokens=masked)  # (N, V); unwrapped: no DDP bookkeeping
+            return lg, inner.classification_heads[NSP_HEAD](tap.features) if with_nsp else None
+
+        # Random start keyed per sample by (seed, update, sample id), as the native engine: identical after
+        # resume and whatever the batch split.  Without the update number (other tasks) the global RNG,
+        # which fairseq reseeds every update.
+        ids = sample.get("id")
+        gens = None if update is None else sample_generators(
+            self.seed, int(update), ids if ids is not None else torch.arange(src.shape[0]), STREAM_ALUM)
+        # fairseq divides by the summed sample_size (masked tokens): sums for MLM, NSP mean x sample_size
         n = sample_size.float()
-        nsp_loss = nsp_correct = None
-        if use_nsp:
-            nsp_loss = F.cross_entropy(nsp_logits.float(), nsp_target, reduction="sum")
-            loss = loss + self.nsp_weight * nsp_loss * (n / nsp_target.numel())
-            nsp_correct = (nsp_logits.argmax(-1) == nsp_target).sum()
-
-        # 3. ALUM term (Algorithm 1 lines 3-8) from the shared core.
-        update = sample.get("update_num")  # set by the alum_masked_lm task; None with other tasks
-        if update is None and self.alum.start_step > 0 and self.training:
-            raise ValueError("--alum-start-update > 0 needs --task alum_masked_lm (it passes the update number "
-                             "to the criterion); with other tasks use --alum-start-update 0")
-        alum_on = self.training and self.alum.active(int(update or 0)) and targets.numel() > 0
-        adv = torch.zeros((), device=src.device)
-        diag: dict = {}
-        if alum_on:
-            nsp_in_r = use_nsp and self.alum.include_nsp  # the paper's R is on the MLM distributions only
-
-            def forward_fn(perturbed: torch.Tensor):
-                with tap.replace(perturbed):
-                    lg, _ = inner(src, masked_tokens=masked)  # (N, V); unwrapped: no DDP bookkeeping
-                nl = inner.classification_heads[NSP_HEAD](tap.features) if nsp_in_r else None
-                return (lg, nl)
-
-            # Random start keyed per sample by (seed, update, sample id), as the native engine: identical
-            # after resume and whatever the batch split.  Without the update number (other tasks) use the
-            # global RNG, which fairseq reseeds every update.
-            ids = sample.get("id")
-            gen = None
-            if update is not None:
-                sids = ids.tolist() if ids is not None else list(range(src.shape[0]))
-                gen = [step_generator(self.seed, int(update), int(i), stream=STREAM_ALUM) for i in sids]
-            r, m = alum_regularizer(forward_fn, tap.embeds, (mlm_logits, nsp_logits if nsp_in_r else None),
-                                    self.alum, pad_mask=src.ne(self.padding_idx), generator=gen)
-            loss = loss + self.alum.alpha * r * n  # Eq. 3, scaled like the summed MLM loss (0 if R non-finite)
-            adv = m["adv"]
-            diag = m
+        norm = Normalizers(mlm=1.0, nsp=(nsp_target.numel() / n) if use_nsp else 1.0)
+        loss, m = pretrain_objective(
+            heads, tap.embeds, (mlm_logits, nsp_logits), mlm_targets=target[masked], nsp_labels=nsp_target,
+            pad_mask=src.ne(self.padding_idx), alum=self.alum,
+            alum_on=self.training and self.alum.active(int(update or 0)), norm=norm, nsp_weight=self.nsp_weight,
+            generators=gens)
+        alum_on = "adv" in m
 
         logging_output = {
             "loss": loss.data,
-            "mlm_loss": mlm_loss.data,
-            "adv": (adv * n).data,  # summed over micro-batches, divided by sample_size in reduce_metrics
+            "mlm_loss": m["mlm"].data,
+            "adv": m["adv"].data if alum_on else torch.zeros((), device=src.device),  # R x sample_size, summed
             "alum_n": int(alum_on),
             "alum_on": int(alum_on) * sample["nsentences"],
             "masked": sample_size.data,
@@ -281,18 +239,16 @@ class AlumMaskedLMCriterion(FairseqCriterion):
             "sample_size": sample_size,
         }
         if alum_on:
-            logging_output["ascent_nonfinite"] = diag["ascent_nonfinite"].data
-            logging_output["adv_nonfinite"] = diag["adv_nonfinite"].data
-            logging_output["ascent_zero_grad_frac"] = diag["ascent_zero_grad_frac"].data
-            if "adv_dropout" in diag:
-                logging_output["adv_dropout"] = (diag["adv_dropout"] * n).data
+            for key in ("ascent_nonfinite", "adv_nonfinite", "ascent_zero_grad_frac", "adv_dropout"):
+                if key in m:
+                    logging_output[key] = m[key].data
         if "mask_rate" in sample:  # set by the alum_masked_lm task (absent with --task masked_lm)
             logging_output["mask_rate"] = float(sample["mask_rate"]) * sample["nsentences"]
             logging_output["mask_rate_n"] = sample["nsentences"]
             logging_output["maskable"] = int(sample["n_maskable"])
         if use_nsp:
-            logging_output["nsp_loss"] = nsp_loss.data
-            logging_output["nsp_correct"] = nsp_correct.data
+            logging_output["nsp_loss"] = (m["nsp"] * norm.nsp).data  # the summed cross-entropy
+            logging_output["nsp_correct"] = m["nsp_correct"].data
             logging_output["nsp_n"] = nsp_target.numel()
         return loss, sample_size, logging_output
 

@@ -5,7 +5,9 @@ Differences from fairseq's ``masked_lm`` (what this task is for):
 * **Masking per update, not per dataset item.**  Batches leave the data loader *unmasked*;
   :meth:`AlumMaskedLMTask.train_step` masks them with :func:`alum_pretrain.masking.mask_batch` at the
   rate of the masking-rate curriculum for the current ``update_num`` (ALUM Sec. 2.3: 5 % -> 25 % in 5
-  phases).  Each sample's mask is a pure function of ``(seed, update_num, sample_id)``, so a
+  phases), through the same :class:`alum_pretrain.masking.TokenMasker` and randomness streams as the native
+  engine.  The masking options are ``--masking-<field>`` for every ``masking.<field>`` of alum-train
+  (:mod:`alum_pretrain.knobs`); the old ``--mask-*`` spellings still work for one release (with a warning).  Each sample's mask is a pure function of ``(seed, update_num, sample_id)``, so a
   resumed run masks every update exactly as an uninterrupted one, whatever the number of workers or
   the gradient-accumulation split.
 * **Curriculum length is explicit.**  Progress = ``update_num / --mask-curriculum-updates``
@@ -27,7 +29,7 @@ this task does not use that symbol.
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from typing import Optional
 
 import numpy as np
@@ -50,24 +52,25 @@ from fairseq.data import (
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
 
+from alum_pretrain import knobs
 from alum_pretrain.data import indexed
 from alum_pretrain.data.databin import MANIFEST, DataBin
 from alum_pretrain.data.tokens import build_token_tables
-from alum_pretrain.masking import IGNORE_INDEX, MaskingConfig, mask_batch
+from alum_pretrain.masking import IGNORE_INDEX, STREAM_EVAL_MASK, STREAM_MASK, TokenMasker
 
 from .datasets import NSPPairDataset, NSPSampleDataset, SentenceChunkDataset, load_doc_starts
 
 logger = logging.getLogger(__name__)
 
-# randomness streams (as in the native engine): one consumer per stream so draws never collide.
-STREAM_MASK = 0
-STREAM_ALUM = 1
-STREAM_VALID_MASK = 2
 NSP_HEAD = "nsp"
+
+# --masking-<field> for every masking.<field> of the native config (+ the deprecated --mask-* spellings)
+_MaskingOptions = make_dataclass("_MaskingOptions", knobs.dataclass_fields("masking", ChoiceEnum),
+                                 bases=(FairseqDataclass,))
 
 
 @dataclass
-class AlumMaskedLMConfig(FairseqDataclass):
+class AlumMaskedLMConfig(_MaskingOptions):
     data: str = field(default=MISSING, metadata={
         "help": "a data-bin written by alum-prep (all its shards, one per epoch) or a colon-separated list of "
                 "shard folders (bin/shard0:bin/shard1), iterated one per epoch like fairseq's masked_lm"})
@@ -82,24 +85,11 @@ class AlumMaskedLMConfig(FairseqDataclass):
                 "sentences are split, never dropped); none = fixed-size blocks ignoring sentence ends"})
     short_seq_prob: float = field(default=0.1, metadata={
         "help": "pairs mode: probability of a shorter random target length (BERT: 0.1)"})
-    mask_schedule: ChoiceEnum(["curriculum", "constant"]) = field(default="curriculum", metadata={
-        "help": "masking rate: curriculum (ALUM: --mask-start-rate -> --mask-end-rate in --mask-num-phases "
-                "equal phases of --mask-curriculum-updates) or constant (--mask-constant-rate)"})
-    mask_start_rate: float = field(default=0.05, metadata={"help": "curriculum: rate of the first phase"})
-    mask_end_rate: float = field(default=0.25, metadata={"help": "curriculum: rate of the last phase"})
-    mask_num_phases: int = field(default=5, metadata={"help": "curriculum: number of equal phases"})
-    mask_constant_rate: float = field(default=0.15, metadata={"help": "constant schedule: the rate (BERT 0.15)"})
     mask_curriculum_updates: int = field(default=0, metadata={
         "help": "updates over which the curriculum runs (progress = update / this); 0 = --max-update. "
                 "Set it explicitly when a run is resumed with a larger --max-update"})
     valid_mask_rate: float = field(default=0.15, metadata={
         "help": "masking rate for validation (fixed, with fixed masks, so valid losses compare across updates)"})
-    mask_replace_prob: float = field(default=0.8, metadata={
-        "help": "fraction of selected tokens replaced by [MASK] (BERT 80/10/10)"})
-    mask_random_prob: float = field(default=0.1, metadata={
-        "help": "fraction of selected tokens replaced by a random non-special token"})
-    mask_whole_words: bool = field(default=False, metadata={
-        "help": "select whole words (word-piece continuation rules of the data-bin's tokenizer)"})
     seed: int = II("common.seed")
     max_update: int = II("optimization.max_update")
 
@@ -175,16 +165,13 @@ class AlumMaskedLMTask(FairseqTask):
         never |= {int(i) + off for i in torch.nonzero(self.tables.special).flatten().tolist()}
         never |= set(special.values())
         self.special_ids = torch.tensor(sorted(never), dtype=torch.long)
-        self.random_pool = self.tables.random_pool + off
-        self.masking = MaskingConfig(
-            schedule=cfg.mask_schedule, start_rate=cfg.mask_start_rate, end_rate=cfg.mask_end_rate,
-            num_phases=cfg.mask_num_phases, constant_rate=cfg.mask_constant_rate,
-            mask_prob=cfg.mask_replace_prob, random_prob=cfg.mask_random_prob, whole_word=cfg.mask_whole_words)
+        self.masking = knobs.from_flat("masking", cfg)
+        self.masker = TokenMasker(self.masking, self.mask_idx, self.tables.random_pool + off, int(cfg.seed))
         self.continuation = None
-        if cfg.mask_whole_words:
+        if self.masking.whole_word:
             if self.tables.kind == "none":
-                raise ValueError(f"--mask-whole-words: cannot tell word-continuation pieces of the tokenizer in "
-                                 f"{root}/tokenizer; drop --mask-whole-words")
+                raise ValueError(f"--masking-whole-word: cannot tell word-continuation pieces of the tokenizer in "
+                                 f"{root}/tokenizer; drop --masking-whole-word")
             cont = torch.zeros(len(dictionary), dtype=torch.bool)  # (len(dict),) True = continues a word
             cont[off:off + self.tables.vocab_size] = self.tables.continuation
             self.continuation = cont
@@ -192,7 +179,7 @@ class AlumMaskedLMTask(FairseqTask):
             raise ValueError(f"--valid-mask-rate {cfg.valid_mask_rate}: must be in [0, 1]")
         if cfg.mask_curriculum_updates < 0:
             raise ValueError(f"--mask-curriculum-updates {cfg.mask_curriculum_updates}: must be >= 0")
-        if cfg.mask_schedule == "curriculum":
+        if self.masking.schedule == "curriculum":
             self.curriculum_updates  # raises now (not at the first update) when the length is unknown
 
     @classmethod
@@ -213,8 +200,8 @@ class AlumMaskedLMTask(FairseqTask):
     @property
     def curriculum_updates(self) -> int:
         total = self.cfg.mask_curriculum_updates or (self.cfg.max_update or 0)
-        if total <= 0 and self.cfg.mask_schedule == "curriculum":
-            raise ValueError("--mask-schedule curriculum needs the training length: set --mask-curriculum-updates "
+        if total <= 0 and self.masking.schedule == "curriculum":
+            raise ValueError("--masking-schedule curriculum needs the training length: set --mask-curriculum-updates "
                              "(or --max-update)")
         return max(int(total), 1)
 
@@ -284,13 +271,12 @@ class AlumMaskedLMTask(FairseqTask):
     # ---------------------------------------------------------------- masking
 
     def _device_tables(self, device: torch.device) -> dict:
-        """The special-id list, continuation flags and random pool on ``device`` (copied once per device)."""
+        """The special-id list and continuation flags on ``device`` (copied once per device)."""
         cache = self.__dict__.setdefault("_tables_on", {})
         if device not in cache:
             cache[device] = {
                 "special_ids": self.special_ids.to(device),
                 "continuation": self.continuation.to(device) if self.continuation is not None else None,
-                "random_pool": self.random_pool.to(device),
             }
         return cache[device]
 
@@ -299,23 +285,18 @@ class AlumMaskedLMTask(FairseqTask):
         if not sample or "net_input" not in sample:
             return sample
         src = sample["net_input"]["src_tokens"]  # (B, T) unmasked
-        pad = self.source_dictionary.pad()
         # Masking runs where the batch lives (fairseq has already moved it to the GPU): no device->host copy
-        # of the tokens, and every op is integer arithmetic, so CPU and GPU give the same masks.
+        # of the tokens, and every op is integer arithmetic, so CPU and GPU give the same masks.  Per-sample
+        # randomness keyed by (seed, update, sample id): masks do not depend on batch composition, world
+        # size or accumulation, so resume reproduces them exactly.
         tables = self._device_tables(src.device)
         special = torch.isin(src, tables["special_ids"])  # (B, T) True = never mask (specials + padding)
         cont = tables["continuation"][src] if self.continuation is not None else None  # (B, T)
-        # Per-sample randomness keyed by (seed, update, sample id), vectorised over the batch: masks do not
-        # depend on batch composition, world size or accumulation, so resume reproduces them exactly.
-        masked_t, labels_t = mask_batch(
-            src, rate, mask_id=self.mask_idx, special_mask=special, random_pool=tables["random_pool"],
-            seed=int(self.cfg.seed), step=int(step), sample_ids=sample["id"].to(src.device), stream=stream,
-            continuation=cont, mask_prob=self.masking.mask_prob, random_prob=self.masking.random_prob)  # (B, T)
-        target = torch.where(labels_t == IGNORE_INDEX, torch.full_like(labels_t, pad), labels_t)
+        masked_t, labels_t = self.masker.mask(src, special, rate, step, sample["id"], stream, cont)  # (B, T)
         out = dict(sample)
-        out["net_input"] = dict(sample["net_input"])
-        out["net_input"]["src_tokens"] = masked_t
-        out["target"] = target  # fairseq convention: pad = not predicted
+        out["net_input"] = dict(sample["net_input"], src_tokens=masked_t)
+        # fairseq convention: pad = not predicted
+        out["target"] = labels_t.masked_fill(labels_t == IGNORE_INDEX, self.source_dictionary.pad())
         out["mask_rate"] = float(rate)
         out["n_maskable"] = (~special).sum()  # a device tensor: no host sync in the task
         out["update_num"] = int(step)
@@ -327,7 +308,7 @@ class AlumMaskedLMTask(FairseqTask):
         return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
 
     def valid_step(self, sample, model, criterion):
-        sample = self.mask_sample(sample, self.cfg.valid_mask_rate, 0, STREAM_VALID_MASK)
+        sample = self.mask_sample(sample, self.cfg.valid_mask_rate, 0, STREAM_EVAL_MASK)
         return super().valid_step(sample, model, criterion)
 
     # ---------------------------------------------------------------- misc
