@@ -55,12 +55,12 @@ projection and normalisation are per token over the last (hidden) dimension in b
 
 * The epsilon-ball projection of Algorithm 1 line 6 is kept (``projection: linf``, the paper).
   mt-dnn has no projection: it normalises ``delta + eta*g`` to unit per-token L_inf norm, so its
-  perturbation has max-abs ~= 1 per token whatever sigma, eta, epsilon are (mt-dnn issue #224).
+  perturbation has max-abs ~= 1 per token whatever sigma, eta, epsilon are (a known problem of the public mt-dnn code).
   ``projection: none`` here means *no projection at all*: ``delta <- delta + eta * g/||g||_inf``, an
   unconstrained normalised ascent step of size eta per token (so ``||delta||_inf <= sigma-ish + K*eta``).
   It is NOT mt-dnn's rule ``delta <- (delta + eta*g) / ||delta + eta*g||_inf`` (unit max-abs per token,
   i.e. a perturbation ~1e5 times the paper's epsilon), which is deliberately not offered.
-* The gradient is normalised per token by its max-abs *before* it is added (paper/issue #214), with a
+* The gradient is normalised per token by its max-abs *before* it is added (as the paper's Algorithm 1), with a
   scale-free zero guard (mt-dnn adds 1e-6 to the norm, which shrinks the step when gradients are tiny).
 * Padding positions of delta are zero at init and after every step (mt-dnn ignores its mask).
 * A non-finite ascent gradient does not silently drop the adversarial term (mt-dnn ``return 0``):

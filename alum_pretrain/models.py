@@ -14,7 +14,7 @@
 * :func:`save_model` / :func:`load_model` — ``save_pretrained`` (safetensors) folders shared by the
   checkpoints and ``alum-export``.
 
-Where the perturbation enters (``perturb_at``; DESIGN "The ALUM step"):
+Where the perturbation enters (``perturb_at``; see :mod:`alum_pretrain.objective`):
 
 ``"word"``: ``embed`` returns the word-embedding lookup E(x) (B, T, H); ``heads_from_embeds`` feeds
     ``E(x) + δ`` back through HF's ``inputs_embeds``, so position/segment embeddings, LayerNorm and dropout

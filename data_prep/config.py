@@ -1,6 +1,6 @@
 """``PrepConfig``: every option of ``alum-prep`` / :func:`data_prep.prepare`, typed, with help and checks.
 
-Options are of two kinds (STYLE 3): those that change the output (recorded in the manifest's
+Options are of two kinds: those that change the output (recorded in the manifest's
 ``config`` and its ``fingerprint``; a re-run with different values is refused unless ``--overwrite``)
 and those that change only speed or display (``workers``, ``progress``; free to change on a re-run).
 """

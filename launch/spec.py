@@ -9,7 +9,7 @@ Precedence (lowest first): preset ``config:`` < ``--config run.yaml`` < engine o
 (native) < the launcher's own flags (``--output-dir``, the batch split, the device).  Resources:
 built-in defaults < preset ``resources:`` < command-line flags.
 
-Only the launcher knows about SLURM; the engine reads torchrun's RANK/WORLD_SIZE/LOCAL_RANK (STYLE.md 9).
+Only the launcher knows about SLURM; the engine reads torchrun's RANK/WORLD_SIZE/LOCAL_RANK.
 """
 
 from __future__ import annotations

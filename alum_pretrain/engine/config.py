@@ -10,7 +10,7 @@ Sections and keys (``alum-train --help`` lists every key with its default)::
     train.*     steps, batch, precision, engine (ddp | deepspeed), logging / evaluation / checkpoint cadence
     deepspeed.* ZeRO stage and offload when train.engine=deepspeed (see alum_pretrain.engine.deepspeed_engine)
 
-Result-changing vs speed-only (STYLE.md 3): :data:`SPEED_ONLY` names the keys that may differ when a
+Result-changing vs speed-only: :data:`SPEED_ONLY` names the keys that may differ when a
 run resumes from a checkpoint (workers, compile, logging cadence, ...); every other key changes the
 numbers and a mismatch on resume is an error naming the key.
 """

@@ -1,6 +1,6 @@
 """Process-group setup from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and small collectives.
 
-The library reads only torchrun's variables; SLURM lives in the launcher (STYLE.md 9).  Without them
+The library reads only torchrun's variables; SLURM lives in the launcher (:mod:`launch`).  Without them
 (plain ``python``/``alum-train``) it is a single process and every collective is a no-op.
 
 Besides the training group (NCCL on GPU, gloo on CPU) a second **gloo group for control messages**

@@ -1,4 +1,4 @@
-"""Rank-0 run logger (STYLE.md 12): one object writes the console line, ``log.jsonl`` and TensorBoard.
+"""Rank-0 run logger: one object writes the console line, ``log.jsonl`` and TensorBoard.
 
 ``log.jsonl``: one JSON object per log step, at least ``step, loss, mlm, nsp, adv, mask_rate, lr`` (plus
 ``grad_norm, tokens_per_s, alum`` and, on GPU, ``mfu``); validation records carry ``"kind": "valid"``

@@ -33,7 +33,7 @@ class TaskSpec:
         return 1 if self.is_regression else len(self.labels)
 
 
-# Column names as in the GLUE distribution (gluebenchmark.com data, as shipped in ../shared/data/glue).
+# Column names as in the GLUE distribution (the gluebenchmark.com TSV files).
 TASKS: dict[str, TaskSpec] = {
     "sst2": TaskSpec("sst2", "sentence", None, "label", ("0", "1"), "accuracy"),
     "cola": TaskSpec("cola", "sentence", None, "label", ("0", "1"), "matthews", headerless_columns=(3, None, 1),

@@ -7,7 +7,7 @@ symmetric KL for classification and the mean squared difference for regression (
 SMART's R_s; Liu et al. 2020, ALUM fine-tuning).  The inner max is ALUM's Algorithm 1 and is computed by
 the project's single implementation, :func:`alum_pretrain.adversarial.alum_regularizer` (Gaussian start
 sigma, K per-token L_inf-normalised ascent steps of size eta, per-token projection onto the eps ball).
-``smart`` and ``alum`` are the same method (ALUM fine-tuning = mt-dnn's ``SmartPerturbation``, issue #176).
+``smart`` and ``alum`` are the same method (ALUM fine-tuning = mt-dnn's ``SmartPerturbation``).
 Only SMART's smoothness term is implemented; its Bregman proximal-point (momentum teacher) half is not
 (neither is it in the authors' released code).
 
