@@ -18,6 +18,10 @@ Precedence: dataclass defaults < ``--config FILE.yaml`` < command-line flags.  B
 and ``--optim.lr 3e-4`` work; booleans take ``true/false/yes/no/1/0`` (a bare ``--data.nsp`` means true);
 lists/tuples take YAML (``[0.9, 0.98]``) or comma-separated values.  Unknown keys in YAML are errors
 naming the key and the closest valid one.
+
+Flat command lines (``alum-prep``, ``alum-launch``, ``alum-bench``) use the same :func:`opt` fields in a flat
+dataclass: :func:`add_dataclass_arguments` turns its fields into ``--kebab-case`` argparse arguments and
+:func:`dataclass_from_args` builds the instance (running its ``__post_init__`` checks) from the parsed namespace.
 """
 
 from __future__ import annotations
@@ -40,12 +44,19 @@ T = TypeVar("T")
 _MISSING = object()
 
 
-def opt(default: Any, help: str, **kwargs: Any) -> Any:
-    """A config field with a default and a help text (mutable defaults are copied per instance)."""
-    meta = {"help": help}
+def opt(default: Any, help: str, *, choices: Sequence[Any] | None = None, positional: bool = False,
+        required: bool = False, speed_only: bool = False, metavar: str | None = None) -> Any:
+    """A config field with a default and a help text (mutable defaults are copied per instance).
+
+    The keywords shape flat command lines (:func:`add_dataclass_arguments`): ``choices`` (the allowed values),
+    ``positional`` (an argument without a flag), ``required`` (the flag must be given), ``metavar`` (the value's
+    name in ``--help``).  ``speed_only`` marks an option that changes only speed or display, never the result.
+    """
+    meta = {"help": help, "choices": tuple(choices) if choices else None, "positional": positional,
+            "required": required, "speed_only": speed_only, "metavar": metavar}
     if isinstance(default, (list, dict, set)):
-        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kwargs)
-    return dataclasses.field(default=default, metadata=meta, **kwargs)
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
 
 def section(cls: type, help: str | None = None) -> Any:
@@ -283,6 +294,58 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, prog: str | No
     except ValueError as exc:
         parser.error(str(exc))
         raise  # unreachable
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type) -> None:
+    """Add one argument per field of the flat dataclass ``cls`` (declared with :func:`opt`) to ``parser``.
+
+    Flags are ``--kebab-case`` of the field name (the namespace attribute is the field name).  Types come from
+    the annotations: int, float, str, Path, a ``Literal`` (its values are the choices), each optionally
+    ``| None``; a bool defaulting to False is a switch (``--x``), any other bool a ``--x/--no-x`` pair; a list
+    takes one or more values when positional or required, else it is a repeatable flag.  The help ends with
+    ``(default: X)`` unless the default is None or empty.
+    """
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        meta = f.metadata
+        tp, _ = _strip_optional(hints[f.name])
+        default = _default_of(f)
+        default = None if default is _MISSING else default
+        help_text = meta.get("help", "")
+        if default is not None and default != []:
+            help_text += f" (default: {_fmt_default(default)})"
+        kw: dict[str, Any] = {"default": default, "help": help_text.replace("%", "%%")}
+        choices = meta.get("choices") or (get_args(tp) if get_origin(tp) is Literal else None)
+        if choices:
+            kw["choices"] = choices
+        if meta.get("metavar"):
+            kw["metavar"] = meta["metavar"]
+        positional, required = meta.get("positional", False), meta.get("required", False)
+        if tp is bool:
+            kw["action"] = "store_true" if default is False else argparse.BooleanOptionalAction
+        elif tp is list or get_origin(tp) is list:
+            kw["type"] = (get_args(tp) or (str,))[0]
+            if positional or required:
+                kw["nargs"] = "+"
+            else:
+                kw["action"] = "append"
+        elif choices and get_origin(tp) is Literal:
+            kw["type"] = type(choices[0])
+        elif tp in (int, float, str, Path):
+            kw["type"] = tp
+        else:
+            raise TypeError(f"{cls.__name__}.{f.name}: no command-line form for type {tp}")
+        if positional:
+            parser.add_argument(f.name, **kw)
+        else:
+            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, required=required, **kw)
+
+
+def dataclass_from_args(cls: type[T], namespace: argparse.Namespace) -> T:
+    """The ``cls`` instance of the arguments :func:`add_dataclass_arguments` added (``ValueError`` from its checks)."""
+    return cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if f.init})
 
 
 def diff_configs(a: Any, b: Any, ignore: Sequence[str] = ()) -> list[str]:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import MISSING, fields
+
+from alum_pretrain.config import add_dataclass_arguments, dataclass_from_args
 
 from .config import PrepConfig
 
@@ -29,27 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    for f in fields(PrepConfig):
-        help_ = f.metadata["help"]
-        default = f.default if f.default is not MISSING else None
-        if f.name == "inputs":
-            p.add_argument("inputs", nargs="+", metavar="INPUT", help=help_)
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        kw = {"help": f"{help_} (default: {default})" if default is not None else help_, "dest": f.name}
-        if f.name in ("format", "out"):
-            kw["required"] = True
-        if f.metadata.get("choices"):
-            kw["choices"] = f.metadata["choices"]
-        if f.name in ("lowercase", "progress", "spm_byte_fallback"):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, **kw)
-        elif f.name == "keep_headings":
-            p.add_argument(flag, action="store_true", **kw)
-        else:
-            typ = {"shards": int, "workers": int, "seed": int, "min_doc_chars": int, "max_tokens": int,
-                   "vocab_size": int, "tokenizer_train_sentences": int, "valid_fraction": float,
-                   "segment_mb": float, "max_garbage_frac": float}.get(f.name, str)
-            p.add_argument(flag, type=typ, default=default, **kw)
+    add_dataclass_arguments(p, PrepConfig)
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing data-bin made by a different command (only folders with a manifest.json are ever deleted)")
     return p
@@ -61,10 +42,9 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    opts = vars(args)
-    inputs, fmt, out = opts.pop("inputs"), opts.pop("format"), opts.pop("out")
     try:
-        m = prepare(inputs, fmt, out, command=["alum-prep", *argv], **opts)
+        cfg = dataclass_from_args(PrepConfig, args)
+        m = prepare(cfg, overwrite=args.overwrite, command=["alum-prep", *argv])
     except (ValueError, OSError) as e:
         print(f"alum-prep: error: {e}", file=sys.stderr)
         return 2
@@ -73,14 +53,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     c = m["counts"]
     print(
-        f"alum-prep: wrote {out}: {c['documents']} documents, {c['sentences']} sentences, {c['tokens']} tokens "
+        f"alum-prep: wrote {cfg.out}: {c['documents']} documents, {c['sentences']} sentences, {c['tokens']} tokens "
         f"in {m['num_shards']} shard(s); dropped {sum(c['dropped'].values())} ({', '.join(f'{k} {v}' for k, v in c['dropped'].items() if v) or 'none'})",
         file=sys.stderr,
     )
     # Always printed (also with --no-progress), so that a corpus full of replacement characters is visible.
     print(f"alum-prep: input hygiene: {hygiene_report(c, m['config']['max_garbage_frac'])[0]}", file=sys.stderr)
     if m.get("warnings"):
-        print(f"alum-prep: {len(m['warnings'])} warning(s), also kept in {out}/manifest.json ('warnings')", file=sys.stderr)
+        print(f"alum-prep: {len(m['warnings'])} warning(s), also kept in {cfg.out}/manifest.json ('warnings')", file=sys.stderr)
     return 0
 
 

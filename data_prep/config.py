@@ -7,23 +7,22 @@ and those that change only speed or display (``workers``, ``progress``; free to 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
+
+from alum_pretrain.config import opt
 
 from .hygiene import DEFAULT_MAX_GARBAGE_FRAC
 from .readers import FORMATS
 from .tokenizer import TRAIN_KINDS
 
 
-def opt(default, help: str, *, choices=None, speed_only: bool = False, flag: str | None = None):
-    return field(default=default, metadata={"help": help, "choices": choices, "speed_only": speed_only, "flag": flag})
-
-
 @dataclass
 class PrepConfig:
-    inputs: list = opt(None, "input files or folders (folders are read recursively, sorted by name)")
-    format: str = opt(None, "input format", choices=FORMATS)
-    out: Path = opt(None, "output data-bin folder")
+    inputs: list[str] = opt(None, "input files or folders (folders are read recursively, sorted by name)",
+                            positional=True, metavar="INPUT")
+    format: str = opt(None, "input format", choices=FORMATS, required=True)
+    out: Path = opt(None, "output data-bin folder", required=True)
     vocab: str | None = opt(None, "WordPiece vocab.txt (BERT); one of --vocab/--spm-model/--tokenizer-json/--train-tokenizer")
     spm_model: str | None = opt(None, "sentencepiece .model file to encode with")
     tokenizer_json: str | None = opt(None, "HuggingFace tokenizer.json to encode with")

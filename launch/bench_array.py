@@ -16,35 +16,53 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+from alum_pretrain.atomic import write_text
+from alum_pretrain.config import add_dataclass_arguments, opt
+
+from .slurm import _sbatch_resource_lines, env_pairs, submit
 from .spec import Resources, check_job_name, shell_join
+
+
+@dataclass
+class BenchOptions:
+    """The options of ``alum-launch bench``."""
+
+    suite: str = opt(None, "the alum-bench suite", required=True, metavar="SUITE.yaml")
+    checkpoints: list[str] = opt(None, "HF checkpoint folders", required=True, metavar="[NAME=]DIR")
+    out: str = opt(None, "alum-bench output folder (shared file system)", required=True, metavar="DIR")
+    gpus: int = opt(1, "GPUs per array task (0 = CPU tasks)", metavar="G")
+    max_parallel: int | None = opt(None, "at most P array tasks at once (SLURM's %P)", metavar="P")
+    cpus_per_task: int | None = opt(None, "CPUs per array task")
+    mem: str | None = opt(None, "memory per task, e.g. 32G")
+    time: str | None = opt(None, "time limit per task (HH:MM:SS)")
+    partition: str | None = opt(None, "")
+    account: str | None = opt(None, "")
+    qos: str | None = opt(None, "")
+    constraint: str | None = opt(None, "")
+    job_name: str | None = opt(None, "job name (default: bench-<out folder name>)", metavar="NAME")
+    prologue: list[str] = opt([], "shell line before the run (e.g. 'source venv/bin/activate'; repeatable)",
+                              metavar="CMD")
+    env: list[str] = opt([], "export in the script (repeatable)", metavar="KEY=VALUE")
+    dry_run: bool = opt(False, "write the scripts and print them; submit nothing")
+
+    def __post_init__(self):
+        if self.max_parallel is not None and self.max_parallel < 1:
+            raise ValueError(f"--max-parallel={self.max_parallel}: must be >= 1")
+        env_pairs(self.env)  # fail early on a malformed --env
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="run an alum-bench suite as a SLURM job array (one fine-tuning run per task)",
                        description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n", 2)[2],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", required=True, metavar="SUITE.yaml", help="the alum-bench suite")
-    p.add_argument("--checkpoints", nargs="+", required=True, metavar="[NAME=]DIR", help="HF checkpoint folders")
-    p.add_argument("--out", required=True, metavar="DIR", help="alum-bench output folder (shared file system)")
-    p.add_argument("--gpus", type=int, default=1, metavar="G", help="GPUs per array task (0 = CPU tasks)")
-    p.add_argument("--max-parallel", type=int, metavar="P", help="at most P array tasks at once (SLURM's %%P)")
-    for flag, hlp in (("--cpus-per-task", "CPUs per array task"), ("--mem", "memory per task, e.g. 32G"),
-                      ("--time", "time limit per task (HH:MM:SS)"), ("--partition", None), ("--account", None),
-                      ("--qos", None), ("--constraint", None)):
-        p.add_argument(flag, type=int if flag == "--cpus-per-task" else str, help=hlp)
-    p.add_argument("--job-name", metavar="NAME", help="job name (default: bench-<out folder name>)")
-    p.add_argument("--prologue", action="append", default=[], metavar="CMD", help="shell line before the run "
-                   "(e.g. 'source venv/bin/activate'; repeatable)")
-    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="export in the script (repeatable)")
-    p.add_argument("--dry-run", action="store_true", help="write the scripts and print them; submit nothing")
+    add_dataclass_arguments(p, BenchOptions)
 
 
 def render(name: str, res: Resources, bench_argv: list[str], log: Path, *, array: str | None,
            prologue: list[str], env: list[tuple[str, str]], header: str) -> str:
-    from .slurm import _sbatch_resource_lines
-
     lines = ["#!/bin/bash", f"# {header}", f"#SBATCH --job-name={name}", "#SBATCH --nodes=1", "#SBATCH --ntasks=1"]
     if array:
         lines.append(f"#SBATCH --array={array}")
@@ -60,49 +78,36 @@ def render(name: str, res: Resources, bench_argv: list[str], log: Path, *, array
     return "\n".join(lines)
 
 
-def cmd_bench(args) -> int:
+def cmd_bench(opts: BenchOptions, argv: list[str]) -> int:
     from alum_pretrain.finetune.bench import load_suite, parse_checkpoints, plan_runs
 
-    from . import slurm as S
-
-    out = Path(args.out).resolve()
-    suite = load_suite(args.suite)
-    cks = parse_checkpoints(args.checkpoints)
+    out = Path(opts.out).resolve()
+    suite = load_suite(opts.suite)
+    cks = parse_checkpoints(opts.checkpoints)
     n = len(plan_runs(suite, cks, out))
-    if args.max_parallel is not None and args.max_parallel < 1:
-        raise ValueError(f"--max-parallel={args.max_parallel}: must be >= 1")
-    res = Resources(nodes=1, gpus_per_node=args.gpus, cpus_per_task=args.cpus_per_task, mem=args.mem,
-                    time=args.time, partition=args.partition, account=args.account, qos=args.qos,
-                    constraint=args.constraint)
-    env = []
-    for kv in args.env:
-        if "=" not in kv or not kv.split("=", 1)[0].isidentifier():
-            raise ValueError(f"--env {kv!r}: use KEY=VALUE")
-        env.append(tuple(kv.split("=", 1)))
-    name = check_job_name(args.job_name or f"bench-{out.name}")
-    bench_argv = ["--suite", str(Path(args.suite).resolve()), "--checkpoints",
+    res = Resources(nodes=1, gpus_per_node=opts.gpus, cpus_per_task=opts.cpus_per_task, mem=opts.mem,
+                    time=opts.time, partition=opts.partition, account=opts.account, qos=opts.qos,
+                    constraint=opts.constraint)
+    name = check_job_name(opts.job_name or f"bench-{out.name}")
+    bench_argv = ["--suite", str(Path(opts.suite).resolve()), "--checkpoints",
                   *[f"{k}={v}" for k, v in cks.items()], "--out", str(out),
-                  "--device", "cuda" if args.gpus > 0 else "cpu", "--no-progress"]
+                  "--device", "cuda" if opts.gpus > 0 else "cpu", "--no-progress"]
     slurm_dir = out / "slurm"
-    slurm_dir.mkdir(parents=True, exist_ok=True)
-    header = "Generated by: alum-launch " + shell_join(args.argv)
-    array = f"0-{n - 1}" + (f"%{args.max_parallel}" if args.max_parallel else "")
+    header = "Generated by: alum-launch " + shell_join(argv)
+    array = f"0-{n - 1}" + (f"%{opts.max_parallel}" if opts.max_parallel else "")
     scripts = {}
     for key, arr, log in (("array", array, slurm_dir / "%x-%A_%a.log"), ("collect", None, slurm_dir / "%x-%j.log")):
         path = slurm_dir / (f"{name}.sbatch" if key == "array" else f"{name}-collect.sbatch")
-        text = render(name if key == "array" else f"{name}-collect", res, bench_argv, log, array=arr,
-                      prologue=args.prologue, env=env, header=header)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
-        scripts[key] = path
+        scripts[key] = write_text(path, render(name if key == "array" else f"{name}-collect", res, bench_argv, log,
+                                               array=arr, prologue=opts.prologue, env=env_pairs(opts.env),
+                                               header=header))
     print(f"alum-launch: {n} run(s) as array {array}; wrote {scripts['array']} and {scripts['collect']}",
           file=sys.stderr)
-    if args.dry_run:
+    if opts.dry_run:
         for p in scripts.values():
             print(p.read_text(encoding="utf-8"))
         return 0
-    job = S.submit(scripts["array"])
+    job = submit(scripts["array"])
     collect = _submit_after(scripts["collect"], job)
     print(f"submitted array job {job} ({n} tasks) and collecting job {collect}; results in {out}/results.md")
     return 0

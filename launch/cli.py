@@ -15,14 +15,84 @@ resolved config) or extra fairseq-train flags (appended).
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
-from pathlib import Path
+from dataclasses import asdict, dataclass
+
+from alum_pretrain.config import add_dataclass_arguments, dataclass_from_args, opt
 
 from . import slurm as S
 from .spec import (ENGINES, Resources, check_job_name, fairseq_train_argv, load_preset, native_train_argv,
                    preset_names, resolve_run, resources_from, shell_join, write_config)
+
+
+@dataclass
+class RunOptions:
+    """The run: what ``slurm`` and ``local`` both take."""
+
+    config: str | None = opt(None, "the run config (alum-train YAML: data/model/masking/alum/optim/train sections); "
+                             "its values override the preset's", metavar="RUN.yaml")
+    preset: str | None = opt(None, f"a paper run to start from: {', '.join(preset_names())} (or a path to a preset "
+                             "YAML); `alum-launch presets` lists them", metavar="NAME")
+    engine: str | None = opt(None, "native = alum-train under torchrun (default, or the preset's); fairseq = "
+                             "fairseq-train with the alum_masked_lm task/criterion; deepspeed = the native job with "
+                             "train.engine=deepspeed (ZeRO stage etc. as --deepspeed.* after '--' or in the config)",
+                             choices=ENGINES)
+    output_dir: str | None = opt(None, "run folder (default: train.output_dir of the config, else runs/JOB_NAME); "
+                                 "checkpoints, logs and the job script live here, so a resubmitted job resumes",
+                                 metavar="DIR")
+    max_micro_batch: int | None = opt(None, "most sequences per GPU per micro-batch (default: the preset's, else "
+                                      "train.batch_size); with train.global_batch_size set, the launcher picks "
+                                      "micro-batch and gradient accumulation from it", metavar="N")
+    dry_run: bool = opt(False, "write the files and print what would run; submit/run nothing")
+
+
+@dataclass
+class Allocation:
+    """The SLURM allocation of ``slurm`` (each given flag overrides the preset's ``resources:``)."""
+
+    nodes: int | None = opt(None, "number of nodes (DGX-2s); one srun task per node", metavar="N")
+    gpus_per_node: int | None = opt(None, "GPUs per node (DGX-2: 16); 0 = a CPU run with one gloo process per node",
+                                    metavar="G")
+    cpus_per_task: int | None = opt(None, "CPUs for the node's task (torchrun + its workers)", metavar="C")
+    mem: str | None = opt(None, "memory per node, SLURM format (e.g. 0 = all, 1400G)", metavar="M")
+    time: str | None = opt(None, "time limit per job (HH:MM:SS or D-HH:MM:SS); longer runs requeue", metavar="T")
+    partition: str | None = opt(None, "", metavar="P")
+    account: str | None = opt(None, "", metavar="A")
+    qos: str | None = opt(None, "", metavar="Q")
+    constraint: str | None = opt(None, "node features, e.g. volta32gb", metavar="C")
+    exclusive: bool | None = opt(None, "whole nodes only (--no-exclusive overrides a preset's)")
+
+
+@dataclass
+class JobOptions:
+    """The SLURM job of ``slurm``: name, stop signal, requeues, the script's prologue and environment."""
+
+    job_name: str | None = opt(None, "job name (default: the output folder's name); names the script and logs",
+                               metavar="NAME")
+    signal: str | None = opt(None, "stop signal (USR1 or USR2) SLURM sends the batch shell SECONDS before the time "
+                             "limit (default USR1@180: three minutes to save a checkpoint); the script always "
+                             "forwards USR1 to alum-train", metavar="SIG@SECONDS")
+    max_requeues: int | None = opt(None, "requeue at most N times after a stop signal (default: the preset's, else "
+                                   "3); the job resumes from its newest checkpoint", metavar="N")
+    port: int | None = opt(None, "rendezvous port on the head node (default: 20000 + job id mod 20000)",
+                           metavar="PORT")
+    prologue: list[str] = opt([], "a shell line run before the step, e.g. 'source /shared/venv/bin/activate' or "
+                              "'module load cuda' (repeatable)", metavar="CMD")
+    env: list[str] = opt([], "export KEY=VALUE in the script, e.g. NCCL_SOCKET_IFNAME=ib0 (repeatable)",
+                         metavar="KEY=VALUE")
+
+    def __post_init__(self):
+        S.env_pairs(self.env)  # fail early on a malformed --env
+
+
+@dataclass
+class LocalOptions:
+    """What ``local`` adds to the run: processes and device on this machine."""
+
+    nproc_per_node: int | None = opt(None, "processes (default: the GPU count, or 1 on CPU)", metavar="N")
+    device: str = opt("auto", "auto = cuda when available (one process per GPU), else cpu (gloo)",
+                      choices=("auto", "cpu", "cuda"))
 
 
 def _split_extra(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -30,22 +100,6 @@ def _split_extra(argv: list[str]) -> tuple[list[str], list[str]]:
         i = argv.index("--")
         return argv[:i], argv[i + 1:]
     return argv, []
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="RUN.yaml", help="the run config (alum-train YAML: data/model/masking/alum/"
-                   "optim/train sections); its values override the preset's")
-    p.add_argument("--preset", metavar="NAME", help=f"a paper run to start from: {', '.join(preset_names())} "
-                   "(or a path to a preset YAML); `alum-launch presets` lists them")
-    p.add_argument("--engine", choices=ENGINES, help="native = alum-train under torchrun (default, or the preset's); "
-                   "fairseq = fairseq-train with the alum_masked_lm task/criterion; deepspeed = the native job with "
-                   "train.engine=deepspeed (ZeRO stage etc. as --deepspeed.* after '--' or in the config)")
-    p.add_argument("--output-dir", metavar="DIR", help="run folder (default: train.output_dir of the config, else "
-                   "runs/JOB_NAME); checkpoints, logs and the job script live here, so a resubmitted job resumes")
-    p.add_argument("--max-micro-batch", type=int, metavar="N", help="most sequences per GPU per micro-batch "
-                   "(default: the preset's, else train.batch_size); with train.global_batch_size set, the "
-                   "launcher picks micro-batch and gradient accumulation from it")
-    p.add_argument("--dry-run", action="store_true", help="write the files and print what would run; submit/run nothing")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,39 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     ps = sub.add_parser("slurm", help="write (and sbatch) a SLURM job script for the run",
                         formatter_class=argparse.RawDescriptionHelpFormatter, description=S.__doc__)
-    _common(ps)
-    g = ps.add_argument_group("allocation (default: the preset's, else 1 node x 16 GPUs)")
-    g.add_argument("--nodes", type=int, metavar="N", help="number of nodes (DGX-2s); one srun task per node")
-    g.add_argument("--gpus-per-node", type=int, metavar="G", help="GPUs per node (DGX-2: 16); 0 = a CPU run "
-                   "with one gloo process per node")
-    g.add_argument("--cpus-per-task", type=int, metavar="C", help="CPUs for the node's task (torchrun + its workers)")
-    g.add_argument("--mem", metavar="M", help="memory per node, SLURM format (e.g. 0 = all, 1400G)")
-    g.add_argument("--time", metavar="T", help="time limit per job (HH:MM:SS or D-HH:MM:SS); longer runs requeue")
-    g.add_argument("--partition", metavar="P")
-    g.add_argument("--account", metavar="A")
-    g.add_argument("--qos", metavar="Q")
-    g.add_argument("--constraint", metavar="C", help="node features, e.g. volta32gb")
-    g.add_argument("--exclusive", action="store_true", default=None, help="whole nodes only")
-    g = ps.add_argument_group("job")
-    g.add_argument("--job-name", metavar="NAME", help="job name (default: the output folder's name); names the "
-                   "script and logs")
-    g.add_argument("--signal", metavar="SIG@SECONDS", help="stop signal (USR1 or USR2) SLURM sends the batch shell "
-                   "SECONDS before the time limit (default USR1@180: three minutes to save a checkpoint); the "
-                   "script always forwards USR1 to alum-train")
-    g.add_argument("--max-requeues", type=int, metavar="N", help="requeue at most N times after a stop signal "
-                   "(default: the preset's, else 3); the job resumes from its newest checkpoint")
-    g.add_argument("--port", type=int, metavar="PORT", help="rendezvous port on the head node (default: 20000 + "
-                   "job id mod 20000)")
-    g.add_argument("--prologue", action="append", default=[], metavar="CMD", help="a shell line run before the "
-                   "step, e.g. 'source /shared/venv/bin/activate' or 'module load cuda' (repeatable)")
-    g.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="export KEY=VALUE in the "
-                   "script, e.g. NCCL_SOCKET_IFNAME=ib0 (repeatable)")
+    add_dataclass_arguments(ps, RunOptions)
+    add_dataclass_arguments(ps.add_argument_group("allocation (default: the preset's, else 1 node x 16 GPUs)"),
+                            Allocation)
+    add_dataclass_arguments(ps.add_argument_group("job"), JobOptions)
 
     pl = sub.add_parser("local", help="run the same config on this machine (torchrun --standalone)")
-    _common(pl)
-    pl.add_argument("--nproc-per-node", type=int, metavar="N", help="processes (default: the GPU count, or 1 on CPU)")
-    pl.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                    help="auto = cuda when available (one process per GPU), else cpu (gloo)")
+    add_dataclass_arguments(pl, RunOptions)
+    add_dataclass_arguments(pl, LocalOptions)
 
     sub.add_parser("presets", help="list the paper presets")
     from .bench_array import add_parser as add_bench_parser
@@ -97,19 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _job_name(args, out: Path) -> str:
-    return check_job_name(args.job_name or out.name)
-
-
-def _resolve(args, extra: list[str], res: Resources, preset: dict | None, device: str):
-    engine = args.engine or (preset or {}).get("engine", "native")
+def _resolve(run: RunOptions, extra: list[str], res: Resources, preset: dict | None, device: str,
+             job_name: str | None = None):
+    engine = run.engine or (preset or {}).get("engine", "native")
     overrides = extra if engine in ("native", "deepspeed") else []
     if engine == "deepspeed":
         # DeepSpeed runs inside alum-train: the same torchrun job (rendezvous, preemption, requeue) with
         # train.engine=deepspeed in the resolved config; ZeRO keys come from the config or after '--'.
         overrides = [*overrides, "--train.engine=deepspeed"]
-    rr = resolve_run(args.config, preset, res, output_dir=args.output_dir, engine_overrides=overrides, device=device,
-                     require_data=not args.dry_run, job_name=getattr(args, "job_name", None))
+    rr = resolve_run(run.config, preset, res, output_dir=run.output_dir, engine_overrides=overrides, device=device,
+                     require_data=not run.dry_run, job_name=job_name)
     if engine == "deepspeed":
         engine = "native"
     if engine == "native" and rr.cfg.train.engine == "deepspeed":
@@ -118,22 +144,17 @@ def _resolve(args, extra: list[str], res: Resources, preset: dict | None, device
     return engine, rr
 
 
-def cmd_slurm(args, extra: list[str]) -> int:
-    preset = load_preset(args.preset) if args.preset else None
-    flags = {k: getattr(args, k) for k in ("nodes", "gpus_per_node", "cpus_per_task", "mem", "time", "partition",
-                                           "account", "qos", "constraint", "exclusive", "max_requeues", "signal")}
-    flags["max_micro_batch"] = args.max_micro_batch
+def cmd_slurm(run: RunOptions, alloc: Allocation, opts: JobOptions, extra: list[str], argv: list[str]) -> int:
+    preset = load_preset(run.preset) if run.preset else None
+    flags = {**asdict(alloc), "max_requeues": opts.max_requeues, "signal": opts.signal,
+             "max_micro_batch": run.max_micro_batch}
     res = resources_from(preset, flags)
-    engine, rr = _resolve(args, extra, res, preset, device="cuda" if res.gpus_per_node > 0 else "cpu")
-    name = _job_name(args, rr.output_dir)
-    env = []
-    for kv in args.env:
-        if "=" not in kv or not kv.split("=", 1)[0].isidentifier():
-            raise ValueError(f"--env {kv!r}: use KEY=VALUE")
-        env.append(tuple(kv.split("=", 1)))
-    job = S.Job(name=name, engine=engine, output_dir=rr.output_dir, engine_argv=[], port=args.port,
-                prologue=tuple(args.prologue), env=tuple(env),
-                header="Generated by: alum-launch " + shell_join(args.argv))
+    engine, rr = _resolve(run, extra, res, preset, device="cuda" if res.gpus_per_node > 0 else "cpu",
+                          job_name=opts.job_name)
+    name = check_job_name(opts.job_name or rr.output_dir.name)
+    job = S.Job(name=name, engine=engine, output_dir=rr.output_dir, engine_argv=[], port=opts.port,
+                prologue=tuple(opts.prologue), env=tuple(S.env_pairs(opts.env)),
+                header="Generated by: alum-launch " + shell_join(argv))
     config_file = write_config(rr.cfg, job.slurm_dir / f"{name}.yaml")
     if engine == "native":
         job.engine_argv = native_train_argv(config_file)
@@ -144,7 +165,7 @@ def cmd_slurm(args, extra: list[str]) -> int:
     for note in rr.notes:
         print(f"alum-launch: {note}", file=sys.stderr)
     print(f"alum-launch: wrote {script} and {config_file}", file=sys.stderr)
-    if args.dry_run:
+    if run.dry_run:
         print(script.read_text(encoding="utf-8"), end="")
         return 0
     job_id = S.submit(script)
@@ -154,28 +175,27 @@ def cmd_slurm(args, extra: list[str]) -> int:
     return 0
 
 
-def cmd_local(args, extra: list[str]) -> int:
-    preset = load_preset(args.preset) if args.preset else None
-    device = args.device
-    if device == "auto":
+def cmd_local(run: RunOptions, local: LocalOptions, extra: list[str]) -> int:
+    preset = load_preset(run.preset) if run.preset else None
+    device = local.device
+    if device != "cpu":
         import torch
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
-        import torch
-
         n_gpu = torch.cuda.device_count()
         if n_gpu == 0:
             raise ValueError("--device cuda: no CUDA device visible (use --device cpu)")
-        nproc = args.nproc_per_node or n_gpu
+        nproc = local.nproc_per_node or n_gpu
     else:
-        nproc = args.nproc_per_node or 1
+        nproc = local.nproc_per_node or 1
     if nproc < 1:
         raise ValueError(f"--nproc-per-node={nproc}: must be >= 1")
     # The world size is what matters for the batch split: nproc processes on this one machine.
-    res = Resources(nodes=1, gpus_per_node=nproc, max_micro_batch=args.max_micro_batch
+    res = Resources(nodes=1, gpus_per_node=nproc, max_micro_batch=run.max_micro_batch
                     or ((preset or {}).get("resources") or {}).get("max_micro_batch"))
-    engine, rr = _resolve(args, extra, res, preset, device=device)
+    engine, rr = _resolve(run, extra, res, preset, device=device)
     if engine == "native":
         config_file = write_config(rr.cfg, rr.output_dir / "launch" / "local.yaml")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
@@ -188,11 +208,10 @@ def cmd_local(args, extra: list[str]) -> int:
     for note in rr.notes:
         print(f"alum-launch: {note}", file=sys.stderr)
     print("alum-launch: " + shell_join(cmd), file=sys.stderr)
-    if args.dry_run:
+    if run.dry_run:
         return 0
     rr.output_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    return subprocess.call(cmd, env=env)
+    return subprocess.call(cmd)
 
 
 def cmd_presets() -> int:
@@ -208,19 +227,19 @@ def cmd_presets() -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     own, extra = _split_extra(argv)
-    parser = build_parser()
-    args = parser.parse_args(own)
-    args.argv = argv
+    args = build_parser().parse_args(own)
     try:
         if args.command == "presets":
             return cmd_presets()
         if args.command == "bench":
-            from .bench_array import cmd_bench
+            from .bench_array import BenchOptions, cmd_bench
 
-            return cmd_bench(args)
+            return cmd_bench(dataclass_from_args(BenchOptions, args), argv)
+        run = dataclass_from_args(RunOptions, args)
         if args.command == "slurm":
-            return cmd_slurm(args, extra)
-        return cmd_local(args, extra)
+            return cmd_slurm(run, dataclass_from_args(Allocation, args), dataclass_from_args(JobOptions, args),
+                             extra, argv)
+        return cmd_local(run, dataclass_from_args(LocalOptions, args), extra)
     except ValueError as exc:
         print(f"alum-launch: error: {exc}", file=sys.stderr)
         return 2

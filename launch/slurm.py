@@ -70,6 +70,17 @@ class Job:
         return self.slurm_dir / f"{self.name}-{job_id}.log"
 
 
+def env_pairs(items: list[str]) -> list[tuple[str, str]]:
+    """``--env KEY=VALUE`` items as (KEY, VALUE) pairs for ``Job.env`` (ValueError naming a malformed one)."""
+    pairs = []
+    for kv in items:
+        key, sep, value = kv.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--env {kv!r}: use KEY=VALUE")
+        pairs.append((key, value))
+    return pairs
+
+
 def _sbatch_resource_lines(res: Resources) -> list[str]:
     lines = []
     if res.gpus_per_node > 0:

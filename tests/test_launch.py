@@ -384,6 +384,36 @@ def test_help_lists_every_option(capsys):
         assert flag in out, flag
 
 
+def test_flags_parse_into_the_option_dataclasses():
+    from alum_pretrain.config import dataclass_from_args
+
+    args = cli.build_parser().parse_args(["slurm", "--config", "r.yaml", "--nodes", "2", "--gpus-per-node", "0",
+                                          "--no-exclusive", "--prologue", "a", "--prologue", "b", "--env", "A=1",
+                                          "--max-requeues", "5", "--dry-run"])
+    run = dataclass_from_args(cli.RunOptions, args)
+    alloc = dataclass_from_args(cli.Allocation, args)
+    job = dataclass_from_args(cli.JobOptions, args)
+    assert (run.config, run.dry_run, run.engine) == ("r.yaml", True, None)
+    assert (alloc.nodes, alloc.gpus_per_node, alloc.exclusive, alloc.time) == (2, 0, False, None)
+    assert (job.prologue, job.env, job.max_requeues) == (["a", "b"], ["A=1"], 5)
+    local = dataclass_from_args(cli.LocalOptions, cli.build_parser().parse_args(["local", "--nproc-per-node", "3"]))
+    assert (local.nproc_per_node, local.device) == (3, "auto")
+    assert dataclass_from_args(cli.Allocation, cli.build_parser().parse_args(["slurm"])).exclusive is None
+
+
+def test_no_exclusive_overrides_the_preset_and_bad_env_is_an_error(tmp_path, capsys):
+    run = _run_yaml(tmp_path)
+    rc, script, err = _launch(["slurm", "--config", run, "--preset", "bert-base-scratch", "--dry-run"], capsys)
+    assert rc == 0 and "#SBATCH --exclusive" in script, err  # the preset's
+    rc, script, err = _launch(["slurm", "--config", run, "--preset", "bert-base-scratch", "--no-exclusive",
+                               "--dry-run"], capsys)
+    assert rc == 0 and "#SBATCH --exclusive" not in script, err
+    rc, script, err = _launch(["slurm", "--config", run, "--env", "A=1", "--env", "B=x=y", "--dry-run"], capsys)
+    assert rc == 0 and "export A=1\n" in script and "export B=x=y\n" in script, err
+    rc, _, err = _launch(["slurm", "--config", run, "--env", "1A=2", "--dry-run"], capsys)
+    assert rc == 2 and "--env '1A=2': use KEY=VALUE" in err
+
+
 def test_missing_data_is_an_error_unless_dry_run(tmp_path, capsys):
     run = tmp_path / "run.yaml"
     run.write_text(f"data: {{path: {tmp_path}/nowhere}}\ntrain: {{output_dir: {tmp_path}/out}}\n")

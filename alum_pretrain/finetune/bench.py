@@ -57,7 +57,7 @@ import numpy as np
 import yaml
 
 from ..atomic import atomic_file, write_json, write_text
-from ..config import config_from_dict, config_to_dict
+from ..config import add_dataclass_arguments, config_from_dict, config_to_dict, dataclass_from_args, opt
 from .config import FinetuneConfig
 from .robust_sets import LabelledSet, map_labels, model_labels, read_advglue, read_anli, read_glue_layout
 from .tasks import get_task
@@ -630,27 +630,34 @@ def bench(suite_path: str, checkpoints: list[str], out: str, *, run_index: Optio
     return result
 
 
+@dataclass
+class BenchArgs:
+    """The options of ``alum-bench``."""
+
+    checkpoints: list[str] = opt(None, "HF checkpoint folders (alum-export output, MiniLM, bert-base ...); the first "
+                                 "is the baseline of the paired rows; NAME defaults to the folder name",
+                                 required=True, metavar="[NAME=]DIR")
+    suite: str = opt(None, "tasks, methods, seeds, robust sets", required=True, metavar="SUITE.yaml")
+    out: str = opt(None, "output folder (runs/, results.json, results.md); finished runs in it are reused",
+                   required=True, metavar="DIR")
+    run_index: Optional[int] = opt(None, "run only run I of --list-runs (one SLURM array task) and write no table",
+                                   metavar="I")
+    list_runs: bool = opt(False, "print the numbered runs and exit")
+    device: str = opt("auto", "device for fine-tuning and evaluation (speed only: finished runs stay valid)",
+                      choices=("auto", "cpu", "cuda"))
+    progress: bool = opt(True, "progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="alum-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoints", nargs="+", required=True, metavar="[NAME=]DIR",
-                   help="HF checkpoint folders (alum-export output, MiniLM, bert-base ...); the first is the "
-                        "baseline of the paired rows; NAME defaults to the folder name")
-    p.add_argument("--suite", required=True, metavar="SUITE.yaml", help="tasks, methods, seeds, robust sets")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (runs/, results.json, results.md); "
-                   "finished runs in it are reused")
-    p.add_argument("--run-index", type=int, default=None, metavar="I",
-                   help="run only run I of --list-runs (one SLURM array task) and write no table")
-    p.add_argument("--list-runs", action="store_true", help="print the numbered runs and exit")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="device for fine-tuning and evaluation (speed only: finished runs stay valid)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
+    add_dataclass_arguments(p, BenchArgs)
     return p
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    args = dataclass_from_args(BenchArgs, build_parser().parse_args(argv))
     try:
         if args.list_runs:
             suite = load_suite(args.suite)
