@@ -38,6 +38,7 @@ import socket
 import sys
 import time
 from collections import Counter, deque
+from itertools import chain
 from pathlib import Path
 from typing import Iterator
 
@@ -50,7 +51,7 @@ from alum_pretrain.integrity import sha256_file
 from . import tokenizer as toks
 from .clean import SPLITTERS, clean_text
 from .config import PrepConfig
-from .hygiene import DEFAULT_MAX_GARBAGE_FRAC, check_not_mostly_garbage, hygiene_report, is_garbled, sniff_inputs
+from .hygiene import check_not_mostly_garbage, hygiene_report, is_garbled, sniff_inputs
 from .readers import WIKITEXT_HEADING_RE, WIKITEXT_TITLE_RE, Decoder, Reader, list_inputs
 
 FORMAT_VERSION = 1
@@ -59,6 +60,9 @@ SPLITS = ("train", "valid")
 # big enough to amortise inter-process traffic, small enough to keep every worker busy.
 CHUNK_DOCS = 256
 CHUNK_CHARS = 1 << 17
+# Set in every worker (and in this process while it encodes with workers=1): the Rust tokenizer's
+# encode_batch otherwise spreads over all cores, so that "--workers N" would use more than N cores.
+SINGLE_THREAD_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1"}
 DROP_REASONS = ("empty", "too_short", "duplicate", "no_tokens", "redirect", "non_article_page", "garbled")
 
 
@@ -71,8 +75,8 @@ _W: dict = {}
 
 def _init_worker(fmt: str, keep_headings: bool, min_doc_chars: int, tokenizer_file: str | None,
                  max_tokens: int, dtype: str | None, splitter: str = "rules", max_garbage_frac: float = 1.0) -> None:
-    # One process = one core: the Rust tokenizer must not start its own thread pool in every worker.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # One worker = one core: the Rust tokenizer must not run its own thread pool beside the workers.
+    os.environ.update(SINGLE_THREAD_ENV)
     _W.clear()
     _W.update(fmt=fmt, keep_headings=keep_headings, min_doc_chars=min_doc_chars, max_tokens=max_tokens,
               splitter=SPLITTERS[splitter](), dtype=np.dtype(dtype) if dtype else None, tok=None,
@@ -168,38 +172,35 @@ def work_encode(texts: list[str]) -> dict:
         per_doc_sents.append(sents)
     flat = [s for sents in per_doc_sents for s in sents]
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
-    encs = encode(flat, add_special_tokens=False) if flat else []
+    ids = [e.ids for e in encode(flat, add_special_tokens=False)] if flat else []
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    # Items never split the flat token stream differently: an empty sentence adds no item, an overlong one
+    # is cut into consecutive chunks of max_tokens, so only the item sizes need a per-sentence rule.
+    tokens = np.fromiter(chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
     sizes: list[int] = []
-    pieces: list[np.ndarray] = []
     nitems, overlong, extra = [], [], []
     k = 0
     for i, sents in enumerate(per_doc_sents):
+        doc_len = lengths[k : k + len(sents)]
+        k += len(sents)
+        n_empty = int((doc_len == 0).sum())
+        if n_empty:
+            stats[i]["empty_sentences"] += n_empty  # e.g. only characters the tokenizer drops
         n_before = len(sizes)
-        n_over = n_extra = 0
-        for _ in sents:
-            ids = np.asarray(encs[k].ids, dtype=np.int64)
-            k += 1
-            if ids.size == 0:
-                stats[i]["empty_sentences"] += 1  # e.g. only characters the tokenizer drops
-                continue
-            if ids.size > max_tokens:
-                # Too long for one sequence: cut into consecutive chunks rather than dropping text.
-                n_over += 1
-                for start in range(0, ids.size, max_tokens):
-                    part = ids[start : start + max_tokens]
-                    sizes.append(part.size)
-                    pieces.append(part)
-                n_extra += math.ceil(ids.size / max_tokens) - 1
-            else:
-                sizes.append(ids.size)
-                pieces.append(ids)
+        long = doc_len > max_tokens
+        if long.any():  # too long for one sequence: cut into consecutive chunks rather than dropping text
+            for n in doc_len[doc_len > 0].tolist():
+                sizes.extend([max_tokens] * (n // max_tokens) + ([n % max_tokens] if n % max_tokens else []))
+        else:
+            sizes.extend(doc_len[doc_len > 0].tolist())
+        n_over = int(long.sum())
+        n_extra = int((-(-doc_len[long] // max_tokens) - 1).sum())
         n = len(sizes) - n_before
         if reasons[i] is None and n == 0:
             reasons[i] = "no_tokens"
         nitems.append(n)
         overlong.append(n_over)
         extra.append(n_extra)
-    tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
     tokens = (tokens + FAIRSEQ_NSPECIAL).astype(_W["dtype"])
     return {"reasons": reasons, "digests": digests, "nitems": nitems, "overlong": overlong, "extra": extra,
             "sizes": np.asarray(sizes, dtype=np.int32), "tokens": tokens, "stats": [dict(st) for st in stats]}
@@ -214,38 +215,34 @@ class _Runner:
         self.pool = None
 
     def __enter__(self):
+        # Both cases run with SINGLE_THREAD_ENV; this process's environment is restored on exit.
+        self.saved = {k: os.environ.get(k) for k in SINGLE_THREAD_ENV}
         if self.workers > 1:
             # fork (Linux): workers inherit the imported modules, so a pool starts in milliseconds
             # instead of re-importing nltk/tokenizers/numpy per worker.  The pool is created before any
-            # progress-bar thread exists, and TOKENIZERS_PARALLELISM is set so that the Rust tokenizer in
-            # the children never touches a thread pool inherited from this process.
+            # progress-bar thread exists, and the Rust tokenizer in the children never touches a thread
+            # pool inherited from this process.
             method = "fork" if sys.platform.startswith("linux") else "spawn"
-            ctx = mp.get_context(method)
-            saved = os.environ.get("TOKENIZERS_PARALLELISM")
-            os.environ["TOKENIZERS_PARALLELISM"] = "false"
-            try:
-                self.pool = ctx.Pool(self.workers, initializer=_init_worker, initargs=self.initargs)
-            finally:
-                if saved is None:
-                    os.environ.pop("TOKENIZERS_PARALLELISM", None)
-                else:
-                    os.environ["TOKENIZERS_PARALLELISM"] = saved
+            os.environ.update(SINGLE_THREAD_ENV)
+            self.pool = mp.get_context(method).Pool(self.workers, initializer=_init_worker, initargs=self.initargs)
         else:
-            saved = os.environ.get("TOKENIZERS_PARALLELISM")
             _init_worker(*self.initargs)
-            if saved is None:
-                os.environ.pop("TOKENIZERS_PARALLELISM", None)
-            else:
-                os.environ["TOKENIZERS_PARALLELISM"] = saved
         return self
 
     def __exit__(self, *exc):
-        if self.pool is not None:
-            if exc[0] is None:
-                self.pool.close()
-            else:
-                self.pool.terminate()
-            self.pool.join()
+        try:
+            if self.pool is not None:
+                if exc[0] is None:
+                    self.pool.close()
+                else:
+                    self.pool.terminate()
+                self.pool.join()
+        finally:
+            for k, v in self.saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
     def map(self, fn, chunks: Iterator[tuple[object, list[str]]]):
         """Yields ``(meta, fn(texts))`` in order; ``chunks`` yields ``(meta, texts)``."""
@@ -322,63 +319,23 @@ def _hash_unit(digest: bytes, salt: bytes) -> float:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def prepare(
-    inputs: list[str | os.PathLike],
-    fmt: str,
-    out: str | os.PathLike,
-    *,
-    vocab: str | os.PathLike | None = None,
-    spm_model: str | os.PathLike | None = None,
-    tokenizer_json: str | os.PathLike | None = None,
-    train_tokenizer: str | None = None,
-    vocab_size: int | None = None,
-    lowercase: bool | None = None,
-    shards: int = 1,
-    workers: int = 1,
-    valid_fraction: float = 0.01,
-    seed: int = 1234,
-    min_doc_chars: int = 32,
-    max_tokens: int = 510,
-    keep_headings: bool = False,
-    sentence_splitter: str = "rules",
-    json_key: str = "text",
-    text_column: str = "text",
-    title_column: str | None = None,
-    on_decode_error: str = "replace",
-    max_garbage_frac: float = DEFAULT_MAX_GARBAGE_FRAC,
-    spm_byte_fallback: bool = True,
-    segment_mb: float = 256.0,
-    tokenizer_train_sentences: int = 10_000_000,
-    overwrite: bool = False,
-    progress: bool = True,
-    command: list[str] | None = None,
-) -> dict:
+def prepare(cfg: PrepConfig, *, overwrite: bool = False, command: list[str] | None = None) -> dict:
     """Prepare a data-bin (see the module docstring); returns the final manifest (``OUT/manifest.json``).
 
-    ``inputs`` are files or folders, ``fmt`` one of ``wikitext wikiextractor wiki-xml owt text jsonl parquet``,
-    ``out`` the data-bin folder.  Exactly one of ``vocab`` / ``spm_model`` / ``tokenizer_json`` /
-    ``train_tokenizer`` (+ ``vocab_size``) chooses the tokenizer.  Every other keyword is the option of
-    the same name in :class:`data_prep.config.PrepConfig` (``alum-prep --help`` explains each);
-    ``overwrite`` replaces a data-bin made by a different command, ``command`` is what the manifest
-    records as the command line (the CLI passes its argv).
+    ``cfg`` holds every option (:class:`data_prep.config.PrepConfig`, checked when it is built;
+    ``alum-prep --help`` explains each).  ``overwrite`` replaces a data-bin made by a different command,
+    ``command`` is what the manifest records as the command line (the CLI passes its argv).
 
     Raises ``FileNotFoundError`` (missing input or tokenizer file), ``PermissionError`` (unwritable
-    output), ``ValueError`` (bad input or options, an existing output of a different command without
-    ``overwrite``, an empty corpus, a mostly garbled one: :class:`data_prep.hygiene.GarbledCorpusError`).
-    Arguments, inputs' first bytes and tokenizer files are checked before anything is written; a fresh
-    run that fails leaves nothing behind (see :meth:`Preparer.run`).  Warnings go to stderr whatever
+    output), ``ValueError`` (bad input, an existing output of a different command without ``overwrite``,
+    an empty corpus, a mostly garbled one: :class:`data_prep.hygiene.GarbledCorpusError`).
+    Inputs' first bytes and tokenizer files are checked before anything is written; a fresh run that
+    fails leaves nothing behind (see :meth:`Preparer.run`).  Warnings go to stderr whatever
     ``progress`` says and are kept in the manifest's ``warnings``.
     """
-    cfg = PrepConfig(
-        inputs=list(inputs), format=fmt, out=Path(out), vocab=None if vocab is None else str(vocab),
-        spm_model=None if spm_model is None else str(spm_model),
-        tokenizer_json=None if tokenizer_json is None else str(tokenizer_json),
-        train_tokenizer=train_tokenizer, vocab_size=vocab_size, lowercase=lowercase, shards=shards,
-        valid_fraction=valid_fraction, seed=seed, min_doc_chars=min_doc_chars, max_tokens=max_tokens,
-        keep_headings=keep_headings, sentence_splitter=sentence_splitter, json_key=json_key, text_column=text_column, title_column=title_column, on_decode_error=on_decode_error, segment_mb=segment_mb,
-        max_garbage_frac=max_garbage_frac, spm_byte_fallback=spm_byte_fallback,
-        tokenizer_train_sentences=tokenizer_train_sentences, workers=workers, progress=progress,
-    )
+    if not isinstance(cfg, PrepConfig):
+        raise TypeError(f"prepare() takes a data_prep.PrepConfig, got {type(cfg).__name__}: "
+                        "prepare(PrepConfig(inputs=[...], format=..., out=..., vocab=...))")
     return Preparer(cfg, overwrite=overwrite, command=command).run()
 
 

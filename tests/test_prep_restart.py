@@ -11,7 +11,7 @@ import pytest
 import data_prep.pipeline as pipeline
 from alum_pretrain.data.databin import DataBin
 from alum_pretrain.data.indexed import MMapIndexedDataset
-from data_prep import prepare
+from data_prep import PrepConfig, prepare
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau".split()
 
@@ -35,7 +35,9 @@ def corpus(tmp_path_factory):
 def run(corpus, out, **kw):
     f, vocab = corpus
     kw.setdefault("progress", False)
-    return prepare([str(f)], "text", out, vocab=vocab, shards=2, valid_fraction=0.2, segment_mb=0.002, **kw)
+    overwrite = kw.pop("overwrite", False)
+    cfg = PrepConfig(inputs=[str(f)], format="text", out=out, vocab=vocab, shards=2, valid_fraction=0.2, segment_mb=0.002, **kw)
+    return prepare(cfg, overwrite=overwrite)
 
 
 @pytest.fixture(scope="module")
