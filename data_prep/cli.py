@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     opts = vars(args)
     inputs, fmt, out = opts.pop("inputs"), opts.pop("format"), opts.pop("out")
     try:
-        m = prepare(PrepConfig(inputs=inputs, format=fmt, out=out, **{k: v for k, v in opts.items() if k != "overwrite"}),
+        m = prepare(PrepConfig(inputs=inputs, format=fmt, out=out, **{k: v for k, v in opts.items()
+                                                                  if k != "overwrite"}),
                     overwrite=opts["overwrite"], command=["alum-prep", *argv])
     except (ValueError, OSError) as e:
         print(f"alum-prep: error: {e}", file=sys.stderr)
