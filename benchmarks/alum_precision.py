@@ -32,14 +32,15 @@ sys.path.insert(0, str(ROOT))
 
 def prepare_databin(out: Path, vocab_size: int) -> Path:
     from alum_pretrain.demo import stdlib_documents, write_text_corpus
-    from data_prep import prepare
+    from data_prep import PrepConfig, prepare
 
     corpus, databin = out / "corpus.txt", out / "data-bin"
     if not corpus.exists():
         write_text_corpus(stdlib_documents(), corpus)
     if not (databin / "manifest.json").exists():
-        prepare([str(corpus)], "text", databin, train_tokenizer="wordpiece", vocab_size=vocab_size, lowercase=True,
-                shards=1, valid_fraction=0.02, seed=1, progress=False, command=["benchmarks/alum_precision.py"])
+        cfg = PrepConfig(inputs=[str(corpus)], format="text", out=databin, train_tokenizer="wordpiece",
+                         vocab_size=vocab_size, lowercase=True, shards=1, valid_fraction=0.02, seed=1, progress=False)
+        prepare(cfg, command=["benchmarks/alum_precision.py"])
     return databin
 
 

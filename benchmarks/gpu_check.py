@@ -395,11 +395,12 @@ def make_databin(S: Setup) -> Path:
     if (databin / "manifest.json").exists():
         return databin
     from alum_pretrain.demo import stdlib_documents, write_text_corpus
-    from data_prep import prepare
+    from data_prep import PrepConfig, prepare
 
     corpus = write_text_corpus(stdlib_documents(max_docs=60 if S.smoke else 400), S.work / "corpus.txt")
-    prepare([str(corpus)], "text", databin, train_tokenizer="wordpiece", vocab_size=600 if S.smoke else 4000,
-            lowercase=True, shards=1, valid_fraction=0.05, seed=1, progress=False, command=["gpu_check"])
+    cfg = PrepConfig(inputs=[str(corpus)], format="text", out=databin, train_tokenizer="wordpiece",
+                     vocab_size=600 if S.smoke else 4000, lowercase=True, shards=1, valid_fraction=0.05, seed=1, progress=False)
+    prepare(cfg, command=["gpu_check"])
     return databin
 
 

@@ -2,8 +2,10 @@
 
 Python API::
 
-    from data_prep import prepare
-    manifest = prepare(["wiki.test.raw"], "wikitext", "data-bin", vocab="vocab.txt", shards=2, workers=2)
+    from data_prep import PrepConfig, prepare
+    cfg = PrepConfig(inputs=["wiki.test.raw"], format="wikitext", out="data-bin", vocab="vocab.txt",
+                     shards=2, workers=2)
+    manifest = prepare(cfg)
 
 Command line: ``alum-prep`` (:mod:`data_prep.cli`).  Design and layout: :mod:`data_prep.pipeline`,
 :mod:`alum_pretrain.data.databin`.

@@ -19,7 +19,7 @@ Formats (``--format``):
 ``wiki-xml``      a MediaWiki ``*-pages-articles.xml`` dump, plain or ``.bz2``, streamed through
                   :class:`xml.etree.ElementTree.XMLPullParser`; only main-namespace (``ns`` 0),
                   non-redirect pages are kept.  The wikitext is turned into text in the workers by the
-                  ``wikiextractor`` library (:func:`data_prep.pipeline.to_plain_text`).
+                  ``wikiextractor`` library (:func:`data_prep.work.to_plain_text`).
 ``parquet``       Parquet files or folders of ``*.parquet`` shards, one row per document (``--text-column``,
                   ``--title-column``); read row group by row group, see :mod:`data_prep.readers_columnar`.
 ``owt``           OpenWebText: a folder (or files) of ``.txt`` documents, ``.xz`` files, and ``.tar`` /

@@ -17,7 +17,7 @@ import pytest
 from alum_pretrain.data.databin import DataBin
 from alum_pretrain.data.indexed import MMapIndexedDataset
 from conftest import requires_fairseq
-from data_prep import prepare
+from data_prep import PrepConfig, prepare
 from data_prep.cli import main as cli_main
 
 # --------------------------------------------------------------------------------------------------------
@@ -219,7 +219,8 @@ def run_small(inputs, fmt, out, **kw):
     kw.setdefault("progress", False)
     kw.setdefault("valid_fraction", 0.0)
     kw.setdefault("min_doc_chars", 10)
-    return prepare([str(p) for p in inputs], fmt, out, **kw)
+    overwrite = kw.pop("overwrite", False)
+    return prepare(PrepConfig(inputs=[str(p) for p in inputs], format=fmt, out=out, **kw), overwrite=overwrite)
 
 
 def doc_word_sets(out: Path) -> list[list[str]]:
@@ -567,23 +568,22 @@ def test_vocab_lowercase_inference(tmp_path, corpus_file):
 
 
 def test_options_are_validated(tmp_path, corpus_file):
+    o = {"inputs": [corpus_file], "out": tmp_path / "o"}
     with pytest.raises(ValueError, match="exactly one tokenizer"):
-        prepare([corpus_file], "text", tmp_path / "o", vocab="v.txt", train_tokenizer="wordpiece", vocab_size=100)
+        PrepConfig(**o, format="text", vocab="v.txt", train_tokenizer="wordpiece", vocab_size=100)
     with pytest.raises(ValueError, match="--vocab-size"):
-        prepare([corpus_file], "text", tmp_path / "o", train_tokenizer="wordpiece")
+        PrepConfig(**o, format="text", train_tokenizer="wordpiece")
     with pytest.raises(ValueError, match="--format"):
-        prepare([corpus_file], "csv", tmp_path / "o", train_tokenizer="wordpiece", vocab_size=100)
+        PrepConfig(**o, format="csv", train_tokenizer="wordpiece", vocab_size=100)
     with pytest.raises(ValueError, match="--valid-fraction"):
-        prepare([corpus_file], "text", tmp_path / "o", train_tokenizer="wordpiece", vocab_size=100, valid_fraction=1.0)
+        PrepConfig(**o, format="text", train_tokenizer="wordpiece", vocab_size=100, valid_fraction=1.0)
     with pytest.raises(ValueError, match="--lowercase"):
-        prepare([corpus_file], "text", tmp_path / "o", spm_model="x.model", lowercase=True)
+        PrepConfig(**o, format="text", spm_model="x.model", lowercase=True)
     assert not (tmp_path / "o").exists()
 
 
 def test_cli_help_lists_every_option(capsys):
     from dataclasses import fields
-
-    from data_prep.config import PrepConfig
 
     with pytest.raises(SystemExit):
         cli_main(["--help"])
@@ -592,14 +592,3 @@ def test_cli_help_lists_every_option(capsys):
         if f.name != "inputs":
             assert "--" + f.name.replace("_", "-") in text, f.name
     assert "--overwrite" in text
-
-
-def test_prepare_signature_matches_the_config():
-    """The Python API and the CLI expose the same options (PrepConfig is the single source of help)."""
-    import inspect
-    from dataclasses import fields
-
-    from data_prep.config import PrepConfig
-
-    params = set(inspect.signature(prepare).parameters) - {"inputs", "fmt", "out", "overwrite", "command"}
-    assert params == {f.name for f in fields(PrepConfig)} - {"inputs", "format", "out"}

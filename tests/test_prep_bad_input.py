@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from alum_pretrain.data.databin import DataBin
-from data_prep import EmptyCorpusError, prepare
+from data_prep import EmptyCorpusError, PrepConfig, prepare
 from data_prep.cli import main as cli_main
 
 GOOD = "The first document has a sentence. And another one follows here.\n\nThe second document is also here. It ends now."
@@ -31,7 +31,8 @@ def vocab(tmp_path):
 def run(inputs, out, vocab, **kw):
     kw.setdefault("progress", False)
     kw.setdefault("valid_fraction", 0.0)
-    return prepare([str(p) for p in inputs], "text", out, vocab=vocab, **kw)
+    overwrite = kw.pop("overwrite", False)
+    return prepare(PrepConfig(inputs=[str(p) for p in inputs], format="text", out=out, vocab=vocab, **kw), overwrite=overwrite)
 
 
 def all_tokens(out: Path) -> list[list[int]]:
@@ -195,9 +196,9 @@ def test_truncated_compressed_and_broken_xml(tmp_path, vocab):
     f = tmp_path / "cut-pages-articles.xml.bz2"
     f.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"cut-pages-articles.xml.bz2: compressed data is truncated or corrupt"):
-        prepare([f], "wiki-xml", tmp_path / "out", vocab=vocab, progress=False)
+        prepare(PrepConfig(inputs=[f], format="wiki-xml", out=tmp_path / "out", vocab=vocab, progress=False))
     g = tmp_path / "broken-pages-articles.xml"
     g.write_text(xml.replace("</revision>", "</revisio>"), encoding="utf-8")
     with pytest.raises(ValueError, match=r"broken-pages-articles.xml: invalid XML"):
-        prepare([g], "wiki-xml", tmp_path / "out", vocab=vocab, progress=False)
+        prepare(PrepConfig(inputs=[g], format="wiki-xml", out=tmp_path / "out", vocab=vocab, progress=False))
     assert not (tmp_path / "out").exists()

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from alum_pretrain.data.databin import DataBin
-from data_prep import prepare
+from data_prep import PrepConfig, prepare
 from data_prep.cli import main as cli_main
 from data_prep.hygiene import GarbledCorpusError
 
@@ -61,7 +61,8 @@ def garbage_chars(text: str) -> int:
 def run(inputs, out, vocab, fmt="text", **kw):
     kw.setdefault("progress", False)
     kw.setdefault("valid_fraction", 0.0)
-    return prepare([str(p) for p in inputs], fmt, out, vocab=vocab, **kw)
+    overwrite = kw.pop("overwrite", False)
+    return prepare(PrepConfig(inputs=[str(p) for p in inputs], format=fmt, out=out, vocab=vocab, **kw), overwrite=overwrite)
 
 
 def cli(args, capsys) -> tuple[int, str]:
@@ -168,7 +169,8 @@ def test_garbage_check_applies_to_tokenizer_training(tmp_path):
     f = tmp_path / "random.txt"
     f.write_bytes(np.random.default_rng(2).bytes(50_000))
     with pytest.raises(GarbledCorpusError, match="mostly garbage"):
-        prepare([f], "text", tmp_path / "out", train_tokenizer="spm-unigram", vocab_size=300, progress=False)
+        prepare(PrepConfig(inputs=[f], format="text", out=tmp_path / "out", train_tokenizer="spm-unigram", vocab_size=300,
+                           progress=False))
     assert not (tmp_path / "out").exists()
 
 
@@ -527,7 +529,8 @@ def test_trained_sentencepiece_has_no_unk_on_its_training_text(tmp_path, rare_co
     from transformers import AutoTokenizer
 
     out = tmp_path / "out"
-    m = prepare([rare_corpus], "text", out, train_tokenizer=kind, vocab_size=5000, progress=False, valid_fraction=0.0)
+    m = prepare(PrepConfig(inputs=[rare_corpus], format="text", out=out, train_tokenizer=kind, vocab_size=5000, progress=False,
+                           valid_fraction=0.0))
     assert m["counts"]["unk_tokens"] == 0
     tdir = out / "tokenizer"
     sp = spm.SentencePieceProcessor(model_file=str(tdir / "spm.model"))
@@ -545,8 +548,8 @@ def test_trained_sentencepiece_has_no_unk_on_its_training_text(tmp_path, rare_co
     err = capsys.readouterr().err
     assert f"--vocab-size 5000 was not reached: the corpus supports only {got} tokens" in err
     # Without byte fallback, the same corpus gives <unk> (what the default prevents).
-    m2 = prepare([rare_corpus], "text", tmp_path / "nofb", train_tokenizer=kind, vocab_size=5000, progress=False,
-                 valid_fraction=0.0, spm_byte_fallback=False)
+    m2 = prepare(PrepConfig(inputs=[rare_corpus], format="text", out=tmp_path / "nofb", train_tokenizer=kind, vocab_size=5000,
+                            progress=False, valid_fraction=0.0, spm_byte_fallback=False))
     assert m2["counts"]["unk_tokens"] > 0
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import requires_fairseq
-from data_prep import prepare
+from data_prep import PrepConfig, prepare
 
 pa = pytest.importorskip("pyarrow", reason="pyarrow not installed (pip install -r requirements.txt)")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -55,7 +55,8 @@ def run(inputs, fmt, out, vocab, **kw):
     kw.setdefault("valid_fraction", 0.25)
     kw.setdefault("shards", 2)
     kw.setdefault("min_doc_chars", 10)
-    return prepare([str(p) for p in inputs], fmt, out, vocab=vocab, **kw)
+    overwrite = kw.pop("overwrite", False)
+    return prepare(PrepConfig(inputs=[str(p) for p in inputs], format=fmt, out=out, vocab=vocab, **kw), overwrite=overwrite)
 
 
 def databin_bytes(out: Path) -> dict[str, bytes]:

@@ -84,7 +84,7 @@ def test_rule_splitter_quotes_and_brackets():
 
 def test_rule_splitter_agrees_with_punkt_on_wikitext(wikitext_raw):
     """The fast rules against NLTK's Punkt (same abbreviation list) on real Wikipedia text."""
-    from data_prep.pipeline import to_plain_text
+    from data_prep.work import to_plain_text
 
     text = clean_text(to_plain_text("wikitext", wikitext_raw.read_text(encoding="utf-8"), False))[0]
     rules = RuleSplitter().split_document(text)

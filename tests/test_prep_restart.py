@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-import data_prep.pipeline as pipeline
+import data_prep.segments as segments
+import data_prep.work as work
 from alum_pretrain.data.databin import DataBin
 from alum_pretrain.data.indexed import MMapIndexedDataset
-from data_prep import prepare
+from data_prep import PrepConfig, prepare
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau".split()
 
@@ -35,7 +36,9 @@ def corpus(tmp_path_factory):
 def run(corpus, out, **kw):
     f, vocab = corpus
     kw.setdefault("progress", False)
-    return prepare([str(f)], "text", out, vocab=vocab, shards=2, valid_fraction=0.2, segment_mb=0.002, **kw)
+    overwrite = kw.pop("overwrite", False)
+    cfg = PrepConfig(inputs=[str(f)], format="text", out=out, vocab=vocab, shards=2, valid_fraction=0.2, segment_mb=0.002, **kw)
+    return prepare(cfg, overwrite=overwrite)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +62,7 @@ def final_prefixes_are_whole(out: Path):
 def test_kill_while_streaming_then_resume(corpus, reference, tmp_path, monkeypatch):
     ref_out, ref_m = reference
     out = tmp_path / "out"
-    real = pipeline.work_encode
+    real = work.work_encode
     calls = {"n": 0, "docs": 0}
 
     def dying(texts):
@@ -68,8 +71,8 @@ def test_kill_while_streaming_then_resume(corpus, reference, tmp_path, monkeypat
             raise KeyboardInterrupt  # the user pressed Ctrl-C / the job was killed mid-stream
         return real(texts)
 
-    monkeypatch.setattr(pipeline, "CHUNK_DOCS", 16)
-    monkeypatch.setattr(pipeline, "work_encode", dying)
+    monkeypatch.setattr(work, "CHUNK_DOCS", 16)
+    monkeypatch.setattr(work, "work_encode", dying)
     with pytest.raises(KeyboardInterrupt):
         run(corpus, out)
     m = json.loads((out / "manifest.json").read_text())
@@ -87,7 +90,7 @@ def test_kill_while_streaming_then_resume(corpus, reference, tmp_path, monkeypat
         calls["docs"] += len(texts)
         return real(texts)
 
-    monkeypatch.setattr(pipeline, "work_encode", counting)
+    monkeypatch.setattr(work, "work_encode", counting)
     m2 = run(corpus, out)
     assert m2["status"] == "complete"
     assert 0 < calls["docs"] < ref_m["counts"]["documents_read"]  # the finished segments were skipped
@@ -100,7 +103,7 @@ def test_kill_while_streaming_then_resume(corpus, reference, tmp_path, monkeypat
 def test_kill_while_merging_then_resume(corpus, reference, tmp_path, monkeypatch):
     _, ref_m = reference
     out = tmp_path / "out"
-    real = pipeline.merge
+    real = segments.merge
     merged = []
 
     def dying(parts, prefix):
@@ -111,7 +114,7 @@ def test_kill_while_merging_then_resume(corpus, reference, tmp_path, monkeypatch
         merged.append(str(prefix))
         return real(parts, prefix)
 
-    monkeypatch.setattr(pipeline, "merge", dying)
+    monkeypatch.setattr(segments, "merge", dying)
     with pytest.raises(KeyboardInterrupt):
         run(corpus, out)
     m = json.loads((out / "manifest.json").read_text())
@@ -120,7 +123,7 @@ def test_kill_while_merging_then_resume(corpus, reference, tmp_path, monkeypatch
     final_prefixes_are_whole(out)
 
     merged.clear()
-    monkeypatch.setattr(pipeline, "merge", lambda parts, prefix: (merged.append(str(prefix)), real(parts, prefix)))
+    monkeypatch.setattr(segments, "merge", lambda parts, prefix: (merged.append(str(prefix)), real(parts, prefix)))
     m2 = run(corpus, out)
     assert all("shard0" not in p for p in merged) and len(merged) == 2  # shard0 verified and skipped
     assert shard_records(m2) == shard_records(ref_m)

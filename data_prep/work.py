@@ -1,0 +1,239 @@
+"""Worker side of alum-prep: one chunk of raw documents -> cleaned sentences -> token ids.
+
+A worker converts markup to text (WikiText markers, wikitext via ``wikiextractor``), cleans
+(:func:`data_prep.clean.clean_text`), splits sentences (:mod:`data_prep.clean`) and encodes all sentences
+of a chunk with one ``encode_batch`` call of the fast tokenizer.  :class:`Runner` maps a function over
+chunks in input order, in this process (``workers=1``) or in a pool of worker processes; each worker is
+one process on one core (the tokenizer's own thread pool is off, :data:`SINGLE_THREAD_ENV`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import multiprocessing as mp
+import os
+import sys
+from collections import Counter, deque
+from itertools import chain
+from typing import Iterator
+
+import numpy as np
+
+from alum_pretrain.data.databin import FAIRSEQ_NSPECIAL
+
+from .clean import SPLITTERS, clean_text
+from .hygiene import is_garbled
+from .readers import WIKITEXT_HEADING_RE, WIKITEXT_TITLE_RE
+
+# A chunk (the unit sent to a worker) closes at this many documents or characters, whichever first:
+# big enough to amortise inter-process traffic, small enough to keep every worker busy.
+CHUNK_DOCS = 256
+CHUNK_CHARS = 1 << 17
+# Set in every worker (and in this process while it encodes with workers=1): the Rust tokenizer's
+# encode_batch otherwise spreads over all cores, so that "--workers N" would use more than N cores.
+SINGLE_THREAD_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1"}
+
+
+_W: dict = {}
+
+
+def _init_worker(fmt: str, keep_headings: bool, min_doc_chars: int, tokenizer_file: str | None,
+                 max_tokens: int, dtype: str | None, splitter: str = "rules", max_garbage_frac: float = 1.0) -> None:
+    # One worker = one core: the Rust tokenizer must not run its own thread pool beside the workers.
+    os.environ.update(SINGLE_THREAD_ENV)
+    _W.clear()
+    _W.update(fmt=fmt, keep_headings=keep_headings, min_doc_chars=min_doc_chars, max_tokens=max_tokens,
+              splitter=SPLITTERS[splitter](), dtype=np.dtype(dtype) if dtype else None, tok=None,
+              max_garbage_frac=max_garbage_frac)
+    if tokenizer_file is not None:
+        from tokenizers import Tokenizer
+
+        _W["tok"] = Tokenizer.from_file(tokenizer_file)
+
+
+def to_plain_text(fmt: str, raw: str, keep_headings: bool) -> str:
+    """Format-specific markup -> plain text with one paragraph per line (before :func:`clean_text`)."""
+    if fmt == "wikitext":
+        lines = []
+        for line in raw.split("\n"):
+            s = line.rstrip("\r")
+            m = WIKITEXT_TITLE_RE.match(s) or WIKITEXT_HEADING_RE.match(s)
+            if m:
+                if keep_headings:
+                    lines.append(m.group(1))
+                continue
+            lines.append(s)
+        text = "\n".join(lines)
+        # WikiText escapes in-word hyphens and number separators as " @-@ ", " @,@ ", " @.@ ".
+        return text.replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".")
+    if fmt == "wiki-xml":
+        from wikiextractor.extract import Extractor
+
+        paragraphs = Extractor("0", "0", "", "", []).clean_text(raw, mark_headers=True, html_safe=False)
+        out = []
+        for p in paragraphs:
+            if p.startswith("#"):  # a "## Heading." line (mark_headers=True)
+                if keep_headings:
+                    out.append(p.lstrip("#").strip())
+                continue
+            out.append(p)
+        return "\n".join(out)
+    if fmt == "wikiextractor":
+        # WikiExtractor writes HTML-escaped text ("&amp;", "&lt;"; its default html_safe output).
+        return html.unescape(raw)
+    return raw
+
+
+def _clean_doc(raw: str) -> tuple[str | None, str | None, int, list[str]]:
+    """-> (drop reason or None, cleaned text, control chars removed, sentences)."""
+    if is_garbled(raw, _W["max_garbage_frac"])[0]:  # judged on the text as decoded, before any cleaning
+        return "garbled", "", 0, []
+    text = to_plain_text(_W["fmt"], raw, _W["keep_headings"])
+    cleaned, n_ctrl = clean_text(text)
+    if not cleaned:
+        return "empty", cleaned, n_ctrl, []
+    if len(cleaned) < _W["min_doc_chars"]:
+        return "too_short", cleaned, n_ctrl, []
+    return None, cleaned, n_ctrl, _W["splitter"].split_document(cleaned)
+
+
+def work_sentences(texts: list[str]) -> dict:
+    """Tokenizer-training pass: cleaned sentences of each kept document (``sents``) and counters."""
+    out = []
+    stats = Counter()
+    for raw in texts:
+        reason, _, _, sents = _clean_doc(raw)
+        out.append([] if reason else sents)
+        stats["documents_read"] += 1
+        stats["chars_read"] += len(raw)
+        if reason == "garbled":
+            stats["garbled"] += 1
+            stats["garbled_chars"] += len(raw)
+    return {"sents": out, "stats": dict(stats)}
+
+
+def work_encode(texts: list[str]) -> dict:
+    """Binarization pass for one chunk of raw documents.
+
+    Returns per document: ``reason`` (None = kept), ``digest`` (16 bytes of the cleaned text), ``nitems``;
+    for all kept documents together: ``sizes`` (items' lengths) and ``tokens`` (flat, disk ids =
+    tokenizer ids + 4, in the output dtype); and per document its counters ``stats`` (control characters removed,
+    characters read, characters of a garbled document, empty sentences;
+    per document, so that they land in the document's segment however the documents were chunked).
+    """
+    tok = _W["tok"]
+    max_tokens = _W["max_tokens"]
+    reasons, digests, per_doc_sents = [], [], []
+    stats: list[Counter] = []
+    for raw in texts:
+        reason, cleaned, n_ctrl, sents = _clean_doc(raw)
+        st = Counter(control_chars_removed=n_ctrl, chars_read=len(raw))
+        if reason == "garbled":
+            st["garbled_chars"] = len(raw)
+        stats.append(st)
+        reasons.append(reason)
+        digests.append(hashlib.blake2b(cleaned.encode("utf-8"), digest_size=16).digest())
+        per_doc_sents.append(sents)
+    flat = [s for sents in per_doc_sents for s in sents]
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    ids = [e.ids for e in encode(flat, add_special_tokens=False)] if flat else []
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    # Items never split the flat token stream differently: an empty sentence adds no item, an overlong one
+    # is cut into consecutive chunks of max_tokens, so only the item sizes need a per-sentence rule.
+    tokens = np.fromiter(chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
+    sizes: list[int] = []
+    nitems, overlong, extra = [], [], []
+    k = 0
+    for i, sents in enumerate(per_doc_sents):
+        doc_len = lengths[k : k + len(sents)]
+        k += len(sents)
+        n_empty = int((doc_len == 0).sum())
+        if n_empty:
+            stats[i]["empty_sentences"] += n_empty  # e.g. only characters the tokenizer drops
+        n_before = len(sizes)
+        long = doc_len > max_tokens
+        if long.any():  # too long for one sequence: cut into consecutive chunks rather than dropping text
+            for n in doc_len[doc_len > 0].tolist():
+                sizes.extend([max_tokens] * (n // max_tokens) + ([n % max_tokens] if n % max_tokens else []))
+        else:
+            sizes.extend(doc_len[doc_len > 0].tolist())
+        n_over = int(long.sum())
+        n_extra = int((-(-doc_len[long] // max_tokens) - 1).sum())
+        n = len(sizes) - n_before
+        if reasons[i] is None and n == 0:
+            reasons[i] = "no_tokens"
+        nitems.append(n)
+        overlong.append(n_over)
+        extra.append(n_extra)
+    tokens = (tokens + FAIRSEQ_NSPECIAL).astype(_W["dtype"])
+    return {"reasons": reasons, "digests": digests, "nitems": nitems, "overlong": overlong, "extra": extra,
+            "sizes": np.asarray(sizes, dtype=np.int32), "tokens": tokens, "stats": [dict(st) for st in stats]}
+
+
+class Runner:
+    """Ordered map over chunks, in this process (workers=1) or a bounded-window process pool."""
+
+    def __init__(self, workers: int, initargs: tuple):
+        self.workers = workers
+        self.initargs = initargs
+        self.pool = None
+
+    def __enter__(self):
+        # Both cases run with SINGLE_THREAD_ENV; this process's environment is restored on exit.
+        self.saved = {k: os.environ.get(k) for k in SINGLE_THREAD_ENV}
+        if self.workers > 1:
+            # fork (Linux): workers inherit the imported modules, so a pool starts in milliseconds
+            # instead of re-importing nltk/tokenizers/numpy per worker.  The pool is created before any
+            # progress-bar thread exists, and the Rust tokenizer in the children never touches a thread
+            # pool inherited from this process.
+            method = "fork" if sys.platform.startswith("linux") else "spawn"
+            os.environ.update(SINGLE_THREAD_ENV)
+            self.pool = mp.get_context(method).Pool(self.workers, initializer=_init_worker, initargs=self.initargs)
+        else:
+            _init_worker(*self.initargs)
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            if self.pool is not None:
+                if exc[0] is None:
+                    self.pool.close()
+                else:
+                    self.pool.terminate()
+                self.pool.join()
+        finally:
+            for k, v in self.saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    def map(self, fn, chunks: Iterator[tuple[object, list[str]]]):
+        """Yields ``(meta, fn(texts))`` in order; ``chunks`` yields ``(meta, texts)``."""
+        if self.pool is None:
+            for meta, texts in chunks:
+                yield meta, fn(texts)
+            return
+        window: deque = deque()
+        for meta, texts in chunks:
+            window.append((meta, self.pool.apply_async(fn, (texts,))))
+            if len(window) >= 2 * self.workers + 2:
+                m, r = window.popleft()
+                yield m, r.get()
+        while window:
+            m, r = window.popleft()
+            yield m, r.get()
+
+
+def chunks(items: Iterator[tuple[object, str]]) -> Iterator[tuple[list, list[str]]]:
+    metas, texts, chars = [], [], 0
+    for meta, text in items:
+        metas.append(meta)
+        texts.append(text)
+        chars += len(text)
+        if len(texts) >= CHUNK_DOCS or chars >= CHUNK_CHARS:
+            yield metas, texts
+            metas, texts, chars = [], [], 0
+    if texts:
+        yield metas, texts
