@@ -71,40 +71,19 @@ projection and normalisation are per token over the last (hidden) dimension in b
 * Gradients of R reach the word-embedding parameters (``embeds`` is not detached in the final pass),
   as in mt-dnn fine-tuning; the v0.2 pre-training criterion detached them.
 
-**SymKL and its stop-gradients** (``cfg.divergence``).  Both forms are computed in float32 via
-``log_softmax``, averaged over rows (masked tokens for MLM, batch items for NSP), and have the value
-KL(p||q) + KL(q||p).  ``sym_kl_ce`` (default): :func:`symmetric_kl_ce` = ``KL(sg(q) || p) + KL(sg(p) ||
-q)``, the cross-entropy form of the authors' mt-dnn code, SMART, SiFT and R-Drop, whose gradient w.r.t.
-p's logits is ``p - q``.  ``sym_kl``: :func:`symmetric_kl` = ``KL(p || sg(q)) + KL(q || sg(p))``.  The
-gradient reaches ``p`` through the first term and ``q`` through the second, so the final term trains
-both the adversarial and the clean graph; in the ascent ``clean`` is detached, so only the first term
-drives delta.  At ``p ~= q`` both gradients equal the Fisher metric times ``(p - q)`` to first order;
-they differ when dropout and confident predictions make the two passes far apart (per-token cosine of
-the two ascent gradients ~0.9 at logits x10 of an untrained tiny BERT, ~0.6 at x30), hence the
-authors' form by default.  ``divergence=`` accepts any other choice.
+**SymKL** (``cfg.divergence``): ``sym_kl_ce`` (default, the authors' form) or ``sym_kl``; both, and
+why the default, are in :mod:`alum_pretrain.divergence`.
 
-**Mixed precision.** sigma = epsilon = 1e-5 is below the resolution of fp16/bf16 for O(0.01-1)
-activations (bf16 has 8 mantissa bits: one ulp at 0.05 is ~2e-4), so a half-precision ``delta`` or a
-half-precision ``embeds + delta`` would round the perturbation away before the model sees it.  Hence:
-``delta`` is created, updated and projected in float32, the sum ``embeds + delta`` is formed in float32
-(:func:`perturb`) and only then cast to ``embeds.dtype``.  Under autocast with float32 parameters the
-embedding lookup returns float32, the cast is a no-op and the perturbed embeddings enter the model in
-float32 (the embedding sum and LayerNorm also run in float32 under autocast); later low-precision matmuls
-quantise what they receive, which is inherent to 16-bit training.  If the whole model is in bf16/fp16
-(``model.half()``, fairseq ``--fp16``/``--bf16``), the perturbed input is necessarily rounded to that
-dtype: :func:`alum_regularizer` refuses it when epsilon is below half an ulp - use autocast.
-Divergences are always computed in float32 (:func:`symmetric_kl` upcasts).  The ascent gradient is
-taken from a rescaled backward (:func:`scale_free_input_grad`): GradScaler only scales the final
-backward, and the ascent loss (a divergence of ~1e-3 with dropout, ~1e-10 without, further divided by
-the global masked-token count in the native engine) would otherwise be flushed to zero by fp16 on most
-tokens.  A 16-bit perturbation point too coarse for epsilon is refused
-(:func:`check_perturbation_resolution`).  Note that with the paper's
-sigma = eps = 1e-5 and no dropout (eval mode) the SymKL between the clean and the perturbed pass is
-~1e-10, at the float32 rounding floor of log-softmax, so the ascent direction is partly rounding noise;
-in training mode the independent dropout masks of the passes make them differ far more and dominate the
-ascent direction, as in every public implementation.  "float32" in this module
-means "at least float32": float64 inputs are kept in float64 (the tests compare against a float64
-reference).
+**Mixed precision.** ``delta`` is created, updated and projected in float32, the sum ``embeds + delta``
+is formed in float32 (:func:`perturb`) and only then cast to ``embeds.dtype`` (a 16-bit delta or sum would
+round sigma = epsilon = 1e-5 away).  Under autocast with float32 parameters the embedding lookup returns
+float32, the cast is a no-op and the perturbed embeddings enter the model in float32 (the embedding sum
+and LayerNorm also run in float32 under autocast); later low-precision matmuls quantise what they
+receive, which is inherent to 16-bit training.  A model cast to bf16/fp16 whose perturbation point is too
+coarse for epsilon is refused by :func:`alum_regularizer`; divergences are always computed in float32;
+the ascent gradient comes from a rescaled backward that fp16 cannot underflow, and without dropout it is
+partly rounding noise - see :mod:`alum_pretrain.precision`.  "float32" means "at least float32" (float64
+inputs stay float64).
 
 **Sharing with fine-tuning (FreeLB, SMART).** The building blocks are public and separate:
 :func:`init_delta` (Gaussian start, padding zeroed), :func:`normalize_grad` (per-token or per-sequence
@@ -117,47 +96,29 @@ token**, False/0 = padding (the HF ``attention_mask`` convention).  ``None`` = n
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 
 from .config import opt
+from .divergence import (DIVERGENCES, Divergence, LogitsTuple, as_heads, get_divergence, sum_over_heads,
+                         symmetric_kl, symmetric_kl_ce)
+from .precision import (ASCENT_GRAD_TARGET, check_perturbation_resolution, scale_free_input_grad, work_dtype,
+                        zero_grad_fraction)
 
+# The divergences and the precision helpers live in .divergence and .precision; they are re-exported here.
 __all__ = [
-    "ALUMConfig",
-    "PROJECTIONS",
-    "PERTURB_AT",
-    "DIVERGENCES",
-    "symmetric_kl",
-    "symmetric_kl_ce",
-    "get_divergence",
-    "scale_free_input_grad",
-    "zero_grad_fraction",
-    "check_perturbation_resolution",
-    "init_delta",
-    "normalize_grad",
-    "project",
-    "perturb",
-    "ascent_step",
+    "ALUMConfig", "PROJECTIONS", "PERTURB_AT", "init_delta", "normalize_grad", "project", "perturb", "ascent_step",
     "alum_regularizer",
+    "DIVERGENCES", "symmetric_kl", "symmetric_kl_ce", "get_divergence",
+    "ASCENT_GRAD_TARGET", "scale_free_input_grad", "zero_grad_fraction", "check_perturbation_resolution",
 ]
 
 PROJECTIONS = ("linf", "l2", "none")
 PERTURB_AT = ("word", "embedding_output")
-DIVERGENCES = ("sym_kl", "sym_kl_ce")
 
-Logits = Optional[torch.Tensor]
-LogitsTuple = Union[torch.Tensor, Sequence[Logits]]
 ForwardFn = Callable[[torch.Tensor], LogitsTuple]
-Divergence = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """At least float32: float16/bfloat16 -> float32, float64 stays float64."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 @dataclass
@@ -222,197 +183,6 @@ class ALUMConfig:
         return self.alpha > 0 and step >= self.start_step
 
 
-# --------------------------------------------------------------------------------------------------
-# Divergence
-# --------------------------------------------------------------------------------------------------
-
-
-def _row_log_probs(who: str, p_logits: torch.Tensor, q_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row-wise log-softmax of two same-shape ``(..., C)`` logit tensors in the work dtype (float32 or
-    float64): ``(N, C)`` each, N = the product of the leading dimensions."""
-    if p_logits.shape != q_logits.shape:
-        raise ValueError(f"{who}: shapes differ: p {tuple(p_logits.shape)} vs q {tuple(q_logits.shape)}")
-    if p_logits.dim() == 0:
-        raise ValueError(f"{who}: logits need a class dimension (..., C)")
-    c = p_logits.shape[-1]
-    dt = _work_dtype(torch.promote_types(p_logits.dtype, q_logits.dtype))
-    return (F.log_softmax(p_logits.to(dt).reshape(-1, c), dim=-1),
-            F.log_softmax(q_logits.to(dt).reshape(-1, c), dim=-1))
-
-
-def symmetric_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
-    """SymKL(p, q) = KL(p || sg(q)) + KL(q || sg(p)), in float32, averaged over rows.
-
-    ``p_logits``, ``q_logits``: ``(..., C)`` unnormalised logits of the same shape; every leading index
-    is a row (a masked token for MLM, a batch item for NSP).  Returns a float32 scalar (float64 for float64
-inputs).  The value is
-    ``KL(p||q) + KL(q||p)``; the gradient reaches ``p`` only through the first term and ``q`` only
-    through the second (``sg`` = stop-gradient), so with ``q`` detached only ``KL(p||q)`` drives ``p``.
-    With zero rows (e.g. no masked token) the result is a differentiable 0, not NaN.
-    """
-    logp, logq = _row_log_probs("symmetric_kl", p_logits, q_logits)  # (N, C) each
-    n = logp.shape[0]
-    if n == 0:
-        return (logp.sum() + logq.sum()) * 0.0
-    lp_sg, lq_sg = logp.detach(), logq.detach()
-    # KL(p || sg q) = sum_c p_c (log p_c - log q_c): gradient into p only.
-    kl_pq = (logp.exp() * (logp - lq_sg)).sum(-1)  # (N,)
-    # KL(q || sg p): gradient into q only.
-    kl_qp = (logq.exp() * (logq - lp_sg)).sum(-1)  # (N,)
-    return (kl_pq + kl_qp).sum() / n
-
-
-def symmetric_kl_ce(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
-    """SymKL in the cross-entropy form: KL(sg(q) || p) + KL(sg(p) || q), float32, averaged over rows.
-
-    The form of the ALUM authors' code (mt-dnn ``SymKlCriterion``), SMART and R-Drop.  Same value as
-    :func:`symmetric_kl`; the gradient w.r.t. ``p``'s logits is ``p - q`` (per row, before the mean), the
-    softmax cross-entropy gradient, and symmetrically for ``q``.  Zero rows give a differentiable 0.
-    """
-    logp, logq = _row_log_probs("symmetric_kl_ce", p_logits, q_logits)  # (N, C) each
-    n = logp.shape[0]
-    if n == 0:
-        return (logp.sum() + logq.sum()) * 0.0
-    lp_sg, lq_sg = logp.detach(), logq.detach()
-    kl_q_p = (lq_sg.exp() * (lq_sg - logp)).sum(-1)  # KL(sg q || p): gradient into p only, (N,)
-    kl_p_q = (lp_sg.exp() * (lp_sg - logq)).sum(-1)  # KL(sg p || q): gradient into q only, (N,)
-    return (kl_q_p + kl_p_q).sum() / n
-
-
-def get_divergence(name: str) -> "Divergence":
-    """``sym_kl`` -> :func:`symmetric_kl`, ``sym_kl_ce`` -> :func:`symmetric_kl_ce`."""
-    if name == "sym_kl":
-        return symmetric_kl
-    if name == "sym_kl_ce":
-        return symmetric_kl_ce
-    raise ValueError(f"divergence={name!r}: must be one of {', '.join(DIVERGENCES)}")
-
-
-# --------------------------------------------------------------------------------------------------
-# Precision: scale-free input gradients and the 16-bit resolution check
-# --------------------------------------------------------------------------------------------------
-
-#: The largest |d loss / d output| the rescaled backward of :func:`scale_free_input_grad` starts from.
-#: 2**10 leaves ~2**6 of fp16 headroom above it for the gain of the backward pass and ~2**34 below it
-#: before fp16 gradients go subnormal; on overflow the pass is redone 2**8 smaller (fp16 only).
-ASCENT_GRAD_TARGET = 2.0 ** 10
-_FP16_RETRY_FACTOR = 2.0 ** -8
-_FP16_RETRIES = 2
-
-
-def scale_free_input_grad(
-    outputs: Sequence[Optional[torch.Tensor]],
-    loss_fn: Callable[[tuple], torch.Tensor],
-    wrt: torch.Tensor,
-    target: float = ASCENT_GRAD_TARGET,
-    per_example: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``d loss_fn(outputs) / d wrt`` computed so that 16-bit backward passes cannot underflow it.
-
-    ``outputs``: the model outputs (logits, any dtype; None entries are passed through) of a graph that
-    depends on ``wrt``; ``loss_fn(outs)`` maps a tuple like ``outputs`` to a scalar.  Two stages:
-
-    1. the loss and its gradient ``g_z`` w.r.t. float32 copies of the outputs (cheap: only the loss
-       function is differentiated, in float32, so even a 1e-12 loss has an exact gradient);
-    2. one backward through the model with ``grad_outputs = g_z * target / max|g_z|``: the largest
-       output gradient is ``target`` whatever the loss scale (a per-token mean over 100k masked tokens,
-       or a divergence of 1e-10), which is what GradScaler does for the final backward.  Under fp16
-       autocast an overflow (non-finite result) redoes the pass with a 2**8 smaller target, at most
-       twice (that check is a host sync, fp16 outputs only).
-
-    ``per_example``: every output's dim 0 is the example axis of ``wrt`` and examples do not interact
-    (a sequence classifier): each example gets its own scale, so a confidently classified example whose
-    loss gradient is 1e-6 of its neighbours' is not flushed to zero; its direction is exact.
-
-    Returns ``(grad, finite)``: ``grad`` in at least float32, divided back by the scale (so it equals the
-    plain gradient up to rounding), ``finite`` a 0-dim bool tensor.  A loss whose output gradient is
-    all zero gives a zero gradient; a non-finite one gives ``finite = False``.
-    """
-    outs = tuple(outputs)
-    leaves = tuple(None if o is None else o.detach().to(_work_dtype(o.dtype)).requires_grad_(True) for o in outs)
-    loss = loss_fn(leaves)
-    used = [(o, leaf) for o, leaf in zip(outs, leaves) if o is not None]
-    gz = torch.autograd.grad(loss, [leaf for _, leaf in used], allow_unused=True)
-    pairs = [(o, g) for (o, _), g in zip(used, gz) if g is not None]
-    wdt = _work_dtype(wrt.dtype)
-    if not pairs:
-        return torch.zeros(wrt.shape, dtype=wdt, device=wrt.device), torch.ones((), dtype=torch.bool, device=wrt.device)
-    if per_example:
-        b = wrt.shape[0]
-        for o, _ in pairs:
-            if o.dim() == 0 or o.shape[0] != b:
-                raise ValueError(f"scale_free_input_grad(per_example=True): output shape {tuple(o.shape)} has no "
-                                 f"leading example axis of size {b}")
-        gmax = torch.stack([g.abs().reshape(b, -1).amax(1) if g.numel() else g.new_zeros(b)
-                            for _, g in pairs]).amax(0)  # (B,)
-    else:
-        gmax = torch.stack([g.abs().amax() if g.numel() else g.new_zeros(()) for _, g in pairs]).amax()  # 0-dim
-    finite_z = torch.isfinite(gmax).all()
-    # A zero (or non-finite) output gradient: scale 1 (the result is 0, resp. flagged below).
-    safe = torch.where(torch.isfinite(gmax) & (gmax > 0), gmax, torch.ones_like(gmax))
-    half = any(o.dtype == torch.float16 for o, _ in pairs)
-    tgt = float(target)
-    for attempt in range(_FP16_RETRIES + 1 if half else 1):
-        scale = tgt / safe  # 0-dim (or (B,) per example), float32 or float64
-
-        def bcast(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-            return x.reshape(x.shape + (1,) * (like.dim() - x.dim()))
-
-        grads = [(g * bcast(scale, g)).to(o.dtype) for o, g in pairs]
-        (gw,) = torch.autograd.grad([o for o, _ in pairs], wrt, grad_outputs=grads,
-                                    retain_graph=half and attempt < _FP16_RETRIES)
-        gw = gw.to(wdt) / bcast(scale.to(wdt), gw)
-        finite = finite_z & torch.isfinite(gw).all()
-        if not half or attempt == _FP16_RETRIES or bool(finite) or not bool(finite_z):
-            break
-        tgt *= _FP16_RETRY_FACTOR
-    return gw, finite
-
-
-def zero_grad_fraction(grad: torch.Tensor, pad_mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """Fraction of real tokens (``pad_mask`` True) whose gradient row (last dim) is entirely 0 (0-dim)."""
-    zero = (grad == 0).all(-1)  # (B, T)
-    if pad_mask is None:
-        return zero.float().mean() if zero.numel() else zero.new_zeros((), dtype=torch.float32)
-    w = pad_mask.to(device=grad.device).bool()
-    return (zero & w).sum().float() / w.sum().clamp_min(1).float()
-
-
-_MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7}
-
-
-def check_perturbation_resolution(embeds: torch.Tensor, epsilon: float, noise_std: float,
-                                  pad_mask: Optional[torch.Tensor] = None, where: str = "") -> None:
-    """Refuse a 16-bit perturbation point whose resolution cannot hold the perturbation.
-
-    When ``embeds`` (the tensor delta is added to) is float16/bfloat16 - a model cast to half precision,
-    as fairseq's ``--fp16``/``--bf16`` without ``--amp`` do - ``embeds + delta`` is rounded back to 16
-    bits.  If ``max(epsilon, noise_std)`` is below half the unit in the last place at the embeddings'
-    typical (median absolute, over real tokens) magnitude, most coordinates of delta round away and the
-    adversarial term silently measures nothing; raise a ``ValueError`` that says what to use instead.
-    float32/float64 ``embeds``: no check (no host sync).
-    """
-    bits = _MANTISSA_BITS.get(embeds.dtype)
-    if bits is None:
-        return
-    e = embeds.detach().float().abs()
-    if pad_mask is not None:
-        e = e[pad_mask.to(device=e.device).bool()]
-    e = e.reshape(-1)
-    e = e[e > 0]
-    if e.numel() == 0:
-        return
-    typical = float(e.median())
-    half_ulp = 2.0 ** (math.floor(math.log2(typical)) - bits) / 2
-    size = max(float(epsilon), float(noise_std))
-    if size < half_ulp:
-        name = "float16" if embeds.dtype == torch.float16 else "bfloat16"
-        raise ValueError(
-            f"{where or 'ALUM'}: the perturbation point is {name} (a model cast to 16 bits), and at the embeddings' "
-            f"typical magnitude {typical:.3g} half a {name} ulp is {half_ulp:.3g} > epsilon/noise_std {size:.3g}: "
-            f"embeds + delta would round the perturbation away. Keep float32 weights and use mixed precision "
-            f"instead (autocast: --train.precision/--run.precision bf16|fp16; fairseq: --amp, optionally with "
-            f"--amp-dtype bfloat16), or raise epsilon above {half_ulp:.3g}.")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -461,11 +231,11 @@ def init_delta(
         # global batch is split over processes / micro-batches (the engine's DDP == 1-process property).
         if len(generator) != embeds.shape[0]:
             raise ValueError(f"init_delta: {len(generator)} generators for a batch of {embeds.shape[0]} rows")
-        delta = torch.stack([torch.randn(embeds.shape[1:], generator=g, dtype=_work_dtype(embeds.dtype),
+        delta = torch.stack([torch.randn(embeds.shape[1:], generator=g, dtype=work_dtype(embeds.dtype),
                                          device=g.device).to(embeds.device) for g in generator])
         return _zero_padding(delta * float(noise_std), mask)  # (B, T, H)
     gen_device = generator.device if generator is not None else embeds.device
-    delta = torch.randn(embeds.shape, generator=generator, dtype=_work_dtype(embeds.dtype), device=gen_device)
+    delta = torch.randn(embeds.shape, generator=generator, dtype=work_dtype(embeds.dtype), device=gen_device)
     delta = (delta * float(noise_std)).to(embeds.device)  # (B, T, H)
     return _zero_padding(delta, mask)
 
@@ -478,7 +248,7 @@ def normalize_grad(grad: torch.Tensor, norm: str = "linf", level: str = "token")
     smallest normal float, so the direction is scale-free (no mt-dnn-style +1e-6 that shrinks tiny
     gradients).  Computed in float32.
     """
-    g = grad.to(_work_dtype(grad.dtype))
+    g = grad.to(work_dtype(grad.dtype))
     if level == "token":
         dims: tuple[int, ...] = (-1,)
     elif level == "sequence":
@@ -516,7 +286,7 @@ def project(delta: torch.Tensor, epsilon: float, kind: str) -> torch.Tensor:
 
 def perturb(embeds: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """``embeds + delta`` formed in float32, returned in ``embeds.dtype`` (differentiable in both)."""
-    dt = _work_dtype(torch.promote_types(embeds.dtype, delta.dtype))
+    dt = work_dtype(torch.promote_types(embeds.dtype, delta.dtype))
     return (embeds.to(dt) + delta.to(dt)).to(embeds.dtype)
 
 
@@ -534,7 +304,7 @@ def ascent_step(
     mask = _check_pad_mask(pad_mask, delta.shape[:-1], "ascent_step")
     if grad.shape != delta.shape:
         raise ValueError(f"ascent_step: grad shape {tuple(grad.shape)} != delta shape {tuple(delta.shape)}")
-    new = delta.to(_work_dtype(delta.dtype)) + cfg.step_size * normalize_grad(grad, "linf", "token")  # (B, T, H)
+    new = delta.to(work_dtype(delta.dtype)) + cfg.step_size * normalize_grad(grad, "linf", "token")  # (B, T, H)
     new = project(new, cfg.epsilon, cfg.projection)
     return _zero_padding(new, mask)
 
@@ -542,36 +312,6 @@ def ascent_step(
 # --------------------------------------------------------------------------------------------------
 # The regulariser
 # --------------------------------------------------------------------------------------------------
-
-
-def _as_tuple(x: LogitsTuple) -> tuple[Logits, ...]:
-    if isinstance(x, torch.Tensor):
-        return (x,)
-    if isinstance(x, (list, tuple)):
-        return tuple(x)
-    raise TypeError(f"logits must be a tensor or a tuple/list of tensors (or None), got {type(x).__name__}")
-
-
-def _sum_divergence(adv: LogitsTuple, clean: tuple[Logits, ...], divergence: Divergence,
-                    detach_clean: bool, weights: Optional[Sequence[Optional[float]]] = None) -> torch.Tensor:
-    """Sum over heads of divergence(adv_h, clean_h) (times ``weights[h]`` when given), skipping heads whose
-    clean logits are None."""
-    adv_t = _as_tuple(adv)
-    if len(adv_t) != len(clean):
-        raise ValueError(f"forward_fn returned {len(adv_t)} logits tensors but clean_logits has {len(clean)}; "
-                         "forward_fn must return the same structure as clean_logits")
-    total: Optional[torch.Tensor] = None
-    for h, (a, c) in enumerate(zip(adv_t, clean)):
-        if c is None:
-            continue
-        if a is None:
-            raise ValueError(f"forward_fn returned None for head {h} whose clean logits are a tensor")
-        d = divergence(a, c.detach() if detach_clean else c)
-        if weights is not None:
-            d = d * weights[h]
-        total = d if total is None else total + d
-    assert total is not None  # checked by the caller: at least one head
-    return total
 
 
 def alum_regularizer(
@@ -629,7 +369,7 @@ def alum_regularizer(
     Do not call this with ``cfg.alpha == 0``: alpha=0 means "standard training, no extra passes" and the
     caller skips the call.
     """
-    clean = _as_tuple(clean_logits)
+    clean = as_heads(clean_logits)
     if all(c is None for c in clean):
         raise ValueError("alum_regularizer: every clean_logits entry is None; nothing to regularise")
     if embeds.dim() < 2:
@@ -650,7 +390,7 @@ def alum_regularizer(
     zero_frac = torch.zeros((), device=embeds.device)
     for _ in range(cfg.k_steps):
         delta.requires_grad_(True)
-        adv = _as_tuple(forward_fn(perturb(base, delta)))
+        adv = as_heads(forward_fn(perturb(base, delta)))
         if len(adv) != len(clean):
             raise ValueError(f"forward_fn returned {len(adv)} logits tensors but clean_logits has {len(clean)}; "
                              "forward_fn must return the same structure as clean_logits")
@@ -658,7 +398,7 @@ def alum_regularizer(
         # rescaled backward (fp16 cannot underflow it); input-only: no param .grad, no DDP sync.
         g, finite = scale_free_input_grad(
             [a if c is not None else None for a, c in zip(adv, clean)],
-            lambda outs: _sum_divergence(outs, clean, divergence, detach_clean=True, weights=head_weights), delta,
+            lambda outs: sum_over_heads(outs, clean, divergence, detach_clean=True, weights=head_weights), delta,
             per_example=per_example_scale)
         # Line 6; a non-finite gradient skips this update (delta keeps its value) and is counted.
         stepped = ascent_step(delta.detach(), torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0), cfg, mask)
@@ -674,13 +414,13 @@ def alum_regularizer(
     if baseline:
         devices = [embeds.device] if embeds.device.type == "cuda" else []
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            adv_dropout = _sum_divergence(forward_fn(perturb(base, torch.zeros_like(delta))), clean, divergence,
+            adv_dropout = sum_over_heads(forward_fn(perturb(base, torch.zeros_like(delta))), clean, divergence,
                                           detach_clean=True, weights=head_weights).detach()
 
     # Lines 8: the adversarial pass on embeds + delta with embeds NOT detached, and R against the clean
     # logits NOT detached: gradients flow into both graphs.
     adv = forward_fn(perturb(embeds, delta.detach()))
-    r = _sum_divergence(adv, clean, divergence, detach_clean=False, weights=head_weights)
+    r = sum_over_heads(adv, clean, divergence, detach_clean=False, weights=head_weights)
     r_value = r.detach()
     adv_nonfinite = torch.zeros((), device=r.device)
     if not bool(torch.isfinite(r_value)):  # host sync: a NaN/inf R must not reach the backward at all
@@ -710,4 +450,3 @@ def alum_regularizer(
     if adv_dropout is not None:
         metrics["adv_dropout"] = adv_dropout
     return r, metrics
-

@@ -22,7 +22,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from .adversarial import DIVERGENCES, PERTURB_AT, PROJECTIONS, ALUMConfig
+from .adversarial import PERTURB_AT, PROJECTIONS, ALUMConfig
+from .divergence import DIVERGENCES
 from .masking import SCHEDULES, MaskingConfig
 
 __all__ = ["SECTIONS", "DEPRECATED", "Knob", "knobs", "flag_of", "dataclass_fields", "from_flat", "to_argv"]

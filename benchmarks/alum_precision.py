@@ -62,7 +62,8 @@ def plain_fp16_zero_frac(databin: Path, seq: int, batch: int) -> float:
     """The pre-fix ascent: autograd.grad of the globally normalised divergence under fp16 autocast."""
     import torch
 
-    from alum_pretrain.adversarial import init_delta, perturb, symmetric_kl_ce
+    from alum_pretrain.adversarial import init_delta, perturb
+    from alum_pretrain.divergence import symmetric_kl_ce
     from alum_pretrain.data.databin import DataBin
     from alum_pretrain.models import build_model
 

@@ -240,7 +240,7 @@ def test_alum_ascent_fires_no_zero_hook_and_reduces_nothing(ds_runs, name):
                   "dist.all_reduce_coalesced", "dist.all_to_all_single")
     for rank, p in enumerate(ds_runs[f"{name}-probe"]):
         # ALUM ran: K=1 ascent per micro-batch, 2 micro-batches, steps 3..6 (alum.start_step=2 -> 4 steps)
-        # ... and each ascent step takes two input-only autograd.grad calls (adversarial.scale_free_input_grad:
+        # ... and each ascent step takes two input-only autograd.grad calls (precision.scale_free_input_grad:
         # the gradient w.r.t. the float32 logits, then the rescaled backward to delta)
         assert p["ascent_calls"] == 2 * 2 * (STEPS - 2), p
         hooks_out = sum(v for k, v in p["outside"].items() if k.startswith("hook."))

@@ -23,15 +23,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from alum_pretrain.adversarial import (
-    ALUMConfig,
-    alum_regularizer,
-    check_perturbation_resolution,
-    init_delta,
-    perturb,
-    scale_free_input_grad,
-    symmetric_kl_ce,
-)
+from alum_pretrain.adversarial import ALUMConfig, alum_regularizer, init_delta, perturb
+from alum_pretrain.divergence import symmetric_kl_ce
+from alum_pretrain.precision import check_perturbation_resolution, scale_free_input_grad
 from conftest import requires_fairseq
 from test_finetune_cli import sst_files, tiny_dir  # noqa: F401  (fixtures)
 

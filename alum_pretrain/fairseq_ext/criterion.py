@@ -32,7 +32,7 @@ convention), ``nsp_acc``, ``adv`` (R in nats, the unweighted SymKL; 0 while ALUM
 
 **Precision.**  Use ``--amp`` with ALUM: it keeps fp32 weights under fp16 autocast, so ``e + delta`` is
 formed in fp32 and delta ~ 1e-5 survives, and the ascent gradient is taken from a rescaled backward that
-fp16 cannot underflow (``alum_pretrain.adversarial.scale_free_input_grad``).  ``--fp16``/``--bf16`` (and
+fp16 cannot underflow (``alum_pretrain.precision.scale_free_input_grad``).  ``--fp16``/``--bf16`` (and
 their memory-efficient variants) cast the whole model to 16 bits: the embeddings are then 16-bit and a
 perturbation of 1e-5 is below their resolution (one bf16 ulp at 0.05 is ~2e-4), so the criterion refuses
 them when ALUM is on (``--alum-alpha 0`` runs plain MLM in any precision).  fairseq 0.12 has no bf16

@@ -27,7 +27,8 @@ from ..atomic import write_text
 from ..config import config_to_dict, opt, parse_config, section
 from .data import EncodedDataset, collate, encode, read_examples
 from .methods.base import forward_from_embeds, word_embeddings
-from ..adversarial import perturb, scale_free_input_grad
+from ..adversarial import perturb
+from ..precision import scale_free_input_grad
 from .config import PRECISIONS, amp_dtype
 from .methods.embedding_adv import EmbeddingAdvConfig, ascent_update
 from .tasks import TASK_NAMES, get_task

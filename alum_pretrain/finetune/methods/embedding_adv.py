@@ -15,7 +15,8 @@ from typing import Optional
 
 import torch
 
-from ...adversarial import normalize_grad, project, zero_grad_fraction
+from ...adversarial import normalize_grad, project
+from ...precision import zero_grad_fraction
 from ...config import opt
 
 NORM_TYPES = ("l2", "linf", "sign")

@@ -16,7 +16,8 @@ of steps"): adv_lr 0.1, K 2, adv_init_mag 0.6; set adv_max_norm (e.g. 0.6) for a
 
 from __future__ import annotations
 
-from ...adversarial import perturb, scale_free_input_grad
+from ...adversarial import perturb
+from ...precision import scale_free_input_grad
 from .base import Method, TrainContext, fixed_dropout, forward_from_embeds, task_loss, word_embeddings
 from .embedding_adv import EmbeddingAdvConfig, guarded_update, init_uniform_delta, public_stats
 

@@ -30,7 +30,7 @@ to maximise ``KL_sum(p(x) || p(x_adv)) - ascc_sparse_weight * H_sum(w)`` - the K
 15 / (300 * 128) by default (it pushes w towards a vertex, i.e. a real word) - against the clean
 prediction p(x) of the *eval-mode* model (no dropout, like the attack's passes).  The final w is
 used (detached) in a train-mode forward whose gradient reaches the embedding matrix.  The attack's
-gradient comes from a rescaled backward (fp16-safe, :func:`alum_pretrain.adversarial.scale_free_input_grad`);
+gradient comes from a rescaled backward (fp16-safe, :func:`alum_pretrain.precision.scale_free_input_grad`);
 Adam is invariant to the scale of the gradient, so this changes nothing in fp32.
 Unlike the official code, any sub-word tokenizer works: the pieces of a word share one weight vector
 and synonyms must tokenise into as many pieces (see :func:`..data.substitution_candidates`).
@@ -55,7 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...adversarial import perturb, scale_free_input_grad
+from ...adversarial import perturb
+from ...precision import scale_free_input_grad
 from .base import Method, TrainContext, forward_from_embeds, task_loss, word_embeddings
 from .embedding_adv import EmbeddingAdvConfig, guarded_update, init_uniform_delta, public_stats
 from ...config import opt

@@ -13,7 +13,7 @@ Only SMART's smoothness term is implemented; its Bregman proximal-point (momentu
 
 **Defaults.** alpha = 1 (fine-tuning), eps = 1e-5, eta = 1e-3, sigma = 1e-5, K = 1, linf projection,
 divergence sym_kl_ce (the authors' stop-gradient form).  The ascent gradient is scale-free (see
-:func:`alum_pretrain.adversarial.scale_free_input_grad`), so it survives fp16 autocast.
+:func:`alum_pretrain.precision.scale_free_input_grad`), so it survives fp16 autocast.
 Dropout masks are independent across the clean, ascent and adversarial passes (as mt-dnn).
 
 **Cost.** K = 1: three forwards, one input-only backward, one backward through two graphs: ~2.7x plain.
@@ -23,7 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...adversarial import ALUMConfig, alum_regularizer, get_divergence
+from ...adversarial import ALUMConfig, alum_regularizer
+from ...divergence import get_divergence
 from .base import Method, TrainContext, forward_from_embeds, mse_divergence, task_loss, word_embeddings
 from ...config import opt
 
