@@ -7,6 +7,7 @@ tokenized with a small WordPiece vocabulary trained on it, written by ``tests/da
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -22,12 +23,18 @@ COMMON = [
     "--optim.warmup_ratio=0.1",
 ]
 
+_SENT = re.compile(r"(?<=[a-z0-9)][.?!])\s+(?=[A-Z])")
+
+
+def split_sentences(paragraph: str) -> list[str]:
+    return [s for s in _SENT.split(paragraph) if s.strip()]
+
 
 def make_stdlib_databin(out: Path, n_docs: int = 120, vocab_size: int = 1000) -> Path:
     from tokenizers import BertWordPieceTokenizer
     from transformers import BertTokenizerFast
 
-    from alum_pretrain.demo import split_sentences, stdlib_documents
+    from alum_pretrain.demo import stdlib_documents
     from databin_factory import make_databin
 
     docs = [[s for p in d for s in split_sentences(p)] for d in stdlib_documents(max_docs=n_docs)]

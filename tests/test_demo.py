@@ -64,7 +64,8 @@ def test_demo_leaves_all_artifacts(tmp_path):
     assert train[-1]["step"] == 12
     for key in ("step", "loss", "mlm", "nsp", "adv", "mask_rate"):
         assert key in train[-1]
-    assert train[0]["adv"] == 0 and train[-1]["adv"] > 0  # standard steps, then ALUM from step 6
+    # standard steps, then ALUM for the last fifth (steps 10 and 11 of 0..11)
+    assert [r["step"] for r in train if r["adv"] > 0] == [11, 12]
     assert (out / "run" / "plot.png").stat().st_size > 10_000
 
     hf = out / "hf"
@@ -89,6 +90,9 @@ def test_demo_continual_minilm_learns(tmp_path, minilm_dir):
                  "--probes", "2")
     s = check_summary(out, r, probes=2)
     assert s["kind"] == "continual" and "NSP off" in r.stdout
+    assert s["alum_from_step"] == 3  # the last fifth, at least one step
+    recs = [json.loads(x) for x in (out / "run" / "log.jsonl").read_text().splitlines() if x.strip()]
+    assert {x["mask_rate"] for x in recs if x.get("kind", "train") == "train"} == {0.25}  # training masks 25 %
     assert s["databin"]["vocab_size"] == 30522  # the model's own vocabulary
     start, end = s["curves"]["valid_mlm"]
     assert s["curves"]["valid_steps"] == [0, 4]
