@@ -253,7 +253,7 @@ def run_demo(args: argparse.Namespace) -> str:
                      len(docs), sum(len(d) for d in docs), sum(len(p.split()) for d in docs for p in d), corpus)
 
     # 2. prepare (with the model's own vocabulary for continual pre-training)
-    from data_prep import prepare
+    from data_prep import PrepConfig, prepare
 
     databin = out / "data-bin"
     tok_kw = _tokenizer_source(init) if kind == "continual" else {
@@ -261,8 +261,8 @@ def run_demo(args: argparse.Namespace) -> str:
     cmd = ["alum-demo", "--out", str(out), "--model", kind, *(["--init-from", str(init)] if init else [])]
     # overwrite: a data-bin of the other model kind (another vocabulary) in the same --out is replaced;
     # the same command reuses the finished data-bin.
-    manifest = prepare([str(corpus)], fmt, databin, shards=1, valid_fraction=0.02, seed=args.seed, progress=True,
-                       overwrite=True, command=cmd, **tok_kw)
+    manifest = prepare(PrepConfig(inputs=[str(corpus)], format=fmt, out=databin, shards=1, valid_fraction=0.02,
+                                  seed=args.seed, progress=True, **tok_kw), overwrite=True, command=cmd)
     log.info("data-bin ready: %s (%.0fs)", databin, time.time() - t0)
 
     # 3. pre-train: standard steps, then ALUM for the last fifth
