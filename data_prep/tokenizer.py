@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
+
+from alum_pretrain.atomic import atomic_dir, atomic_file
 
 BERT_SPECIALS = {"cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]", "pad": "[PAD]", "unk": "[UNK]"}
 ROBERTA_SPECIALS = {"cls": "<s>", "sep": "</s>", "mask": "<mask>", "pad": "<pad>", "unk": "<unk>"}
@@ -305,25 +306,16 @@ def write_dict(tokens: list[str], counts, path: Path) -> None:
     position (4 + tokenizer id), which keeps ``disk id = tokenizer id + 4`` for every token.  Tokens that
     cannot be written on one line (whitespace inside or empty) get a placeholder name; ids are unchanged.
     """
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with atomic_file(path, durable=True) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         for i, t in enumerate(tokens):
             name = t
             if not t or _SPACE_RE.search(t):
                 name = f"<alum_unprintable_{i}>"
             flag = " #fairseq:overwrite" if name in FAIRSEQ_SPECIALS else ""
             fh.write(f"{name} {int(counts[i])}{flag}\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def save(hf, out_dir: Path) -> None:
     """Write the HF folder atomically (temp folder, then rename)."""
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    hf.save_pretrained(str(tmp))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with atomic_dir(out_dir) as tmp:
+        hf.save_pretrained(str(tmp))

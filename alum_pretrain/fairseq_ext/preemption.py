@@ -32,13 +32,13 @@ changes no signal handler and patches nothing.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 import signal
 import sys
-from pathlib import Path
+
+from ..atomic import atomic_file, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -116,10 +116,7 @@ def _any_rank(signum: int, trainer) -> int:
 
 
 def _write_stop_file(path: str, info: dict) -> None:
-    tmp = f"{path}.tmp"
-    Path(tmp).parent.mkdir(parents=True, exist_ok=True)
-    Path(tmp).write_text(json.dumps(info) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json(path, info, indent=None)
 
 
 def _wrap_validate_and_save(original):
@@ -169,9 +166,8 @@ class _AtomicCopyPathManager:
             return self._base.copy(src_path, dst_path, overwrite=overwrite)
         if not overwrite and os.path.exists(dst_path):
             return False
-        tmp = f"{dst_path}.tmp"
-        shutil.copyfile(src_path, tmp)
-        os.replace(tmp, dst_path)  # atomic on POSIX: readers see the old file or the complete new one
+        with atomic_file(dst_path) as tmp:  # readers see the old file or the complete new one
+            shutil.copyfile(src_path, tmp)
         return True
 
 
