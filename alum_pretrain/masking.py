@@ -41,7 +41,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -420,6 +420,7 @@ class TokenMasker:
     mask_id: int
     random_pool: torch.Tensor  # 1-D ids allowed as random replacements
     seed: int
+    _pool_on: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # pool per device
 
     def mask(self, input_ids: torch.Tensor, special_mask: torch.Tensor, rate: float, step: int,
              sample_ids: torch.Tensor, stream: int = STREAM_MASK,
@@ -427,7 +428,7 @@ class TokenMasker:
         """``(masked_input_ids (B, T), labels (B, T))`` on the device of ``input_ids``; ``continuation`` is
         used only with ``cfg.whole_word``."""
         dev = input_ids.device
-        pools = self.__dict__.setdefault("_pool_on", {})  # the pool copied once per device
+        pools = self._pool_on  # the pool copied once per device
         if dev not in pools:
             pools[dev] = self.random_pool.to(dev)
         return mask_batch(
