@@ -23,11 +23,15 @@ import pickle
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Any, Iterable, Mapping
-
-import torch
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from .atomic import apply_umask, atomic_file, write_json  # noqa: F401  (apply_umask re-exported)
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the three functions that load, save or inspect tensors: hashing and checking
+# files (what corpus preparation uses) stays torch-free.
 
 CHECKSUMS = "checksums.json"
 _BUF = 1 << 22
@@ -147,6 +151,8 @@ def safe_torch_load(path: str | os.PathLike, *, map_location: Any = "cpu", trust
     A file whose pickle names any other global (a class, a function such as ``os.system``) is refused
     with :class:`IntegrityError` naming the file, the global and ``trust_flag``; nothing in it runs.
     """
+    import torch
+
     p = Path(path)
     try:
         return torch.load(p, map_location=map_location, weights_only=not trust)
@@ -166,6 +172,8 @@ def safe_torch_load(path: str | os.PathLike, *, map_location: Any = "cpu", trust
 
 def first_nonfinite(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> str | None:
     """Name of the first floating tensor with a NaN or Inf, else None."""
+    import torch
+
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
     for name, t in items:
         if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
@@ -186,6 +194,8 @@ def previous_path(path: str | os.PathLike) -> Path:
 def torch_save_verified(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temp name, fsync, record size + CRC-32 in ``PATH.json``, keep the previous
     version as ``X.prev.pt`` (+ its ``.json``), then rename into place; files follow the umask."""
+    import torch
+
     path = Path(path)
     with atomic_file(path, durable=True) as tmp:
         torch.save(obj, tmp)

@@ -85,3 +85,22 @@ def test_the_graph_sees_module_and_function_level_imports():
 def test_no_import_cycles():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_corpus_preparation_does_not_load_torch():
+    """``data_prep`` and the modules its worker processes import read and write corpora with numpy only."""
+    import subprocess
+    import sys
+
+    code = ("import sys, data_prep, data_prep.work, data_prep.cli, alum_pretrain.data, alum_pretrain.integrity; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_the_data_package_still_offers_its_tensor_names():
+    import alum_pretrain.data as data
+    from alum_pretrain.data.loader import PretrainLoader
+
+    assert data.PretrainLoader is PretrainLoader
+    assert set(data.__all__) <= set(dir(data)) | set(data._TENSOR_MODULES)
