@@ -374,8 +374,7 @@ def heldout_mlm_accuracy(hf_dir: Path, databin: Path, seq_len: int, *, seed: int
     masked, labels = mask_tokens(x, rate, mask_id=sp["mask"], special_mask=special, random_pool=pool,
                                  generator=step_generator(seed, 0, stream=7))
     train = db.split(0, "train")
-    counts = np.bincount(np.asarray(train.ds._bin[: int(np.asarray(train.sizes, dtype=np.int64).sum()) * train.ds.dtype.itemsize]
-                                    .view(train.ds.dtype), dtype=np.int64) - db.id_offset, minlength=db.vocab_size)
+    counts = np.bincount(np.asarray(train.ds.all_tokens(), dtype=np.int64) - db.id_offset, minlength=db.vocab_size)
     counts[sorted(set(sp.values()))] = 0
     top = int(counts.argmax())
     model = AutoModelForMaskedLM.from_pretrained(str(hf_dir)).eval()

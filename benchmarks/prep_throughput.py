@@ -229,8 +229,8 @@ def main(argv=None) -> int:
 
         fs = MMapIndexedDataset(best_dest / "train")
         ours = MMapIndexedDataset(ref / "shard0" / "train")
-        f_ids = np.asarray(fs._bin[: int(fs.sizes.astype(np.int64).sum()) * fs.dtype.itemsize].view(fs.dtype), dtype=np.int64)
-        o_ids = np.asarray(ours._bin[: int(ours.sizes.astype(np.int64).sum()) * ours.dtype.itemsize].view(ours.dtype), dtype=np.int64)
+        f_ids = np.asarray(fs.all_tokens(), dtype=np.int64)
+        o_ids = np.asarray(ours.all_tokens(), dtype=np.int64)
         f_ids = f_ids[f_ids != 2]
         same_vocab_ids = np.intersect1d(np.unique(f_ids), np.unique(o_ids)).size / max(np.unique(f_ids).size, 1)
         print(f"id check: fairseq {f_ids.size} tokens, alum-prep {o_ids.size} tokens (alum-prep drops WikiText titles/"

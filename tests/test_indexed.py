@@ -86,6 +86,29 @@ def test_merge_concatenates_items_and_documents(tmp_path):
         assert (tmp_path / f"m.{ext}").read_bytes() == (tmp_path / f"one.{ext}").read_bytes()
 
 
+def test_all_tokens_is_every_item_in_order(tmp_path):
+    build(tmp_path / "a")
+    ds = MMapIndexedDataset(tmp_path / "a")
+    flat = ds.all_tokens()
+    assert flat.dtype == ds.dtype and flat.tolist() == [t for item in ITEMS for t in item]
+    assert np.shares_memory(flat, ds[0])  # a view of the memory map, not a copy
+    IndexedDatasetBuilder(tmp_path / "e", vocab_size=10).finalize()
+    assert MMapIndexedDataset(tmp_path / "e").all_tokens().size == 0
+    # items that do not start at offset 0 (readable one by one) are not one flat run of tokens
+    sizes = [len(i) for i in ITEMS]
+    idx = bytearray(expected_idx(sizes, 8, 2))  # code 8 = uint16
+    ptr_at = 26 + 4 * len(sizes)
+    for k in range(len(sizes)):
+        p = struct.unpack_from("<q", idx, ptr_at + 8 * k)[0]
+        struct.pack_into("<q", idx, ptr_at + 8 * k, p + 2)
+    (tmp_path / "s.idx").write_bytes(bytes(idx))
+    (tmp_path / "s.bin").write_bytes(b"\0\0" + (tmp_path / "a.bin").read_bytes())
+    shifted = MMapIndexedDataset(tmp_path / "s")
+    assert shifted[4].tolist() == ITEMS[4]
+    with pytest.raises(ValueError, match="back to back"):
+        shifted.all_tokens()
+
+
 def test_empty_dataset_and_truncation(tmp_path):
     IndexedDatasetBuilder(tmp_path / "e", vocab_size=10).finalize()
     e = MMapIndexedDataset(tmp_path / "e")

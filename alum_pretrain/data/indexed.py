@@ -241,6 +241,18 @@ class MMapIndexedDataset:
     def num_docs(self) -> int:
         return 0 if self.doc_starts is None else len(self.doc_starts) - 1
 
+    def all_tokens(self) -> np.ndarray:
+        """Every item's tokens, concatenated in item order: a zero-copy view of ``.bin`` in the on-disk dtype.
+
+        The builder writes items back to back from offset 0, so this is the first ``sizes.sum()`` tokens of
+        the file; an index whose pointers say otherwise is refused with :class:`ValueError`.
+        """
+        n = int(self.sizes.astype(np.int64).sum())
+        if len(self) and (int(self.pointers[0]) != 0
+                          or int(self.pointers[-1]) + int(self.sizes[-1]) * self.dtype.itemsize != n * self.dtype.itemsize):
+            raise ValueError(f"{self.prefix}.idx: items are not stored back to back from offset 0")
+        return self._bin[: n * self.dtype.itemsize].view(self.dtype)
+
     def document(self, d: int) -> list[np.ndarray]:
         """The items of document ``d``."""
         if self.doc_starts is None:
