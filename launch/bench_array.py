@@ -22,7 +22,7 @@ from pathlib import Path
 from alum_pretrain.atomic import write_text
 from alum_pretrain.config import add_dataclass_arguments, opt
 
-from .slurm import _sbatch_resource_lines, env_pairs, submit
+from .slurm import sbatch_resource_lines, env_pairs, submit
 from .spec import Resources, check_job_name, shell_join
 
 
@@ -66,7 +66,7 @@ def render(name: str, res: Resources, bench_argv: list[str], log: Path, *, array
     lines = ["#!/bin/bash", f"# {header}", f"#SBATCH --job-name={name}", "#SBATCH --nodes=1", "#SBATCH --ntasks=1"]
     if array:
         lines.append(f"#SBATCH --array={array}")
-    lines += _sbatch_resource_lines(res)
+    lines += sbatch_resource_lines(res)
     lines += [f"#SBATCH --output={log}", "#SBATCH --open-mode=append", "#SBATCH --requeue", "", "set -euo pipefail"]
     lines += list(prologue)
     lines += [f"export {k}={shlex.quote(v)}" for k, v in env]

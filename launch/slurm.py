@@ -81,7 +81,8 @@ def env_pairs(items: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def _sbatch_resource_lines(res: Resources) -> list[str]:
+def sbatch_resource_lines(res: Resources) -> list[str]:
+    """The ``#SBATCH`` lines for GPUs, CPUs, memory, time and placement (shared with the benchmark array)."""
     lines = []
     if res.gpus_per_node > 0:
         # --gres works on every SLURM with GPUs configured as gres (cons_res and cons_tres alike).
@@ -181,22 +182,21 @@ def _flag_lines(argv: list[str], per_line: int = 4) -> list[str]:
 
 
 def _on_signal(res: Resources, job: Job) -> str:
+    """The batch shell's handler for the stop signal: pass SIGUSR1 on to the step, whose trainer saves and exits."""
     sig = res.signal_name
     if job.engine == "native":
-        return f"""on_stop_signal() {{
-  [ -n "$STOPPING" ] && return 0
-  STOPPING={sig}
-  log "got SIG{sig}: asking alum-train to save a checkpoint and exit (SIGUSR1 to every process of the step)"
-  # srun relays the signal to every process of the step on every node; alum-train's workers finish the
-  # current step, save and exit 0; torchrun ignores it and exits 0 after its workers.
-  kill -USR1 "$STEP_PID" 2>/dev/null || log "could not signal the step (already finished?)"
-}}"""
+        trainer, saves, how = "alum-train", "a checkpoint", (
+            "alum-train's workers finish the\n"
+            "  # current step, save and exit 0; torchrun ignores it and exits 0 after its workers.")
+    else:
+        trainer, saves, how = "fairseq-train", "checkpoint_last.pt", (
+            "the plugin's handler makes every\n"
+            "  # rank stop after the current update, save and exit 0 (fairseq-train's launcher shell ignores it).")
     return f"""on_stop_signal() {{
   [ -n "$STOPPING" ] && return 0
   STOPPING={sig}
-  log "got SIG{sig}: asking fairseq-train to save checkpoint_last.pt and exit (SIGUSR1 to every process of the step)"
-  # srun relays the signal to every process of the step on every node; the plugin's handler makes every
-  # rank stop after the current update, save and exit 0 (fairseq-train's launcher shell ignores it).
+  log "got SIG{sig}: asking {trainer} to save {saves} and exit (SIGUSR1 to every process of the step)"
+  # srun relays the signal to every process of the step on every node; {how}
   kill -USR1 "$STEP_PID" 2>/dev/null || log "could not signal the step (already finished?)"
 }}"""
 
@@ -233,7 +233,7 @@ def render(res: Resources, job: Job) -> str:
         "JOB_NAME": job.name,
         "SCRIPT": shlex.quote(str(job.script_path)),
         "NODES": str(res.nodes),
-        "SBATCH_RESOURCES": "\n".join(_sbatch_resource_lines(res)),
+        "SBATCH_RESOURCES": "\n".join(sbatch_resource_lines(res)),
         "LOG": str(job.log_pattern),
         "SIGNAL": res.signal,
         "SIGNAL_NAME": res.signal_name,
@@ -281,4 +281,4 @@ def submit(script: Path, sbatch: str = "sbatch") -> str:
     return proc.stdout.strip().split(";")[0]
 
 
-__all__ = ["Job", "render", "write_script", "submit"]
+__all__ = ["Job", "render", "sbatch_resource_lines", "write_script", "submit"]

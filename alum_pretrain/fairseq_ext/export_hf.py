@@ -174,11 +174,11 @@ def load_checkpoint(path: str | os.PathLike, trust: bool = False) -> tuple[dict[
         model_cfg, task_cfg = args, args
     if not model_cfg:
         raise FairseqExportError(f"{path}: the checkpoint has no model configuration ('cfg' or 'args')")
-    sd = {_upgrade_key(k): v for k, v in state["model"].items()}
+    sd = {upgrade_key(k): v for k, v in state["model"].items()}
     return sd, model_cfg, task_cfg
 
 
-def _upgrade_key(k: str) -> str:
+def upgrade_key(k: str) -> str:
     """Old fairseq RoBERTa names -> current ones (as RobertaModel.upgrade_state_dict_named does)."""
     if k.startswith("decoder."):
         k = "encoder." + k[len("decoder."):]

@@ -31,7 +31,7 @@ import torch
 
 from ..atomic import atomic_file
 from ..data.databin import FAIRSEQ_NSPECIAL, MANIFEST, DataBin
-from .export_hf import FairseqExportError, _upgrade_key, load_checkpoint_state
+from .export_hf import FairseqExportError, upgrade_key, load_checkpoint_state
 
 VOCAB_KEYS = ("encoder.sentence_encoder.embed_tokens.weight", "encoder.lm_head.weight", "encoder.lm_head.bias")
 
@@ -60,7 +60,7 @@ def remap_checkpoint(src: str | os.PathLike, databin: str | os.PathLike, out: st
         n_dict = sum(1 for line in fh if line.strip())
     rows = FAIRSEQ_NSPECIAL + n_dict + 1  # fairseq's specials + dict.txt + the task's <mask>
     state = load_checkpoint_state(src)
-    model = state["model"] = {_upgrade_key(k): v for k, v in state["model"].items()}  # decoder.* -> encoder.*
+    model = state["model"] = {upgrade_key(k): v for k, v in state["model"].items()}  # decoder.* -> encoder.*
     for k in VOCAB_KEYS:
         if k in model:
             model[k] = remap_rows(model[k], src_off=src_id_offset, dst_off=dst_off, vocab=vocab, mask_id=mask_id,

@@ -14,7 +14,7 @@ from typing import Optional
 
 from ..atomic import atomic_file, write_json
 from ..config import config_from_dict, config_to_dict
-from .bench_suite import RobustSetSpec, Suite, TaskEntry, _flat, _merge
+from .bench_suite import RobustSetSpec, Suite, TaskEntry, deep_merge, flatten_keys
 from .config import FinetuneConfig
 from .robust_sets import LabelledSet, map_labels, model_labels
 from .tasks import get_task
@@ -64,8 +64,8 @@ def plan_runs(suite: Suite, checkpoints: dict[str, str], out: Path, overrides: O
             for m in t.methods:
                 for s in suite.seeds:
                     d = out / "runs" / ck / t.name / m / f"seed{s}"
-                    raw = _merge(t.finetune, overrides or {})
-                    raw = _merge(raw, {"model": {"path": path}, "data": {"task": t.task, "train": t.train,
+                    raw = deep_merge(t.finetune, overrides or {})
+                    raw = deep_merge(raw, {"model": {"path": path}, "data": {"task": t.task, "train": t.train,
                                                                           "dev": t.dev},
                                        "run": {"method": m, "seed": s, "out": str(d)}})
                     where = f"{suite.path}: task {t.name!r}"
@@ -79,7 +79,7 @@ def plan_runs(suite: Suite, checkpoints: dict[str, str], out: Path, overrides: O
 
 
 def _comparable(d: dict) -> dict:
-    flat = _flat(d)
+    flat = flatten_keys(d)
     return {k: v for k, v in flat.items() if k not in _SPEED_ONLY}
 
 

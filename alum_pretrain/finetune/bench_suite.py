@@ -89,18 +89,20 @@ class Suite:
     tasks: list
 
 
-def _merge(base: dict, over: dict) -> dict:
+def deep_merge(base: dict, over: dict) -> dict:
+    """A deep copy of ``base`` with ``over`` laid on top, nested dicts merged key by key."""
     out = copy.deepcopy(base)
     for k, v in (over or {}).items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
     return out
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
+def flatten_keys(d: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (nested dicts with string keys become dotted keys)."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict) and v and all(isinstance(x, str) for x in v):
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flatten_keys(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -162,8 +164,8 @@ def load_suite(path: str | Path) -> Suite:
             methods = [methods]
         if not isinstance(methods, list) or not methods or len(set(methods)) != len(methods):
             raise ValueError(f"{w}: methods must be a non-empty list of distinct alum-finetune methods")
-        ft = _merge(defaults, t.get("finetune") or {})
-        clash = [k for k in _flat(ft) if k in _RUN_KEYS]
+        ft = deep_merge(defaults, t.get("finetune") or {})
+        clash = [k for k in flatten_keys(ft) if k in _RUN_KEYS]
         if clash:
             raise ValueError(f"{w}: finetune sets {clash}; alum-bench sets these per run (use the suite's "
                              "train/dev/task/methods/seeds and --checkpoints/--out)")
