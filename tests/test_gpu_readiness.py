@@ -10,27 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from launch import cli
+from launch_helpers import run_launcher, run_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run_yaml(tmp_path: Path, alum_alpha: float = 10.0, **train) -> Path:
-    data = tmp_path / "data-bin"
-    data.mkdir(exist_ok=True)
-    cfg = {"data": {"path": str(data), "mode": "blocks", "nsp": False}, "alum": {"alpha": alum_alpha},
-           "train": {"output_dir": str(tmp_path / "runs" / "g"), **train}}
-    p = tmp_path / "run.yaml"
-    p.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    return p
-
-
-def _launch(argv, capsys):
-    rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
+    return run_yaml(tmp_path, "g", data={"mode": "blocks", "nsp": False}, sections={"alum": {"alpha": alum_alpha}},
+                    **train)
 
 
 def _srun_lines(script: str) -> list[str]:
@@ -43,12 +31,12 @@ def _srun_lines(script: str) -> list[str]:
 
 def test_fairseq_fp16_with_alum_emits_amp_and_bf16_is_refused(tmp_path, capsys):
     run = _run_yaml(tmp_path, precision="fp16", global_batch_size=32, batch_size=2)
-    rc, script, err = _launch(["slurm", "--config", run, "--engine", "fairseq", "--dry-run"], capsys)
+    rc, script, err = run_launcher(["slurm", "--config", run, "--engine", "fairseq", "--dry-run"], capsys)
     assert rc == 0, err
     assert " --amp" in script and "--fp16" not in script and "--bf16" not in script
 
     run = _run_yaml(tmp_path, precision="bf16", global_batch_size=32, batch_size=2)
-    rc, script, err = _launch(["slurm", "--config", run, "--engine", "fairseq", "--dry-run"], capsys)
+    rc, script, err = run_launcher(["slurm", "--config", run, "--engine", "fairseq", "--dry-run"], capsys)
     assert rc == 2 and script == ""
     assert "--train.precision=bf16" in err and "TPU/XLA" in err and "--train.precision=fp16" in err
 
@@ -67,7 +55,7 @@ def test_fairseq_precision_mapping(precision, alpha, gpus, want):
 
 def test_preset_precision_override_is_reported(tmp_path, capsys):
     run = _run_yaml(tmp_path, precision="bf16")
-    rc, script, err = _launch(["slurm", "--config", run, "--preset", "bert-base-scratch", "--dry-run"], capsys)
+    rc, script, err = run_launcher(["slurm", "--config", run, "--preset", "bert-base-scratch", "--dry-run"], capsys)
     assert rc == 0, err
     assert "train.precision=bf16 overrides the preset's fp16" in err and "compute capability 8.0" in err
 
@@ -83,7 +71,7 @@ def test_every_srun_has_cpus_per_task(tmp_path, capsys, engine, cpus):
     argv = ["slurm", "--config", run, "--engine", engine, "--nodes", 2, "--dry-run"]
     if cpus:
         argv += ["--cpus-per-task", cpus]
-    rc, script, err = _launch(argv, capsys)
+    rc, script, err = run_launcher(argv, capsys)
     assert rc == 0, err
     sruns = _srun_lines(script)
     assert sruns
@@ -97,7 +85,7 @@ def test_node_setup_picks_gloo_interface_and_writes_a_per_node_log(tmp_path, cap
     """Run the generated ``alum_node_setup`` in bash as a step task would: it tees the task's output into
     slurm/NAME-JOBID-nodeN.log, keeps an explicit GLOO_SOCKET_IFNAME, never picks the loopback."""
     run = _run_yaml(tmp_path)
-    rc, script, err = _launch(["slurm", "--config", run, "--nodes", 2, "--job-name", "g", "--dry-run"], capsys)
+    rc, script, err = run_launcher(["slurm", "--config", run, "--nodes", 2, "--job-name", "g", "--dry-run"], capsys)
     assert rc == 0, err
     func = re.search(r"^alum_node_setup\(\) \{.*?^\}$", script, re.S | re.M)
     assert func, script

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import yaml
 
 from launch import cli
 from launch.spec import Resources, load_preset, preset_names, split_batch
+from launch_helpers import run_launcher, run_yaml, step_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,23 +79,12 @@ def test_presets_encode_the_paper_runs():
 
 
 def _run_yaml(tmp_path: Path, **train) -> Path:
-    data = tmp_path / "data-bin"
-    data.mkdir(exist_ok=True)
-    cfg = {"data": {"path": str(data)}, "train": {"output_dir": str(tmp_path / "runs" / "bert-alum"), **train}}
-    p = tmp_path / "run.yaml"
-    p.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    return p
-
-
-def _launch(argv, capsys):
-    rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
+    return run_yaml(tmp_path, "bert-alum", **train)
 
 
 def test_preset_batch_split_goes_into_the_resolved_config(tmp_path, capsys):
     run = _run_yaml(tmp_path)
-    rc, script, err = _launch(["slurm", "--config", run, "--preset", "bert-base-scratch", "--dry-run"], capsys)
+    rc, script, err = run_launcher(["slurm", "--config", run, "--preset", "bert-base-scratch", "--dry-run"], capsys)
     assert rc == 0, err
     out = tmp_path / "runs" / "bert-alum"
     cfg = yaml.safe_load((out / "slurm" / "bert-alum.yaml").read_text())
@@ -103,35 +92,36 @@ def test_preset_batch_split_goes_into_the_resolved_config(tmp_path, capsys):
     assert cfg["alum"]["start_step"] == 500_000 and cfg["train"]["device"] == "cuda"
     assert cfg["train"]["output_dir"] == str(out) and cfg["data"]["path"] == str(tmp_path / "data-bin")
     # 2 DGX-2 and at most 4 per GPU: 256 = 4 x 2 x 32
-    rc, script, err = _launch(["slurm", "--config", run, "--preset", "bert-base-scratch", "--nodes", 2,
-                               "--max-micro-batch", 4, "--dry-run"], capsys)
+    rc, script, err = run_launcher(["slurm", "--config", run, "--preset", "bert-base-scratch", "--nodes", 2,
+                                    "--max-micro-batch", 4, "--dry-run"], capsys)
     cfg = yaml.safe_load((out / "slurm" / "bert-alum.yaml").read_text())
     assert (cfg["train"]["batch_size"], cfg["train"]["grad_accum"]) == (4, 2)
     assert "--nodes=2" in script
     # 256 over 3 nodes x 16 GPUs does not divide: a clear error, exit 2
-    rc, _, err = _launch(["slurm", "--config", run, "--preset", "bert-base-scratch", "--nodes", 3, "--dry-run"], capsys)
+    rc, _, err = run_launcher(["slurm", "--config", run, "--preset", "bert-base-scratch", "--nodes", 3, "--dry-run"],
+                              capsys)
     assert rc == 2 and "does not divide over 48 processes" in err
 
 
 def test_run_yaml_and_engine_overrides_win_over_the_preset(tmp_path, capsys):
     run = _run_yaml(tmp_path, max_steps=2000)
-    rc, _, err = _launch(["slurm", "--config", run, "--preset", "bert-base-scratch", "--dry-run", "--",
-                          "--optim.lr=5e-5", "--alum.start_step=1000"], capsys)
+    rc, _, err = run_launcher(["slurm", "--config", run, "--preset", "bert-base-scratch", "--dry-run", "--",
+                               "--optim.lr=5e-5", "--alum.start_step=1000"], capsys)
     assert rc == 0, err
     cfg = yaml.safe_load((tmp_path / "runs" / "bert-alum" / "slurm" / "bert-alum.yaml").read_text())
     assert (cfg["train"]["max_steps"], cfg["optim"]["lr"], cfg["alum"]["start_step"]) == (2000, 5e-5, 1000)
-    rc, _, err = _launch(["slurm", "--config", run, "--dry-run", "--", "--optim.lr=-1"], capsys)
+    rc, _, err = run_launcher(["slurm", "--config", run, "--dry-run", "--", "--optim.lr=-1"], capsys)
     assert rc == 2 and "optim.lr" in err
 
 
 def test_continual_preset_requires_init_from(tmp_path, capsys):
     run = _run_yaml(tmp_path)
-    rc, _, err = _launch(["slurm", "--config", run, "--preset", "roberta-base-continual", "--dry-run"], capsys)
+    rc, _, err = run_launcher(["slurm", "--config", run, "--preset", "roberta-base-continual", "--dry-run"], capsys)
     assert rc == 2 and "model.init_from is required" in err
     init = tmp_path / "roberta-base-hf"
     init.mkdir()
-    rc, _, err = _launch(["slurm", "--config", run, "--preset", "roberta-base-continual", "--dry-run", "--",
-                          f"--model.init_from={init}"], capsys)
+    rc, _, err = run_launcher(["slurm", "--config", run, "--preset", "roberta-base-continual", "--dry-run", "--",
+                               f"--model.init_from={init}"], capsys)
     assert rc == 0, err
     cfg = yaml.safe_load((tmp_path / "runs" / "bert-alum" / "slurm" / "bert-alum.yaml").read_text())
     assert (cfg["train"]["batch_size"], cfg["train"]["grad_accum"]) == (8, 1)  # 256 over 2 x 16 GPUs
@@ -141,28 +131,20 @@ def test_continual_preset_requires_init_from(tmp_path, capsys):
 def test_bad_config_key_is_named(tmp_path, capsys):
     run = tmp_path / "run.yaml"
     run.write_text("data: {path: /x}\ntrain: {max_step: 10}\n")
-    rc, _, err = _launch(["slurm", "--config", run, "--dry-run"], capsys)
+    rc, _, err = run_launcher(["slurm", "--config", run, "--dry-run"], capsys)
     assert rc == 2 and "train.max_step" in err and "max_steps" in err
 
 
 # ------------------------------------------------------------------------------------------------------
 # Generated scripts: 1, 2, 4 nodes
 # ------------------------------------------------------------------------------------------------------
-def _step_command(script: str) -> list[str]:
-    """The srun ... command of the script as argv (continuation lines joined; `&` dropped)."""
-    m = re.search(r"^srun .*?&$", script, re.S | re.M)
-    assert m, "no srun step in the script"
-    text = m.group(0).replace("\\\n", " ")[:-1]
-    return shlex.split(text)
-
-
 @pytest.mark.parametrize("nodes", [1, 2, 4])
 def test_native_script_wiring(tmp_path, capsys, nodes):
     run = _run_yaml(tmp_path, global_batch_size=256, batch_size=64)
-    rc, script, err = _launch(["slurm", "--config", run, "--nodes", nodes, "--gpus-per-node", 16, "--time",
-                               "48:00:00", "--partition", "dgx2", "--account", "nlp", "--qos", "high",
-                               "--constraint", "volta32gb", "--cpus-per-task", 96, "--mem", "0",
-                               "--max-requeues", 5, "--signal", "USR1@240", "--dry-run"], capsys)
+    rc, script, err = run_launcher(["slurm", "--config", run, "--nodes", nodes, "--gpus-per-node", 16, "--time",
+                                    "48:00:00", "--partition", "dgx2", "--account", "nlp", "--qos", "high",
+                                    "--constraint", "volta32gb", "--cpus-per-task", 96, "--mem", "0",
+                                    "--max-requeues", 5, "--signal", "USR1@240", "--dry-run"], capsys)
     assert rc == 0, err
     path = tmp_path / "runs" / "bert-alum" / "slurm" / "bert-alum.sbatch"
     assert path.read_text() == script and os.access(path, os.X_OK)
@@ -179,7 +161,7 @@ def test_native_script_wiring(tmp_path, capsys, nodes):
                  "export NCCL_DEBUG=", 'kill -USR1 "$STEP_PID"'):
         assert line in script, line
     assert "SLURM_JOB_ID" not in script.split("OUTPUT_DIR=")[1].splitlines()[0]  # per job name, not id
-    argv = _step_command(script)
+    argv = step_command(script)
     assert argv[:5] == ["srun", "--nodes=$SLURM_NNODES", "--ntasks-per-node=1", "--cpus-per-task=96",
                         "--kill-on-bad-exit=1"]  # srun no longer inherits sbatch's --cpus-per-task
     assert argv[5:8] == ["bash", "-c", 'trap "" USR1; alum_node_setup; exec "$@"']
@@ -199,11 +181,11 @@ def test_native_script_wiring(tmp_path, capsys, nodes):
 
 def test_cpu_script_has_no_gpus_and_one_process_per_node(tmp_path, capsys):
     run = _run_yaml(tmp_path)
-    rc, script, err = _launch(["slurm", "--config", run, "--nodes", 2, "--gpus-per-node", 0, "--dry-run"], capsys)
+    rc, script, err = run_launcher(["slurm", "--config", run, "--nodes", 2, "--gpus-per-node", 0, "--dry-run"], capsys)
     assert rc == 0, err
     subprocess.run(["bash", "-n", "-c", script], check=True)
     assert "--gres" not in script and "NCCL_DEBUG" not in script
-    tr = _step_command(script)
+    tr = step_command(script)
     assert tr[tr.index("--nproc_per_node") + 1] == "1"
     cfg = yaml.safe_load((tmp_path / "runs" / "bert-alum" / "slurm" / "bert-alum.yaml").read_text())
     assert cfg["train"]["device"] == "cpu"
@@ -212,10 +194,11 @@ def test_cpu_script_has_no_gpus_and_one_process_per_node(tmp_path, capsys):
 @pytest.mark.parametrize("nodes", [1, 2, 4])
 def test_fairseq_script_wiring(tmp_path, capsys, nodes):
     run = _run_yaml(tmp_path, global_batch_size=256, batch_size=8, max_steps=100000, precision="fp16")
-    rc, script, err = _launch(["slurm", "--config", run, "--engine", "fairseq", "--nodes", nodes, "--dry-run"], capsys)
+    rc, script, err = run_launcher(["slurm", "--config", run, "--engine", "fairseq", "--nodes", nodes, "--dry-run"],
+                                   capsys)
     assert rc == 0, err
     subprocess.run(["bash", "-n", "-c", script], check=True)
-    argv = _step_command(script)
+    argv = step_command(script)
     fs = argv[argv.index("fairseq-train"):]
     assert fs[1] == str(tmp_path / "data-bin")
     opts = {a: b for a, b in zip(fs, fs[1:] + [""]) if a.startswith("--")}
@@ -240,7 +223,7 @@ def test_fairseq_knob_flags_follow_the_one_rule(tmp_path, capsys):
     cfg["alum"] = {"k_steps": 2, "start_step": 30, "divergence": "sym_kl", "include_nsp": True, "projection": "l2"}
     cfg["masking"] = {"mask_prob": 0.7, "random_prob": 0.2, "whole_word": True, "schedule": "constant"}
     run.write_text(yaml.safe_dump(cfg))
-    rc, script, err = _launch(["slurm", "--config", run, "--engine", "fairseq", "--dry-run"], capsys)
+    rc, script, err = run_launcher(["slurm", "--config", run, "--engine", "fairseq", "--dry-run"], capsys)
     assert rc == 0, err
     fs = _fairseq_flags_of(script)
     opts = {a: b for a, b in zip(fs, fs[1:] + [""]) if a.startswith("--")}
@@ -255,7 +238,7 @@ def test_fairseq_knob_flags_follow_the_one_rule(tmp_path, capsys):
 
 
 def _fairseq_flags_of(script: str) -> list[str]:
-    argv = _step_command(script)
+    argv = step_command(script)
     fs = argv[argv.index("fairseq-train") + 1:]
     return [a.replace("$PORT", "29511") for a in fs]
 
@@ -283,7 +266,8 @@ def test_fairseq_infers_ranks_from_the_generated_flags(tmp_path, capsys, monkeyp
 
     run = _run_yaml(tmp_path, global_batch_size=256, batch_size=8, max_steps=1000)
     (tmp_path / "data-bin" / "manifest.json").write_text("{}")
-    rc, script, err = _launch(["slurm", "--config", run, "--engine", "fairseq", "--nodes", nodes, "--dry-run"], capsys)
+    rc, script, err = run_launcher(["slurm", "--config", run, "--engine", "fairseq", "--nodes", nodes, "--dry-run"],
+                                   capsys)
     assert rc == 0, err
     flags = _fairseq_flags_of(script)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 16)
@@ -331,9 +315,9 @@ dist.destroy_process_group()
 def test_two_node_rendezvous_of_the_generated_command(tmp_path, capsys):
     """Run the script's torchrun line as two agents (nodes) x 2 processes, with a probe as the program."""
     run = _run_yaml(tmp_path)
-    rc, script, err = _launch(["slurm", "--config", run, "--nodes", 2, "--gpus-per-node", 0, "--dry-run"], capsys)
+    rc, script, err = run_launcher(["slurm", "--config", run, "--nodes", 2, "--gpus-per-node", 0, "--dry-run"], capsys)
     assert rc == 0, err
-    argv = _step_command(script)
+    argv = step_command(script)
     tr = argv[argv.index("torchrun"):]
     tr = tr[:tr.index("-m")]  # the launcher part; the probe replaces alum_pretrain.train
     tr[tr.index("--nproc_per_node") + 1] = "2"
@@ -367,7 +351,7 @@ def test_two_node_rendezvous_of_the_generated_command(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------------
 def test_local_dry_run_command(tmp_path, capsys):
     run = _run_yaml(tmp_path, global_batch_size=8, batch_size=8)
-    rc, _, err = _launch(["local", "--config", run, "--device", "cpu", "--nproc-per-node", 2, "--dry-run"], capsys)
+    rc, _, err = run_launcher(["local", "--config", run, "--device", "cpu", "--nproc-per-node", 2, "--dry-run"], capsys)
     assert rc == 0, err
     assert "torch.distributed.run --standalone --nproc_per_node 2 -m alum_pretrain.train --config" in err
     cfg = yaml.safe_load((tmp_path / "runs" / "bert-alum" / "launch" / "local.yaml").read_text())
@@ -403,35 +387,35 @@ def test_flags_parse_into_the_option_dataclasses():
 
 def test_no_exclusive_overrides_the_preset_and_bad_env_is_an_error(tmp_path, capsys):
     run = _run_yaml(tmp_path)
-    rc, script, err = _launch(["slurm", "--config", run, "--preset", "bert-base-scratch", "--dry-run"], capsys)
+    rc, script, err = run_launcher(["slurm", "--config", run, "--preset", "bert-base-scratch", "--dry-run"], capsys)
     assert rc == 0 and "#SBATCH --exclusive" in script, err  # the preset's
-    rc, script, err = _launch(["slurm", "--config", run, "--preset", "bert-base-scratch", "--no-exclusive",
-                               "--dry-run"], capsys)
+    rc, script, err = run_launcher(["slurm", "--config", run, "--preset", "bert-base-scratch", "--no-exclusive",
+                                    "--dry-run"], capsys)
     assert rc == 0 and "#SBATCH --exclusive" not in script, err
-    rc, script, err = _launch(["slurm", "--config", run, "--env", "A=1", "--env", "B=x=y", "--dry-run"], capsys)
+    rc, script, err = run_launcher(["slurm", "--config", run, "--env", "A=1", "--env", "B=x=y", "--dry-run"], capsys)
     assert rc == 0 and "export A=1\n" in script and "export B=x=y\n" in script, err
-    rc, _, err = _launch(["slurm", "--config", run, "--env", "1A=2", "--dry-run"], capsys)
+    rc, _, err = run_launcher(["slurm", "--config", run, "--env", "1A=2", "--dry-run"], capsys)
     assert rc == 2 and "--env '1A=2': use KEY=VALUE" in err
 
 
 def test_missing_data_is_an_error_unless_dry_run(tmp_path, capsys):
     run = tmp_path / "run.yaml"
     run.write_text(f"data: {{path: {tmp_path}/nowhere}}\ntrain: {{output_dir: {tmp_path}/out}}\n")
-    rc, _, err = _launch(["slurm", "--config", run], capsys)
+    rc, _, err = run_launcher(["slurm", "--config", run], capsys)
     assert rc == 2 and f"data.path {tmp_path}/nowhere is not a folder" in err
     assert not (tmp_path / "out" / "slurm").exists()  # nothing written, nothing submitted
-    rc, script, err = _launch(["slurm", "--config", run, "--dry-run"], capsys)
+    rc, script, err = run_launcher(["slurm", "--config", run, "--dry-run"], capsys)
     assert rc == 0 and "WARNING: data.path" in err and script.startswith("#!/bin/bash")
 
 
 def test_usr2_signal_is_trapped_ignored_by_the_step_and_forwarded_as_usr1(tmp_path, capsys):
     run = _run_yaml(tmp_path)
-    rc, script, err = _launch(["slurm", "--config", run, "--signal", "USR2@120", "--dry-run"], capsys)
+    rc, script, err = run_launcher(["slurm", "--config", run, "--signal", "USR2@120", "--dry-run"], capsys)
     assert rc == 0, err
     assert "#SBATCH --signal=B:USR2@120" in script and "trap on_stop_signal USR2" in script
-    assert _step_command(script)[7] == 'trap "" USR1 USR2; alum_node_setup; exec "$@"'
+    assert step_command(script)[7] == 'trap "" USR1 USR2; alum_node_setup; exec "$@"'
     assert 'kill -USR1 "$STEP_PID"' in script  # alum-train's save signal, whatever SLURM sent
-    rc, _, err = _launch(["slurm", "--config", run, "--signal", "KILL@10", "--dry-run"], capsys)
+    rc, _, err = run_launcher(["slurm", "--config", run, "--signal", "KILL@10", "--dry-run"], capsys)
     assert rc == 2 and "--signal" in err
 
 
@@ -440,7 +424,7 @@ def test_run_folder_follows_the_job_name_when_the_config_has_none(tmp_path, caps
     (tmp_path / "data-bin").mkdir()
     run = tmp_path / "run.yaml"
     run.write_text(f"data: {{path: {tmp_path}/data-bin}}\n")
-    rc, script, err = _launch(["slurm", "--config", run, "--job-name", "alum-b1", "--dry-run"], capsys)
+    rc, script, err = run_launcher(["slurm", "--config", run, "--job-name", "alum-b1", "--dry-run"], capsys)
     assert rc == 0, err
     assert f"OUTPUT_DIR={tmp_path}/runs/alum-b1\n" in script and "#SBATCH --job-name=alum-b1" in script
     assert (tmp_path / "runs" / "alum-b1" / "slurm" / "alum-b1.sbatch").exists()

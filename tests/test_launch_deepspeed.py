@@ -16,40 +16,22 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch import cli
 from launch.spec import load_preset
+from launch_helpers import RUNNING, log_lines, run_launcher, run_yaml, started_cluster, step_command, submit, wait_for
 
 HAS_DS = importlib.util.find_spec("deepspeed") is not None
 
 
 def _run_yaml(tmp_path: Path, **train) -> Path:
-    data = tmp_path / "data-bin"
-    data.mkdir(exist_ok=True)
-    cfg = {"data": {"path": str(data)}, "train": {"output_dir": str(tmp_path / "runs" / "ds"), **train}}
-    p = tmp_path / "run.yaml"
-    p.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    return p
-
-
-def _launch(argv, capsys):
-    rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def _step_command(script: str) -> list[str]:
-    import shlex
-
-    m = re.search(r"^srun .*?&$", script, re.S | re.M)
-    return shlex.split(m.group(0).replace("\\\n", " ")[:-1])
+    return run_yaml(tmp_path, "ds", **train)
 
 
 @pytest.mark.parametrize("nodes", [1, 2])
 def test_deepspeed_slurm_script_is_the_native_job_with_train_engine_deepspeed(tmp_path, capsys, nodes):
     run = _run_yaml(tmp_path, global_batch_size=256)
-    rc, script, err = _launch(["slurm", "--config", run, "--engine", "deepspeed", "--nodes", nodes,
-                               "--gpus-per-node", 16, "--max-micro-batch", 8, "--dry-run", "--",
-                               "--deepspeed.zero_stage=3", "--deepspeed.offload_optimizer=cpu"], capsys)
+    rc, script, err = run_launcher(["slurm", "--config", run, "--engine", "deepspeed", "--nodes", nodes,
+                                    "--gpus-per-node", 16, "--max-micro-batch", 8, "--dry-run", "--",
+                                    "--deepspeed.zero_stage=3", "--deepspeed.offload_optimizer=cpu"], capsys)
     assert rc == 0, err
     assert "DeepSpeed ZeRO-3 (train.engine=deepspeed)" in err
     path = tmp_path / "runs" / "ds" / "slurm" / "ds.sbatch"
@@ -57,7 +39,7 @@ def test_deepspeed_slurm_script_is_the_native_job_with_train_engine_deepspeed(tm
     for line in ("#SBATCH --requeue", "trap on_stop_signal USR1", 'scontrol requeue "$SLURM_JOB_ID"',
                  f"#SBATCH --nodes={nodes}", "#SBATCH --ntasks-per-node=1"):
         assert line in script, line
-    argv = _step_command(script)
+    argv = step_command(script)
     tr = argv[argv.index("torchrun"):]
     opts = dict(zip(tr[1::2], tr[2::2]))
     assert opts["--nnodes"] == "$SLURM_NNODES" and opts["--nproc_per_node"] == "16"
@@ -72,13 +54,13 @@ def test_deepspeed_slurm_script_is_the_native_job_with_train_engine_deepspeed(tm
 
 def test_deepspeed_local_dry_run_and_ddp_default(tmp_path, capsys):
     run = _run_yaml(tmp_path)
-    rc, _, err = _launch(["local", "--config", run, "--engine", "deepspeed", "--device", "cpu",
-                          "--nproc-per-node", 2, "--dry-run"], capsys)
+    rc, _, err = run_launcher(["local", "--config", run, "--engine", "deepspeed", "--device", "cpu",
+                               "--nproc-per-node", 2, "--dry-run"], capsys)
     assert rc == 0, err
     assert "torch.distributed.run --standalone --nproc_per_node 2 -m alum_pretrain.train --config" in err
     cfg = yaml.safe_load((tmp_path / "runs" / "ds" / "launch" / "local.yaml").read_text())
     assert cfg["train"]["engine"] == "deepspeed"
-    rc, _, err = _launch(["local", "--config", run, "--device", "cpu", "--dry-run"], capsys)
+    rc, _, err = run_launcher(["local", "--config", run, "--device", "cpu", "--dry-run"], capsys)
     assert rc == 0 and "DeepSpeed" not in err
     assert yaml.safe_load((tmp_path / "runs" / "ds" / "launch" / "local.yaml").read_text())["train"]["engine"] == "ddp"
 
@@ -93,8 +75,8 @@ def test_zero2_preset_for_roberta_large(tmp_path, capsys):
     drop = {"engine"}
     assert {k: v for k, v in p["config"]["train"].items() if k not in drop} == base["config"]["train"]
     run = _run_yaml(tmp_path)
-    rc, script, err = _launch(["slurm", "--config", run, "--preset", "roberta-large-continual-zero2", "--dry-run",
-                               "--", "--model.init_from=/models/roberta-large"], capsys)
+    rc, script, err = run_launcher(["slurm", "--config", run, "--preset", "roberta-large-continual-zero2", "--dry-run",
+                                    "--", "--model.init_from=/models/roberta-large"], capsys)
     assert rc == 0, err
     assert "global batch 256 = 8 per process x 1 accumulation x 32 processes" in err
     assert "DeepSpeed ZeRO-2" in err
@@ -115,16 +97,7 @@ def test_deepspeed_slurm_job_is_preempted_requeued_and_resumes_to_the_uninterrup
     from engine_helpers import final_weights, make_stdlib_databin, max_weight_diff, read_log
     from slurm_cluster import LocalSlurm
 
-    why = LocalSlurm.unavailable()
-    if why:
-        pytest.skip(why)
-    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm-ds"))
-    try:
-        cluster.start()
-    except (RuntimeError, subprocess.CalledProcessError, OSError) as exc:
-        cluster.stop()
-        pytest.skip(f"a local SLURM cluster could not start here: {exc}")
-    try:
+    with started_cluster(lambda: LocalSlurm(tmp_path_factory.mktemp("slurm-ds"))) as cluster:
         databin = make_stdlib_databin(tmp_path / "data-bin", n_docs=40)
         cfg = {"data": {"path": str(databin), "max_seq_len": 32}, "model": {"preset": "tiny", "dropout": 0.0},
                "alum": {"start_step": 3, "epsilon": 1e-3, "noise_std": 1e-3},
@@ -143,26 +116,13 @@ def test_deepspeed_slurm_job_is_preempted_requeued_and_resumes_to_the_uninterrup
 
         # The SLURM job: 1 CPU node = 1 process (the launcher's CPU layout), so batch 2 x 2 accumulation; the
         # reference above splits the same global batch of 4 over 2 processes: the numbers are the same.
-        r = subprocess.run([sys.executable, "-m", "launch.cli", "slurm", "--engine", "deepspeed", "--config", str(run),
-                            "--output-dir", str(out), "--nodes", "1", "--gpus-per-node", "0", "--cpus-per-task", "1",
-                            "--time", "10", "--max-requeues", "1"],
-                           capture_output=True, text=True, env=dict(cluster.env, OMP_NUM_THREADS="1"), timeout=120)
-        assert r.returncode == 0, r.stderr
-        job_id = re.search(r"submitted job (\d+)", r.stdout).group(1)
-        log_file = Path(re.search(r"log: (\S+)", r.stdout).group(1))
-        import time
-
-        deadline = time.time() + 300
-        while time.time() < deadline and not ((out / "log.jsonl").exists()
-                                              and len((out / "log.jsonl").read_text().splitlines()) >= 3):
-            info = cluster.job(job_id)
-            assert info.get("JobState") in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING"), \
-                (info, log_file.read_text()[-3000:] if log_file.exists() else "")
-            time.sleep(0.3)
+        job_id, log_file = submit(cluster, "--engine", "deepspeed", "--config", run, "--output-dir", out, "--nodes", 1,
+                                  "--gpus-per-node", 0, "--cpus-per-task", 1, "--time", 10, "--max-requeues", 1)
+        wait_for(cluster, job_id, log_file, lambda: log_lines(out / "log.jsonl") >= 3, "training progress",
+                 timeout=300, poll=0.3)
         cluster.run("scancel", "--signal=USR1", "--batch", job_id)
         cluster.wait_job(job_id, lambda j: j.get("Restarts") == "1", 180, "the requeue")
-        info = cluster.wait_job(job_id, lambda j: j.get("JobState") not in
-                                ("PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING"), 400, "the end")
+        info = cluster.wait_job(job_id, lambda j: j.get("JobState") not in RUNNING, 400, "the end")
         text = log_file.read_text()
         assert info["JobState"] == "COMPLETED", text[-4000:]
         assert "got SIGUSR1" in text and "requeueing job" in text and "run completed" in text, text[-4000:]
@@ -176,5 +136,3 @@ def test_deepspeed_slurm_job_is_preempted_requeued_and_resumes_to_the_uninterrup
         la = {x["step"]: x for x in read_log(ref)}
         for x in read_log(out):
             assert x["loss"] == pytest.approx(la[x["step"]]["loss"], rel=1e-5), x["step"]
-    finally:
-        cluster.stop()

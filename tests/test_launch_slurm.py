@@ -20,41 +20,26 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from engine_helpers import final_weights, make_stdlib_databin, max_weight_diff, read_log
+from launch_helpers import RUNNING, log_lines, started_cluster, submit, wait_for
 from slurm_cluster import LocalSlurm, NetnsSlurm
 
 pytestmark = pytest.mark.slurm
 STEPS = 30
-RUNNING = ("PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING")
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """Two nodes in network namespaces when possible, else one node; skip when neither starts."""
-    why = LocalSlurm.unavailable()
-    if why:
-        pytest.skip(why)
-    reasons = []
     candidates = [] if NetnsSlurm.unavailable() else [lambda: NetnsSlurm(tmp_path_factory.mktemp("slurm2"), nodes=2)]
     candidates.append(lambda: LocalSlurm(tmp_path_factory.mktemp("slurm1")))
-    for make in candidates:
-        c = make()
-        try:
-            c.start()
-        except (RuntimeError, subprocess.CalledProcessError, OSError) as exc:
-            c.stop()
-            reasons.append(f"{type(c).__name__}: {exc}")
-            continue
+    with started_cluster(*candidates) as c:
         yield c
-        c.stop()
-        return
-    pytest.skip("a local SLURM cluster could not start here: " + " | ".join(reasons))
 
 
 @pytest.fixture(scope="module")
@@ -77,30 +62,6 @@ def _run_yaml(tmp_path: Path, databin: Path, steps: int = STEPS, **train) -> Pat
     return p
 
 
-def _submit(cluster, *argv) -> tuple[str, Path]:
-    """alum-launch slurm ...; returns (job id, log file).  One OpenMP thread per process everywhere."""
-    r = subprocess.run([sys.executable, "-m", "launch.cli", "slurm", *map(str, argv)], capture_output=True,
-                       text=True, env=dict(cluster.env, OMP_NUM_THREADS="1"), timeout=120)
-    assert r.returncode == 0, r.stderr
-    job_id = re.search(r"submitted job (\d+)", r.stdout).group(1)
-    return job_id, Path(re.search(r"log: (\S+)", r.stdout).group(1))
-
-
-def _wait_for(cluster, job_id: str, log_file: Path, ready, what: str, timeout: float = 150) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if ready():
-            return
-        info = cluster.job(job_id)
-        assert info.get("JobState") in RUNNING, (info, log_file.read_text()[-3000:] if log_file.exists() else "")
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}: {log_file.read_text()[-3000:] if log_file.exists() else ''}")
-
-
-def _lines(path: Path) -> int:
-    return len(path.read_text().splitlines()) if path.exists() else 0
-
-
 def test_preempted_job_saves_requeues_and_resumes_to_the_uninterrupted_weights(cluster, databin, tmp_path):
     nodes = len(cluster.node_names)
     run = _run_yaml(tmp_path, databin, global_batch_size=4 * nodes)
@@ -113,11 +74,11 @@ def test_preempted_job_saves_requeues_and_resumes_to_the_uninterrupted_weights(c
          "--nproc-per-node", str(nodes), "--output-dir", str(ref)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
 
-    job_id, log_file = _submit(cluster, "--config", run, "--output-dir", out, "--nodes", nodes, "--gpus-per-node", 0,
-                               "--cpus-per-task", 1, "--time", 10, "--max-requeues", 1)
+    job_id, log_file = submit(cluster, "--config", run, "--output-dir", out, "--nodes", nodes, "--gpus-per-node", 0,
+                              "--cpus-per-task", 1, "--time", 10, "--max-requeues", 1)
     assert log_file == out / "slurm" / f"alum-slurm-test-{job_id}.log"
     # Preempt mid-run: once a few steps are logged, signal the batch shell as SLURM does before the time limit.
-    _wait_for(cluster, job_id, log_file, lambda: _lines(out / "log.jsonl") >= 3, "training progress")
+    wait_for(cluster, job_id, log_file, lambda: log_lines(out / "log.jsonl") >= 3, "training progress")
     cluster.run("scancel", "--signal=USR1", "--batch", job_id)
     cluster.wait_job(job_id, lambda j: j.get("Restarts") == "1", 120, "the requeue")
     info = cluster.wait_job(job_id, lambda j: j.get("JobState") not in RUNNING, 240, "the end")
@@ -164,8 +125,8 @@ def test_fairseq_job_saves_on_signal_requeues_resumes_and_respects_max_requeues(
     steps, interval = 40, 25
     run = _run_yaml(tmp_path, databin, steps=steps)
     out = tmp_path / "runs" / "fairseq-test"
-    job_id, log_file = _submit(cluster, "--engine", "fairseq", "--config", run, "--output-dir", out, "--nodes", 1,
-                               "--gpus-per-node", 0, "--max-requeues", 1, "--", "--save-interval-updates", interval)
+    job_id, log_file = submit(cluster, "--engine", "fairseq", "--config", run, "--output-dir", out, "--nodes", 1,
+                              "--gpus-per-node", 0, "--max-requeues", 1, "--", "--save-interval-updates", interval)
     script = out / "slurm" / "fairseq-test.sbatch"
     updates_re = re.compile(r"num_updates=(\d+)")
     stopped_re = re.compile(r"SIGUSR1 received: saved \S+checkpoint_last\.pt at update (\d+); stopping")
@@ -175,10 +136,10 @@ def test_fairseq_job_saves_on_signal_requeues_resumes_and_respects_max_requeues(
         text = log_file.read_text() if log_file.exists() else ""
         return max(map(int, updates_re.findall(text)), default=0)
 
-    _wait_for(cluster, job_id, log_file, lambda: progress() >= 3, "training progress")
+    wait_for(cluster, job_id, log_file, lambda: progress() >= 3, "training progress")
     cluster.run("scancel", "--signal=USR1", "--batch", job_id)
     cluster.wait_job(job_id, lambda j: j.get("Restarts") == "1", 120, "the requeue")
-    _wait_for(cluster, job_id, log_file, lambda: resumed_re.search(log_file.read_text()) is not None, "the resume")
+    wait_for(cluster, job_id, log_file, lambda: resumed_re.search(log_file.read_text()) is not None, "the resume")
     cluster.run("scancel", "--signal=USR1", "--batch", job_id)  # no requeue left: saves, stops, not requeued
     info = cluster.wait_job(job_id, lambda j: j.get("JobState") not in RUNNING, 240, "the end")
     text = log_file.read_text()

@@ -247,11 +247,11 @@ class MMapIndexedDataset:
         The builder writes items back to back from offset 0, so this is the first ``sizes.sum()`` tokens of
         the file; an index whose pointers say otherwise is refused with :class:`ValueError`.
         """
-        n = int(self.sizes.astype(np.int64).sum())
-        if len(self) and (int(self.pointers[0]) != 0
-                          or int(self.pointers[-1]) + int(self.sizes[-1]) * self.dtype.itemsize != n * self.dtype.itemsize):
+        nbytes = int(self.sizes.astype(np.int64).sum()) * self.dtype.itemsize
+        last_end = int(self.pointers[-1]) + int(self.sizes[-1]) * self.dtype.itemsize if len(self) else 0
+        if len(self) and (int(self.pointers[0]) != 0 or last_end != nbytes):
             raise ValueError(f"{self.prefix}.idx: items are not stored back to back from offset 0")
-        return self._bin[: n * self.dtype.itemsize].view(self.dtype)
+        return self._bin[:nbytes].view(self.dtype)
 
     def document(self, d: int) -> list[np.ndarray]:
         """The items of document ``d``."""
