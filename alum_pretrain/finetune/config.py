@@ -52,10 +52,10 @@ DATA_FORMATS = ("auto", "tsv", "jsonl")
 
 @dataclass
 class TaskDataConfig:
-    """Data: a GLUE task (TSV layouts) or any TSV/JSONL file with named fields."""
+    """The task and how its files are read (format, field names, labels, length), shared by fine-tuning
+    (:class:`DataConfig`) and robustness evaluation (``robust.RDataConfig``); each adds its files and
+    limits after these fields."""
 
-    # The fields shared by fine-tuning (DataConfig) and robustness evaluation (robust.RDataConfig);
-    # each adds its files and limits after these.
     task: str = opt("sst2", f"task: {', '.join(TASK_NAMES)} (custom: give the fields and labels); shorthand --task")
     format: str = opt("auto", "file format: auto (.jsonl/.json = JSON lines, else TSV), tsv, jsonl")
     text_a_field: str = opt("", "column/field of the first text (default: the task's, e.g. 'sentence')")
