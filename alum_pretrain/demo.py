@@ -47,6 +47,7 @@ import re
 import sys
 import sysconfig
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import write_json, write_text
@@ -216,8 +217,27 @@ def _tokenizer_source(init: Path) -> dict:
                      "with the model's own vocabulary")
 
 
-def run_demo(args: argparse.Namespace) -> str:
-    kind, init, model_note = _choose_model(args)
+@dataclass
+class _Plan:
+    """The model kind and training settings of one demo run."""
+
+    kind: str             # continual | scratch
+    init: Path | None     # the folder continued (continual)
+    note: str             # what and why, for the summary
+    steps: int
+    batch: int
+    lr: float
+
+    @property
+    def alum_start(self) -> int:
+        """ALUM for the last fifth of the steps, standard training before (the paper's curriculum)."""
+        return self.steps - max(1, self.steps // ALUM_FRACTION)
+
+
+def _plan(args: argparse.Namespace) -> _Plan:
+    """The model (:func:`_choose_model`) and its steps, batch size and peak LR unless given; ValueError for
+    bad values."""
+    kind, init, note = _choose_model(args)
     d_steps, d_batch, d_lr = DEFAULTS[kind]
     steps = d_steps if args.steps is None else args.steps
     batch = d_batch if args.batch_size is None else args.batch_size
@@ -228,9 +248,10 @@ def run_demo(args: argparse.Namespace) -> str:
         raise ValueError(f"--probes {args.probes}: must be >= 0")
     if not args.fresh_lr_mult > 0:
         raise ValueError(f"--fresh-lr-mult {args.fresh_lr_mult}: must be > 0")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0, c0 = time.time(), cpu_seconds()
+    return _Plan(kind, init, note, steps, batch, lr)
+
+
+def _one_thread_when_busy() -> None:
     import torch
 
     ncpu = os.cpu_count() or 1
@@ -239,42 +260,47 @@ def run_demo(args: argparse.Namespace) -> str:
         torch.set_num_threads(1)
         log.info("load average %.1f > %d CPUs: using one intra-op thread", os.getloadavg()[0], ncpu)
 
-    # 1. corpus
+
+def _corpus(args: argparse.Namespace, out: Path) -> tuple[Path, str]:
+    """Step 1: -> (corpus file, its alum-prep format): ``--corpus``, or the stdlib docstrings (built once)."""
     if args.corpus:
-        corpus, fmt = Path(args.corpus), args.format
+        corpus = Path(args.corpus)
         if not corpus.exists():
             raise ValueError(f"--corpus {corpus}: not found")
-    else:
-        corpus, fmt = out / "corpus.txt", "text"
-        if not corpus.exists():
-            docs = stdlib_documents()
-            write_text_corpus(docs, corpus)
-            log.info("corpus: %d documents, %d paragraphs, %d words of standard-library docstrings -> %s",
-                     len(docs), sum(len(d) for d in docs), sum(len(p.split()) for d in docs for p in d), corpus)
+        return corpus, args.format
+    corpus = out / "corpus.txt"
+    if not corpus.exists():
+        docs = stdlib_documents()
+        write_text_corpus(docs, corpus)
+        log.info("corpus: %d documents, %d paragraphs, %d words of standard-library docstrings -> %s",
+                 len(docs), sum(len(d) for d in docs), sum(len(p.split()) for d in docs for p in d), corpus)
+    return corpus, "text"
 
-    # 2. prepare (with the model's own vocabulary for continual pre-training)
+
+def _prepare(args: argparse.Namespace, plan: _Plan, out: Path, corpus: Path, fmt: str) -> dict:
+    """Step 2: the data-bin ``OUT/data-bin`` (the model's own vocabulary for continual pre-training, a
+    trained WordPiece for scratch); returns its manifest."""
     from data_prep import PrepConfig, prepare
 
-    databin = out / "data-bin"
-    tok_kw = _tokenizer_source(init) if kind == "continual" else {
+    init = plan.init
+    tok_kw = _tokenizer_source(init) if plan.kind == "continual" else {
         "train_tokenizer": "wordpiece", "vocab_size": args.vocab_size, "lowercase": True}
-    cmd = ["alum-demo", "--out", str(out), "--model", kind, *(["--init-from", str(init)] if init else [])]
+    cmd = ["alum-demo", "--out", str(out), "--model", plan.kind, *(["--init-from", str(init)] if init else [])]
     # overwrite: a data-bin of the other model kind (another vocabulary) in the same --out is replaced;
     # the same command reuses the finished data-bin.
-    manifest = prepare(PrepConfig(inputs=[str(corpus)], format=fmt, out=databin, shards=1, valid_fraction=0.02,
-                                  seed=args.seed, progress=True, **tok_kw), overwrite=True, command=cmd)
-    log.info("data-bin ready: %s (%.0fs)", databin, time.time() - t0)
+    return prepare(PrepConfig(inputs=[str(corpus)], format=fmt, out=out / "data-bin", shards=1, valid_fraction=0.02,
+                              seed=args.seed, progress=True, **tok_kw), overwrite=True, command=cmd)
 
-    # 3. pre-train: standard steps, then ALUM for the last fifth
+
+def _train_config(args: argparse.Namespace, plan: _Plan, databin: Path, run_dir: Path):
+    """Step 3's :class:`TrainConfig`: standard steps, then ALUM (alpha 10) from ``plan.alum_start``."""
     from .config import config_from_dict
     from .engine.config import TrainConfig
-    from .train import run_training
 
-    run_dir = out / "run"
-    alum_start = steps - max(1, steps // ALUM_FRACTION)
-    if kind == "continual":
+    lr, steps = plan.lr, plan.steps
+    if plan.kind == "continual":
         data = {"path": str(databin), "mode": "blocks", "nsp": False, "max_seq_len": args.seq_len}
-        model = {"init_from": str(init)}
+        model = {"init_from": str(plan.init)}
         masking = {"schedule": "constant", "constant_rate": CONTINUAL_MASK_RATE}
         optim = {"lr": lr, "warmup_ratio": 0.06, "fresh_lr_mult": args.fresh_lr_mult}
     else:
@@ -282,43 +308,64 @@ def run_demo(args: argparse.Namespace) -> str:
         model = {"preset": args.preset}
         masking = {"schedule": "curriculum"}
         optim = {"lr": lr, "warmup_ratio": 0.05}
-    cfg = config_from_dict(TrainConfig, {
+    return config_from_dict(TrainConfig, {
         "data": data, "model": model, "masking": masking, "optim": optim,
-        "alum": {"alpha": 10.0, "start_step": alum_start},
-        "train": {"output_dir": str(run_dir), "max_steps": steps, "batch_size": batch,
+        "alum": {"alpha": 10.0, "start_step": plan.alum_start},
+        "train": {"output_dir": str(run_dir), "max_steps": steps, "batch_size": plan.batch,
                   "seed": args.seed, "device": args.device, "log_every": max(1, min(10, steps // 10)),
                   "eval_every": max(1, steps // 4), "eval_batches": 4, "save_every": 0, "keep_last": 1},
     })
-    result = run_training(cfg)
-    if not result["completed"]:
-        raise ValueError(f"training stopped at step {result['step']} (signal); re-run the same command to resume")
-    t_train = time.time()
 
-    # 4. export the final checkpoint
-    from .export import export
 
-    hf_dir = out / "hf"
-    export(run_dir, hf_dir, overwrite=True)  # the run folder -> its newest checkpoint
-
-    # 5. evaluate the exported folder through plain transformers
+def _evaluate(args: argparse.Namespace, hf_dir: Path, databin: Path, run_dir: Path) -> dict:
+    """Step 5, through plain transformers: held-out MLM accuracy, fill-mask probes, training curves."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # BertForMaskedLM from a pre-training folder: the NSP head is (rightly) unused
     hf_logging.disable_progress_bar()
     acc = heldout_mlm_accuracy(hf_dir, databin, args.seq_len, seed=args.seed)
     probes = fill_mask_probes(hf_dir, databin, args.probes, seed=args.seed)
-    curves = training_curves(run_dir / "log.jsonl")
+    return {**acc, "curves": training_curves(run_dir / "log.jsonl"),
+            "probes_top5_hits": sum(p["hit"] for p in probes), "probes": probes}
+
+
+def run_demo(args: argparse.Namespace) -> str:
+    """Steps 1-6 of the module docstring; writes ``OUT/summary.json`` and returns the printed summary."""
+    plan = _plan(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0, c0 = time.time(), cpu_seconds()
+    _one_thread_when_busy()
+
+    corpus, fmt = _corpus(args, out)                                       # 1. corpus
+    databin = out / "data-bin"
+    manifest = _prepare(args, plan, out, corpus, fmt)                      # 2. prepare
+    log.info("data-bin ready: %s (%.0fs)", databin, time.time() - t0)
+
+    from .train import run_training
+
+    run_dir = out / "run"                                                  # 3. pre-train
+    result = run_training(_train_config(args, plan, databin, run_dir))
+    if not result["completed"]:
+        raise ValueError(f"training stopped at step {result['step']} (signal); re-run the same command to resume")
+    t_train = time.time()
+
+    from .export import export
+
+    hf_dir = out / "hf"
+    export(run_dir, hf_dir, overwrite=True)  # 4. export: the run folder -> its newest checkpoint
+
+    evaluation = _evaluate(args, hf_dir, databin, run_dir)                 # 5. evaluate
     seconds, cpu = time.time() - t0, cpu_seconds() - c0
-    summary = {
-        "model": model_note, "kind": kind, "steps": steps, "batch_size": batch, "seq_len": args.seq_len, "lr": lr,
-        "alum_from_step": alum_start,
+    shard = manifest["shards"][0]
+    summary = {                                                            # 6. summarise
+        "model": plan.note, "kind": plan.kind, "steps": plan.steps, "batch_size": plan.batch, "seq_len": args.seq_len,
+        "lr": plan.lr, "alum_from_step": plan.alum_start,
         "corpus": {"path": str(corpus), "format": fmt, **{k: manifest["counts"][k] for k in ("documents", "sentences", "tokens")}},
         "databin": {"path": str(databin), "vocab_size": manifest["tokenizer"]["vocab_size"],
-                    "train_tokens": manifest["shards"][0]["train"]["tokens"],
-                    "valid_tokens": manifest["shards"][0]["valid"]["tokens"],
-                    "valid_documents": manifest["shards"][0]["valid"]["documents"]},
-        **acc, "curves": curves,
-        "probes_top5_hits": sum(p["hit"] for p in probes), "probes": probes,
+                    "train_tokens": shard["train"]["tokens"], "valid_tokens": shard["valid"]["tokens"],
+                    "valid_documents": shard["valid"]["documents"]},
+        **evaluation,
         "seconds": round(seconds, 1), "train_seconds": round(t_train - t0, 1), "cpu_seconds": round(cpu, 1),
         "paths": {"log": str(run_dir / "log.jsonl"), "plot": str(run_dir / "plot.png"), "hf": str(hf_dir)},
     }

@@ -54,6 +54,10 @@ class GarbledCorpusError(ValueError):
     """Most of the corpus was garbage (replacement / control characters): wrong file, format or encoding."""
 
 
+class EmptyCorpusError(ValueError):
+    """No document survived reading and cleaning."""
+
+
 def garbage_count(text: str) -> int:
     """Number of replacement and control characters (see :data:`GARBAGE_RE`) in ``text``."""
     # str.count for U+FFFD (the bulk in binary input) is 5x faster than one regex over both kinds.

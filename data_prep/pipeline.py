@@ -36,17 +36,16 @@ from typing import Iterator
 
 import numpy as np
 
-from alum_pretrain.data.databin import FAIRSEQ_NSPECIAL, MANIFEST
+from alum_pretrain.data.databin import FAIRSEQ_NSPECIAL
 from alum_pretrain.data.indexed import best_dtype
-from alum_pretrain.integrity import sha256_file
 
 from . import tokenizer as toks
-from . import work
 from .config import PrepConfig
-from .hygiene import check_not_mostly_garbage, hygiene_report, sniff_inputs
-from .manifest import (DROP_REASONS, FORMAT_VERSION, SPLITS, failed_start, file_record, read_existing_manifest,
-                       shard_dicts, verify_files, write_manifest)
+from .corpus_tokenizer import databin_tokenizer, given_tokenizer
+from .hygiene import EmptyCorpusError, check_not_mostly_garbage, hygiene_report, sniff_inputs
+from .manifest import DROP_REASONS, FORMAT_VERSION, SPLITS, file_record, shard_dicts, verify_files, write_manifest
 from .manifest import fingerprint as manifest_fingerprint
+from .outdir import claim_output, first_missing, remove_output
 from .readers import Decoder, Reader, list_inputs
 from .segments import Streamer, merge_shards
 
@@ -71,6 +70,9 @@ def prepare(cfg: PrepConfig, *, overwrite: bool = False, command: list[str] | No
 
 
 class Preparer:
+    """One ``prepare()`` run: its options, output folder and the manifest it writes (:class:`Streamer` and
+    :func:`merge_shards` work through it: ``docs``, ``initargs``, ``save``, ``log``, ``warn``)."""
+
     def __init__(self, cfg: PrepConfig, *, overwrite: bool = False, command: list[str] | None = None):
         self.cfg = cfg
         self.overwrite = overwrite
@@ -80,46 +82,6 @@ class Preparer:
         self.warnings: list[str] = []
         self.manifest: dict = {}
         self.given = None  # (hf tokenizer, info) of --vocab/--spm-model/--tokenizer-json, loaded up front
-
-    # -- setup ---------------------------------------------------------------------------------------------
-
-    def _check_output(self, fingerprint: str) -> dict | None:
-        """Create/validate the output folder.  Returns the manifest to resume from, or None (fresh)."""
-        out = self.out
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"{out}: exists and is not a folder; choose another --out")
-        mpath = out / MANIFEST
-        if out.is_dir() and any(out.iterdir()):
-            if not mpath.exists():
-                raise ValueError(
-                    f"{out}: folder is not empty and has no {MANIFEST} (not an alum-prep output); "
-                    "refusing to write into it — choose an empty or new --out (--overwrite never deletes such a folder)"
-                )
-            old = read_existing_manifest(out)
-            if old.get("fingerprint") == fingerprint:
-                return old
-            if failed_start(old):
-                # Nothing of value (no completed segment or shard): the leftovers of a run that failed or
-                # was killed at its start must not block the corrected command.
-                self.warn(f"{out}: replacing the leftovers of an earlier run that stopped before completing any "
-                           f"work ({' '.join(map(str, old.get('command', ['?'])))})")
-                shutil.rmtree(out)
-            elif not self.overwrite:
-                raise ValueError(
-                    f"{out}: holds a data-bin made by a different command or different inputs "
-                    f"({' '.join(map(str, old.get('command', ['?'])))}); re-run with --overwrite to replace it, "
-                    "or choose another --out"
-                )
-            else:
-                shutil.rmtree(out)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            probe = out / ".write_test.tmp"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as e:
-            raise PermissionError(f"{out}: output folder is not writable ({e.strerror or e}); choose another --out") from None
-        return None
 
     # -- main ----------------------------------------------------------------------------------------------
 
@@ -136,89 +98,32 @@ class Preparer:
         files = list_inputs(cfg.inputs, cfg.format)
         for w in sniff_inputs(files, cfg.format, cfg.max_garbage_frac):
             self.warn(w)
-        self.given = self._given_tokenizer()
+        self.given = given_tokenizer(cfg)  # loaded (and so validated) before anything is written
         fingerprint, inputs, tok_src = manifest_fingerprint(cfg, files)
         existed = self.out.exists()
-        created = next((p for p in reversed([self.out, *self.out.parents]) if not p.exists()), None)
-        resume = self._check_output(fingerprint)
+        created = first_missing(self.out)
+        resume = claim_output(self.out, fingerprint, self.overwrite, self.warn)
         try:
             return self._run(files, fingerprint, inputs, tok_src, resume)
         except Exception as e:
             done = [j for j, r in self.manifest.get("segments", {}).items() if r.get("status") == "complete"]
             if resume is None and (isinstance(e, ValueError) or not done):
-                shutil.rmtree(self.out, ignore_errors=True)
-                if existed:
-                    self.out.mkdir(exist_ok=True)
-                elif created is not None:
-                    d = self.out.parent  # parent folders this run created, if still empty
-                    while d == created or created in d.parents:
-                        try:
-                            d.rmdir()
-                        except OSError:
-                            break
-                        d = d.parent
+                remove_output(self.out, existed, created)
             elif resume is None:
                 self.warn(f"{len(done)} completed segment(s) kept in {self.out}; fix the cause and re-run the same "
                            "command to resume")
             raise
 
-    def _given_tokenizer(self):
-        """Load (and so validate) a given tokenizer file before anything is written; None when training."""
-        cfg = self.cfg
-        mml = cfg.max_tokens + 2
-        if cfg.vocab:
-            return toks.from_vocab(cfg.vocab, cfg.lowercase, mml)
-        if cfg.spm_model:
-            return toks.from_spm(cfg.spm_model, mml)
-        if cfg.tokenizer_json:
-            return toks.from_tokenizer_json(cfg.tokenizer_json, mml)
-        return None
-
     def _run(self, files, fingerprint, inputs, tok_src, resume) -> dict:
         cfg = self.cfg
         t0 = time.time()
-        for tmp in self.out.rglob("*.tmp"):  # leftovers of a killed run (never final names)
-            if tmp.is_dir():
-                shutil.rmtree(tmp)
-            else:
-                tmp.unlink()
-        from alum_pretrain import __version__
-
-        m = resume or {}
+        self._remove_tmp()
         if resume is not None and resume.get("status") == "complete":
-            problems = [p for s in resume["shards"] for sp in SPLITS
-                        if (p := verify_files(self.out / f"shard{s['shard']}", s[sp]["files"]))]
-            if problems:
-                raise ValueError(f"{self.out}: complete data-bin fails verification ({problems[0]}); "
-                                 "re-run with --overwrite to rebuild it")
-            shutil.rmtree(self.parts, ignore_errors=True)  # killed just before its clean-up
-            shard_dicts(self.out, len(resume["shards"]))  # a data-bin written before shards carried dict.txt
-            self.log(f"{self.out}: already complete and verified; nothing to do")
-            self.manifest = resume
-            return resume
-        m.update({
-            "format_version": FORMAT_VERSION,
-            "status": "running",
-            "package": "alum-pretrain",
-            "version": __version__,
-            "command": list(self.command),
-            "fingerprint": fingerprint,
-            "config": cfg.result_options(),
-            "inputs": inputs,
-            "format": cfg.format,
-            "id_offset": FAIRSEQ_NSPECIAL,
-            "num_shards": cfg.shards,
-            "splits": list(SPLITS),
-            "owner": {"host": socket.gethostname(), "pid": os.getpid()},
-        })
-        m.setdefault("segments", {})
-        m.setdefault("shards", [])
-        m["warnings"] = list(dict.fromkeys([*m.get("warnings", []), *self.warnings]))  # an earlier attempt's too
-        self.manifest = m
-        self.save()
+            return self._verified(resume)
+        m = self._start_manifest(resume, fingerprint, inputs)
 
         # 1. tokenizer (kept from a previous attempt when its file is intact)
-        hf = self._tokenizer(files, tok_src)
+        hf = databin_tokenizer(self, files, tok_src)
         vocab_size = len(hf.backend_tokenizer.get_vocab(with_added_tokens=True))
         dtype = best_dtype(vocab_size + FAIRSEQ_NSPECIAL)
         m["dtype"] = dtype.name
@@ -245,47 +150,78 @@ class Preparer:
                 f"empty corpus: no documents left in {', '.join(cfg.inputs)} after cleaning "
                 f"({totals['documents_read']} read; dropped {dict(dropped) or 'none'}); check --format and the inputs"
             )
-        counts = np.zeros(vocab_size, dtype=np.int64)
-        for j in range(nseg):
-            counts += np.load(self.parts / f"seg{j:05d}" / "token_counts.npy")[:vocab_size]
-        toks.write_dict(toks.tokens_in_id_order(hf), counts, self.out / "dict.txt")
-        m["dict"] = file_record(self.out / "dict.txt")
-        shard_dicts(self.out, cfg.shards)
-        m["counts"] = {
-            "documents_read": totals["documents_read"],
-            "documents": totals["documents"],
-            "sentences": totals["sentences"],
-            "items": totals["items"],
-            "tokens": totals["tokens"],
-            "dropped": {r: dropped.get(r, 0) for r in DROP_REASONS},
-            "decode_replacements": totals["decode_replacements"],
-            "control_chars_removed": totals["control_chars_removed"],
-            "chars_read": totals["chars_read"],
-            "garbled_chars": totals["garbled_chars"],
-            "empty_sentences": totals["empty_sentences"],
-            "overlong_sentences": totals["overlong_sentences"],
-            "overlong_extra_items": totals["overlong_extra_items"],
-            "unk_tokens": int(counts[m["tokenizer"]["special_ids"]["unk"]]),
-        }
+        counts = self._write_dict(hf, vocab_size, nseg)
+        m["counts"] = corpus_counts(totals, dropped, int(counts[m["tokenizer"]["special_ids"]["unk"]]))
         elapsed = time.time() - t0
         m["timing"] = {"seconds": round(elapsed, 3), "input_mb_per_s": round(total / 1e6 / max(elapsed, 1e-9), 3),
                        "docs_per_s": round(totals["documents_read"] / max(elapsed, 1e-9), 1), "workers": cfg.workers}
         for w in hygiene_report(m["counts"], cfg.max_garbage_frac)[1]:
             self.warn(w)
-        empty = [s["shard"] for s in m["shards"] if s["train"]["items"] == 0]
-        if empty:
-            self.warn(f"{len(empty)} of {cfg.shards} train shards are empty (shard{', shard'.join(map(str, empty))}): "
-                       f"{totals['documents']} documents for --shards {cfg.shards}; alum-train refuses empty shards "
-                       f"and fairseq cannot load them — re-run with --shards {max(1, min(cfg.shards - len(empty), totals['documents']))} "
-                       "or fewer")
-        for s in m["shards"]:
-            if s["valid"]["items"] == 0 and cfg.valid_fraction > 0:
-                self.warn(f"shard{s['shard']}/valid is empty (corpus too small for --valid-fraction "
-                           f"{cfg.valid_fraction}); fairseq cannot load an empty split — raise --valid-fraction")
+        for w in empty_shard_warnings(m["shards"], cfg, totals["documents"]):
+            self.warn(w)
         m["status"] = "complete"
         self.save()
         shutil.rmtree(self.parts, ignore_errors=True)
         return m
+
+    def _remove_tmp(self) -> None:
+        """Delete the leftovers of a killed run (``*.tmp``: never final names)."""
+        for tmp in self.out.rglob("*.tmp"):
+            if tmp.is_dir():
+                shutil.rmtree(tmp)
+            else:
+                tmp.unlink()
+
+    def _verified(self, resume: dict) -> dict:
+        """A complete data-bin whose files all verify (size + SHA-256) is the result; else ValueError."""
+        problems = [p for s in resume["shards"] for sp in SPLITS
+                    if (p := verify_files(self.out / f"shard{s['shard']}", s[sp]["files"]))]
+        if problems:
+            raise ValueError(f"{self.out}: complete data-bin fails verification ({problems[0]}); "
+                             "re-run with --overwrite to rebuild it")
+        shutil.rmtree(self.parts, ignore_errors=True)  # killed just before its clean-up
+        shard_dicts(self.out, len(resume["shards"]))  # a data-bin written before shards carried dict.txt
+        self.log(f"{self.out}: already complete and verified; nothing to do")
+        self.manifest = resume
+        return resume
+
+    def _start_manifest(self, resume: dict | None, fingerprint: str, inputs: list) -> dict:
+        """The manifest of this attempt (``resume``'s segments and shards kept), saved as ``running``."""
+        from alum_pretrain import __version__
+
+        m = resume or {}
+        m.update({
+            "format_version": FORMAT_VERSION,
+            "status": "running",
+            "package": "alum-pretrain",
+            "version": __version__,
+            "command": list(self.command),
+            "fingerprint": fingerprint,
+            "config": self.cfg.result_options(),
+            "inputs": inputs,
+            "format": self.cfg.format,
+            "id_offset": FAIRSEQ_NSPECIAL,
+            "num_shards": self.cfg.shards,
+            "splits": list(SPLITS),
+            "owner": {"host": socket.gethostname(), "pid": os.getpid()},
+        })
+        m.setdefault("segments", {})
+        m.setdefault("shards", [])
+        m["warnings"] = list(dict.fromkeys([*m.get("warnings", []), *self.warnings]))  # an earlier attempt's too
+        self.manifest = m
+        self.save()
+        return m
+
+    def _write_dict(self, hf, vocab_size: int, nseg: int) -> np.ndarray:
+        """``OUT/dict.txt`` (and each shard's copy) with the token counts summed over the segments; returns
+        the counts (vocab_size,)."""
+        counts = np.zeros(vocab_size, dtype=np.int64)
+        for j in range(nseg):
+            counts += np.load(self.parts / f"seg{j:05d}" / "token_counts.npy")[:vocab_size]
+        toks.write_dict(toks.tokens_in_id_order(hf), counts, self.out / "dict.txt")
+        self.manifest["dict"] = file_record(self.out / "dict.txt")
+        shard_dicts(self.out, self.cfg.shards)
+        return counts
 
     def _totals(self) -> tuple[Counter, Counter]:
         """Counters summed over the segments of the manifest: (totals, dropped by reason)."""
@@ -321,96 +257,30 @@ class Preparer:
         return (c.format, c.keep_headings, c.min_doc_chars, tokenizer_file, c.max_tokens, dtype, c.sentence_splitter,
                 c.max_garbage_frac)
 
-    # -- tokenizer -----------------------------------------------------------------------------------------
-
-    def _tokenizer(self, files, tok_src):
-        cfg, m = self.cfg, self.manifest
-        tdir = self.out / "tokenizer"
-        rec = m.get("tokenizer")
-        if rec and (tdir / "tokenizer.json").exists() and sha256_file(tdir / "tokenizer.json") == rec.get("sha256"):
-            from transformers import AutoTokenizer
-
-            return AutoTokenizer.from_pretrained(str(tdir))
-        mml = cfg.max_tokens + 2
-        if self.given is not None:
-            hf, info = self.given
-        else:
-            self.log(f"training a {cfg.train_tokenizer} tokenizer (vocab {cfg.vocab_size}) on the corpus")
-            workdir = self.out / "tokenizer_train.tmp"
-            sent_file = self._write_sentences(files, workdir / "sentences.txt", cfg.tokenizer_train_sentences)
-            hf, info = toks.train(cfg.train_tokenizer, lambda: _read_lines(sent_file), cfg.vocab_size,
-                                  cfg.lowercase, mml, workdir, cfg.tokenizer_train_sentences, cfg.seed,
-                                  byte_fallback=cfg.spm_byte_fallback)
-            got = len(hf.backend_tokenizer.get_vocab(with_added_tokens=True))
-            info["requested_vocab_size"] = cfg.vocab_size
-            if got < cfg.vocab_size:
-                self.warn(f"--vocab-size {cfg.vocab_size} was not reached: the corpus supports only {got} tokens "
-                           f"(special tokens included), so the vocabulary has {got}; the trainer found no more "
-                           "pieces to add — use a larger corpus or a smaller --vocab-size")
-        toks.save(hf, tdir)
-        if cfg.train_tokenizer and cfg.train_tokenizer.startswith("spm"):
-            shutil.copy(self.out / "tokenizer_train.tmp" / "spm.model", tdir / "spm.model")
-        elif cfg.spm_model:
-            shutil.copy(cfg.spm_model, tdir / "spm.model")
-        shutil.rmtree(self.out / "tokenizer_train.tmp", ignore_errors=True)
-        m["tokenizer"] = {
-            **info,
-            "source": tok_src.get("path") or f"trained on the corpus ({cfg.train_tokenizer})",
-            "vocab_size": len(hf.backend_tokenizer.get_vocab(with_added_tokens=True)),
-            "special_tokens": toks.special_tokens(hf),
-            "special_ids": toks.special_ids(hf),
-            "sha256": sha256_file(tdir / "tokenizer.json"),
-        }
-        self.save()
-        return hf
-
-    def _write_sentences(self, files, path: Path, cap: int) -> Path:
-        """The first ``cap`` cleaned sentences of the corpus, one per line, for tokenizer training.
-
-        Written to a file by the worker pool first, so that the (multi-threaded) trainers never run while
-        worker processes are being forked.  Sentences hold no newline (they come from one paragraph).
-        """
-        path.parent.mkdir(parents=True, exist_ok=True)
-        items = ((None, d.text) for d in self.docs(files) if d.text is not None)
-        n = 0
-        bar = None
-        stats = Counter()
-        with open(path, "w", encoding="utf-8") as fh, work.Runner(self.cfg.workers, self.initargs(None, None)) as runner:
-            if self.cfg.progress:
-                from tqdm import tqdm
-
-                bar = tqdm(desc="sentences for tokenizer training", unit="sent", file=sys.stderr)
-            for _, res in runner.map(work.work_sentences, work.chunks(items)):
-                stats.update(res["stats"])
-                k = n
-                for sents in res["sents"]:
-                    for sent in sents:
-                        fh.write(sent + "\n")
-                        n += 1
-                if bar is not None:
-                    bar.update(n - k)
-                if n >= cap:
-                    break
-        if bar is not None:
-            bar.close()
-        if n == 0:  # nothing to train on: say why (garbage first, it has the more useful message)
-            check_not_mostly_garbage({**stats, "dropped": {"garbled": stats["garbled"]}}, self.cfg.max_garbage_frac,
-                                     self.cfg.inputs)
-            raise EmptyCorpusError(
-                f"empty corpus: no sentence to train a tokenizer on in {', '.join(self.cfg.inputs)} "
-                f"({stats['documents_read']} documents read, all empty, too short or garbled); check --format and the inputs"
-            )
-        return path
-
     def _merge_shards(self):
         merge_shards(self)
 
 
-def _read_lines(path: Path) -> Iterator[str]:
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            yield line.rstrip("\n")
+def corpus_counts(totals: Counter, dropped: Counter, unk_tokens: int) -> dict:
+    """The manifest's ``counts``: the segments' totals (:meth:`Preparer._totals`), drops by reason."""
+    keys = ("documents_read", "documents", "sentences", "items", "tokens")
+    later = ("decode_replacements", "control_chars_removed", "chars_read", "garbled_chars", "empty_sentences",
+             "overlong_sentences", "overlong_extra_items")
+    return {**{k: totals[k] for k in keys}, "dropped": {r: dropped.get(r, 0) for r in DROP_REASONS},
+            **{k: totals[k] for k in later}, "unk_tokens": unk_tokens}
 
 
-class EmptyCorpusError(ValueError):
-    """No document survived reading and cleaning."""
+def empty_shard_warnings(shards: list[dict], cfg: PrepConfig, documents: int) -> list[str]:
+    """Warnings for empty train shards and empty valid splits (neither engine can load them)."""
+    out = []
+    empty = [s["shard"] for s in shards if s["train"]["items"] == 0]
+    if empty:
+        out.append(f"{len(empty)} of {cfg.shards} train shards are empty (shard{', shard'.join(map(str, empty))}): "
+                   f"{documents} documents for --shards {cfg.shards}; alum-train refuses empty shards "
+                   f"and fairseq cannot load them — re-run with --shards {max(1, min(cfg.shards - len(empty), documents))} "
+                   "or fewer")
+    for s in shards:
+        if s["valid"]["items"] == 0 and cfg.valid_fraction > 0:
+            out.append(f"shard{s['shard']}/valid is empty (corpus too small for --valid-fraction "
+                       f"{cfg.valid_fraction}); fairseq cannot load an empty split — raise --valid-fraction")
+    return out

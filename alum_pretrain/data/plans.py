@@ -106,6 +106,17 @@ def plan_pairs(sizes: np.ndarray, doc_starts: np.ndarray, *, shard: int, rng: np
     """
     sizes = np.asarray(sizes, dtype=np.int64)
     num_docs = len(doc_starts) - 1
+    nsp = _nsp_usable(nsp, num_docs, strict, where, stats)
+    stats.count_shard(sizes, doc_starts)
+    walk = _PairWalk(sizes.tolist(), [int(x) for x in doc_starts], shard, rng, max_num_tokens, short_seq_prob,
+                     nsp, stats)
+    for d in range(num_docs):
+        walk.document(d)
+    return np.array(walk.rows, dtype=PAIR_DTYPE) if walk.rows else np.zeros(0, dtype=PAIR_DTYPE)
+
+
+def _nsp_usable(nsp: bool, num_docs: int, strict: bool, where: str, stats: PlanStats) -> bool:
+    """Whether random-B pairs can be drawn: NSP needs a second document (an error when ``strict``)."""
     if nsp and num_docs < 2:
         if strict:
             raise ValueError(
@@ -115,26 +126,41 @@ def plan_pairs(sizes: np.ndarray, doc_starts: np.ndarray, *, shard: int, rng: np
         log.warning("%s: only %d document(s): no random segments possible, all pairs are true continuations",
                     where, num_docs)
         stats.nsp_off_shards += 1
-        nsp = False
-    stats.count_shard(sizes, doc_starts)
-    rows: list[tuple] = []
-    rand = rng.random_sample
+        return False
+    return nsp
 
-    def new_target() -> int:
-        return max_num_tokens if rand() >= short_seq_prob else int(rng.randint(2, max_num_tokens + 1))
 
-    # Python lists and prefix sums: this loop visits every sentence, numpy scalar indexing would dominate.
-    size_l = sizes.tolist()
-    prefix = [0]
-    for x in size_l:
-        prefix.append(prefix[-1] + x)
-    starts_l = [int(x) for x in doc_starts]
-    for d in range(num_docs):
-        lo, hi = starts_l[d], starts_l[d + 1]
+class _PairWalk:
+    """The walk of :func:`plan_pairs` over one shard: chunks of each document become pairs in ``rows``.
+
+    Python lists and prefix sums: the walk visits every sentence, numpy scalar indexing would dominate.
+    Every draw from ``rng`` happens in a fixed order (the plan is a function of the seed).
+    """
+
+    def __init__(self, size_l: list[int], starts_l: list[int], shard: int, rng: np.random.RandomState,
+                 max_num_tokens: int, short_seq_prob: float, nsp: bool, stats: PlanStats):
+        self.size_l, self.starts_l, self.shard, self.rng = size_l, starts_l, shard, rng
+        self.max_num_tokens, self.short_seq_prob, self.nsp, self.stats = max_num_tokens, short_seq_prob, nsp, stats
+        self.num_docs = len(starts_l) - 1
+        self.prefix = [0]
+        for x in size_l:
+            self.prefix.append(self.prefix[-1] + x)
+        self.rows: list[tuple] = []
+
+    def new_target(self) -> int:
+        """Tokens of the next chunk: ``max_num_tokens``, or with ``short_seq_prob`` a uniform [2, max]."""
+        rng = self.rng
+        return self.max_num_tokens if rng.random_sample() >= self.short_seq_prob \
+            else int(rng.randint(2, self.max_num_tokens + 1))
+
+    def document(self, d: int) -> None:
+        """Accumulate sentences of document ``d`` up to the target length, then make a pair of the chunk."""
+        size_l, prefix = self.size_l, self.prefix
+        lo, hi = self.starts_l[d], self.starts_l[d + 1]
         if prefix[hi] == prefix[lo]:
-            stats.empty_docs += 1
-            continue
-        target = new_target()
+            self.stats.empty_docs += 1
+            return
+        target = self.new_target()
         chunk_lo = lo
         cur = 0
         i = lo
@@ -143,71 +169,77 @@ def plan_pairs(sizes: np.ndarray, doc_starts: np.ndarray, *, shard: int, rng: np
             i += 1
             if i < hi and cur < target:
                 continue
-            # chunk = items chunk_lo .. i-1
-            n = i - chunk_lo
-            if cur == 0:  # only empty items
+            if cur == 0:  # chunk (items chunk_lo .. i-1) of empty items only
                 chunk_lo, cur = i, 0
                 continue
-            random_b = nsp and rand() < 0.5
-            a_cut = -1
-            if n >= 2:
-                a_end = chunk_lo + int(rng.randint(1, n))  # A = chunk_lo .. a_end-1, at least one sentence each side
-            else:
-                a_end = i
-                if not random_b:
-                    # One sentence: split it at a random token (snapped to a word start at build time).
-                    sz = size_l[chunk_lo]
-                    if sz < 2:
-                        stats.unusable_chunks += 1
-                        stats.unusable_tokens += sz
-                        chunk_lo, cur = i, 0
-                        target = new_target()
-                        continue
-                    a_cut = int(rng.randint(1, sz))
-            len_a = prefix[a_end] - prefix[chunk_lo] if a_cut < 0 else a_cut
-            if random_b:
-                target_b = max(1, target - len_a)
-                # Uniform over the OTHER documents (never this one), then a random start sentence.
-                for _ in range(10):
-                    od = int(rng.randint(num_docs - 1))
-                    od += od >= d
-                    olo, ohi = starts_l[od], starts_l[od + 1]
-                    b_lo = int(rng.randint(olo, ohi))
-                    b_hi = b_lo
-                    len_b = 0
-                    while b_hi < ohi and len_b < target_b:
-                        len_b += size_l[b_hi]
-                        b_hi += 1
-                    if len_b > 0:
-                        break
-                b_skip = 0
-                # Google BERT: the unused sentences of the chunk go back and start the next chunk.
-                next_lo = a_end
-            else:
-                if a_cut >= 0:
-                    b_lo, b_hi, b_skip = chunk_lo, chunk_lo + 1, a_cut
-                    len_b = size_l[chunk_lo] - a_cut
-                else:
-                    b_lo, b_hi, b_skip = a_end, i, 0
-                    len_b = prefix[i] - prefix[a_end]
-                next_lo = i
-            if len_a == 0 or len_b == 0:  # an A or B made only of empty items
-                stats.unusable_chunks += 1
-                stats.unusable_tokens += len_a + (0 if random_b else len_b)
-            else:
-                excess = len_a + len_b - max_num_tokens
-                if excess > 0:
-                    stats.truncated_pairs += 1
-                    stats.truncated_tokens += excess
-                stats.random_next += int(random_b)
-                stats.single_sentence_splits += int(a_cut >= 0 and not random_b)
-                rows.append((shard, chunk_lo, a_end, a_cut, b_lo, b_hi, b_skip, int(random_b),
-                             rng.randint(2**32, dtype=np.uint64)))
-            if next_lo < i:
-                i = next_lo
+            i = self.chunk(d, chunk_lo, i, target)
             chunk_lo, cur = i, 0
-            target = new_target()
-    return np.array(rows, dtype=PAIR_DTYPE) if rows else np.zeros(0, dtype=PAIR_DTYPE)
+            target = self.new_target()
+
+    def chunk(self, d: int, chunk_lo: int, i: int, target: int) -> int:
+        """The pair of the chunk ``chunk_lo .. i-1`` of document ``d`` (appended to ``rows`` unless unusable);
+        returns the item where the next chunk starts."""
+        rng, size_l, prefix, stats = self.rng, self.size_l, self.prefix, self.stats
+        n = i - chunk_lo
+        random_b = self.nsp and rng.random_sample() < 0.5
+        a_cut = -1
+        if n >= 2:
+            a_end = chunk_lo + int(rng.randint(1, n))  # A = chunk_lo .. a_end-1, at least one sentence each side
+        else:
+            a_end = i
+            if not random_b:
+                # One sentence: split it at a random token (snapped to a word start at build time).
+                sz = size_l[chunk_lo]
+                if sz < 2:
+                    stats.unusable_chunks += 1
+                    stats.unusable_tokens += sz
+                    return i
+                a_cut = int(rng.randint(1, sz))
+        len_a = prefix[a_end] - prefix[chunk_lo] if a_cut < 0 else a_cut
+        if random_b:
+            b_lo, b_hi, len_b = self.random_segment(d, max(1, target - len_a))
+            b_skip = 0
+            # Google BERT: the unused sentences of the chunk go back and start the next chunk.
+            next_lo = a_end
+        elif a_cut >= 0:
+            b_lo, b_hi, b_skip = chunk_lo, chunk_lo + 1, a_cut
+            len_b = size_l[chunk_lo] - a_cut
+            next_lo = i
+        else:
+            b_lo, b_hi, b_skip = a_end, i, 0
+            len_b = prefix[i] - prefix[a_end]
+            next_lo = i
+        if len_a == 0 or len_b == 0:  # an A or B made only of empty items
+            stats.unusable_chunks += 1
+            stats.unusable_tokens += len_a + (0 if random_b else len_b)
+        else:
+            excess = len_a + len_b - self.max_num_tokens
+            if excess > 0:
+                stats.truncated_pairs += 1
+                stats.truncated_tokens += excess
+            stats.random_next += int(random_b)
+            stats.single_sentence_splits += int(a_cut >= 0 and not random_b)
+            self.rows.append((self.shard, chunk_lo, a_end, a_cut, b_lo, b_hi, b_skip, int(random_b),
+                              rng.randint(2**32, dtype=np.uint64)))
+        return next_lo
+
+    def random_segment(self, d: int, target_b: int) -> tuple[int, int, int]:
+        """A random B: uniform over the OTHER documents (never ``d``), a random start sentence, then
+        sentences up to ``target_b`` tokens; -> (b_lo, b_hi, tokens), 10 tries for a non-empty one."""
+        rng, size_l, starts_l = self.rng, self.size_l, self.starts_l
+        for _ in range(10):
+            od = int(rng.randint(self.num_docs - 1))
+            od += od >= d
+            olo, ohi = starts_l[od], starts_l[od + 1]
+            b_lo = int(rng.randint(olo, ohi))
+            b_hi = b_lo
+            len_b = 0
+            while b_hi < ohi and len_b < target_b:
+                len_b += size_l[b_hi]
+                b_hi += 1
+            if len_b > 0:
+                break
+        return b_lo, b_hi, len_b
 
 
 def stream_offsets(sizes: np.ndarray, doc_starts: np.ndarray, cross_doc: bool) -> tuple[np.ndarray, np.ndarray]:

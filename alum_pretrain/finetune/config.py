@@ -12,7 +12,7 @@ from .methods.embedding_adv import FreeATConfig, FreeLBConfig, PGDConfig
 from .methods.rift import RIFTConfig
 from .methods.smart import SmartConfig
 from .metrics import METRICS
-from .tasks import TASK_NAMES
+from .tasks import TASK_NAMES, TaskSpec, get_task
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -47,34 +47,58 @@ class ModelConfig:
             _dropout(n, getattr(self, n))
 
 
+DATA_FORMATS = ("auto", "tsv", "jsonl")
+
+
 @dataclass
-class DataConfig:
-    """Data: a GLUE task (TSV layouts) or any TSV/JSONL file with named fields."""
+class TaskDataConfig:
+    """The task and how its files are read (format, field names, labels, length), shared by fine-tuning
+    (:class:`DataConfig`) and robustness evaluation (``robust.RDataConfig``); each adds its files and
+    limits after these fields."""
 
     task: str = opt("sst2", f"task: {', '.join(TASK_NAMES)} (custom: give the fields and labels); shorthand --task")
-    train: str = opt("", "training file (TSV or .jsonl); shorthand --train")
-    dev: str = opt("", "dev file evaluated after every epoch (selects the best checkpoint); shorthand --dev")
-    test: str = opt("", "optional file to predict with the best checkpoint at the end (labels not needed)")
     format: str = opt("auto", "file format: auto (.jsonl/.json = JSON lines, else TSV), tsv, jsonl")
     text_a_field: str = opt("", "column/field of the first text (default: the task's, e.g. 'sentence')")
     text_b_field: str = opt("", "column/field of the second text for pair tasks")
     label_field: str = opt("", "column/field of the label")
     labels: list[str] = opt([], "class names in class-id order (custom tasks; overrides the task's)")
+    max_length: int = opt(128, "maximum tokens per example (longer inputs are truncated)")
+
+    def __post_init__(self) -> None:
+        if self.format not in DATA_FORMATS:
+            raise ValueError(f"--data.format={self.format!r} must be auto, tsv or jsonl")
+        if self.max_length < 8:
+            raise ValueError(f"--data.max_length={self.max_length} must be >= 8")
+
+    def task_spec(self, **extra) -> TaskSpec:
+        """The :class:`TaskSpec` of ``task`` with the field and label overrides (``extra``: more of
+        :func:`get_task`'s keywords, e.g. ``regression``, ``metric``)."""
+        return get_task(self.task, text_a=self.text_a_field, text_b=self.text_b_field, label=self.label_field,
+                        labels=tuple(self.labels), **extra)
+
+
+@dataclass
+class DataConfig(TaskDataConfig):
+    """Data: a GLUE task (TSV layouts) or any TSV/JSONL file with named fields."""
+
+    train: str = opt("", "training file (TSV or .jsonl); shorthand --train")
+    dev: str = opt("", "dev file evaluated after every epoch (selects the best checkpoint); shorthand --dev")
+    test: str = opt("", "optional file to predict with the best checkpoint at the end (labels not needed)")
     regression: bool = opt(False, "custom task is a regression (one float target)")
     metric: str = opt("", f"main metric for best-checkpoint selection: {', '.join(METRICS)} (default: the task's)")
-    max_length: int = opt(128, "maximum tokens per example (longer inputs are truncated)")
     max_train_examples: int = opt(0, "use only the first N training examples (0 = all)")
     max_dev_examples: int = opt(0, "use only the first N dev examples (0 = all)")
 
     def __post_init__(self) -> None:
-        if self.format not in ("auto", "tsv", "jsonl"):
-            raise ValueError(f"--data.format={self.format!r} must be auto, tsv or jsonl")
+        super().__post_init__()
         if self.metric and self.metric not in METRICS:
             raise ValueError(f"--data.metric={self.metric!r} must be one of {', '.join(METRICS)}")
-        if self.max_length < 8:
-            raise ValueError(f"--data.max_length={self.max_length} must be >= 8")
         if self.max_train_examples < 0 or self.max_dev_examples < 0:
             raise ValueError("--data.max_train_examples/--data.max_dev_examples must be >= 0")
+
+    def task_spec(self, **extra) -> TaskSpec:
+        """The task with the field/label overrides, ``regression`` and ``metric`` of this section."""
+        return super().task_spec(regression=self.regression, metric=self.metric, **extra)
 
 
 @dataclass

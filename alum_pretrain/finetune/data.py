@@ -15,7 +15,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
@@ -55,6 +55,22 @@ def _convert_label(raw, spec: TaskSpec, where: str):
     return spec.labels.index(key)
 
 
+def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """``(line number, value)`` of every non-blank line of a JSON-lines file; ValueError naming the file
+    and line for a line that is not JSON, or naming the file for bytes that are not UTF-8."""
+    with open(path, encoding="utf-8", errors="strict") as fh:
+        try:
+            for i, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield i, json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{i}: not valid JSON ({exc.msg})") from None
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+
+
 def read_examples(path: str | Path, spec: TaskSpec, *, fmt: str = "auto", require_labels: bool = True,
                   limit: int = 0) -> list[Example]:
     """All examples of ``path`` (``limit`` > 0: the first ``limit``)."""
@@ -62,30 +78,32 @@ def read_examples(path: str | Path, spec: TaskSpec, *, fmt: str = "auto", requir
     if not path.is_file():
         raise ValueError(f"data file {path} not found")
     fmt = _detect_format(path, fmt)
-    out: list[Example] = []
     if fmt == "jsonl":
-        with open(path, encoding="utf-8") as fh:
-            for i, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{i}: not valid JSON ({exc.msg})") from None
-                if not isinstance(obj, dict) or spec.text_a not in obj:
-                    raise ValueError(f"{path}:{i}: missing field {spec.text_a!r} "
-                                     f"(set --data.text_a_field; fields here: {list(obj) if isinstance(obj, dict) else '-'})")
-                if spec.text_b and spec.text_b not in obj:
-                    raise ValueError(f"{path}:{i}: missing field {spec.text_b!r} (set --data.text_b_field)")
-                label = _convert_label(obj.get(spec.label), spec, f"{path}:{i}")
-                if require_labels and label is None:
-                    raise ValueError(f"{path}:{i}: no label in field {spec.label!r} (set --data.label_field)")
-                out.append(Example(str(obj[spec.text_a]), str(obj[spec.text_b]) if spec.text_b else None, label, i))
-                if limit and len(out) >= limit:
-                    break
-        return out
+        return _jsonl_examples(path, spec, require_labels, limit)
     if fmt != "tsv":
         raise ValueError(f"--data.format={fmt!r}: use auto, tsv or jsonl")
+    return _tsv_examples(path, spec, require_labels, limit)
+
+
+def _jsonl_examples(path: Path, spec: TaskSpec, require_labels: bool, limit: int) -> list[Example]:
+    out: list[Example] = []
+    for i, obj in read_jsonl(path):
+        if not isinstance(obj, dict) or spec.text_a not in obj:
+            raise ValueError(f"{path}:{i}: missing field {spec.text_a!r} "
+                             f"(set --data.text_a_field; fields here: {list(obj) if isinstance(obj, dict) else '-'})")
+        if spec.text_b and spec.text_b not in obj:
+            raise ValueError(f"{path}:{i}: missing field {spec.text_b!r} (set --data.text_b_field)")
+        label = _convert_label(obj.get(spec.label), spec, f"{path}:{i}")
+        if require_labels and label is None:
+            raise ValueError(f"{path}:{i}: no label in field {spec.label!r} (set --data.label_field)")
+        out.append(Example(str(obj[spec.text_a]), str(obj[spec.text_b]) if spec.text_b else None, label, i))
+        if limit and len(out) >= limit:
+            break
+    return out
+
+
+def _tsv_examples(path: Path, spec: TaskSpec, require_labels: bool, limit: int) -> list[Example]:
+    out: list[Example] = []
     with open(path, encoding="utf-8", newline="") as fh:
         rows = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
         first = next(rows, None)

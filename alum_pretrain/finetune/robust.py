@@ -29,9 +29,8 @@ from .data import EncodedDataset, collate, encode, read_examples
 from .methods.base import forward_from_embeds, word_embeddings
 from ..adversarial import perturb
 from ..precision import scale_free_input_grad
-from .config import PRECISIONS, amp_dtype
+from .config import PRECISIONS, TaskDataConfig, amp_dtype
 from .methods.embedding_adv import EmbeddingAdvConfig, ascent_update
-from .tasks import TASK_NAMES, get_task
 
 log = logging.getLogger("alum_pretrain.finetune.robust")
 
@@ -45,23 +44,17 @@ class RModelConfig:
 
 
 @dataclass
-class RDataConfig:
+class RDataConfig(TaskDataConfig):
     """Data: the labelled file to evaluate on."""
 
-    task: str = opt("sst2", f"task: {', '.join(TASK_NAMES)}; shorthand --task")
     file: str = opt("", "labelled TSV/JSONL file, e.g. the GLUE dev.tsv (required); shorthand --data")
-    format: str = opt("auto", "auto, tsv or jsonl")
-    text_a_field: str = opt("", "column/field of the first text (default: the task's)")
-    text_b_field: str = opt("", "column/field of the second text")
-    label_field: str = opt("", "column/field of the label")
-    labels: list[str] = opt([], "class names in class-id order (custom tasks)")
     max_examples: int = opt(0, "evaluate the first N examples only (0 = all)")
-    max_length: int = opt(128, "maximum tokens per example")
     batch_size: int = opt(64, "examples per batch")
 
     def __post_init__(self) -> None:
-        if self.max_examples < 0 or self.batch_size < 1 or self.max_length < 8:
-            raise ValueError("--data.max_examples >= 0, --data.batch_size >= 1, --data.max_length >= 8 required")
+        super().__post_init__()
+        if self.max_examples < 0 or self.batch_size < 1:
+            raise ValueError("--data.max_examples must be >= 0 and --data.batch_size >= 1")
 
 
 @dataclass
@@ -216,7 +209,7 @@ def evaluate_robustness(cfg: RobustConfig) -> dict:
         raise ValueError("missing required option(s): --model and --data (see --help)")
     torch.manual_seed(cfg.run.seed)
     d = cfg.data
-    spec = get_task(d.task, text_a=d.text_a_field, text_b=d.text_b_field, label=d.label_field, labels=tuple(d.labels))
+    spec = d.task_spec()
     if spec.is_regression:
         raise ValueError(f"--task {spec.name} is a regression: robustness evaluation needs a classification task")
     examples = read_examples(d.file, spec, fmt=d.format, limit=d.max_examples)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .data import Example, read_examples
+from .data import Example, read_examples, read_jsonl
 from .tasks import get_task
 
 # GLUE's integer label conventions (HF datasets / AdvGLUE): index = integer label, value = meaning.
@@ -166,32 +166,22 @@ def read_anli(path: str | Path, limit: int = 0) -> LabelledSet:
         raise ValueError(f"ANLI file {path} not found")
     name = f"anli-{path.parent.name.lower()}-{path.stem}" if path.parent.name else f"anli-{path.stem}"
     out = LabelledSet(name, str(path), "mnli", ("entailment", "neutral", "contradiction"))
-    with open(path, encoding="utf-8", errors="strict") as fh:
-        try:
-            for i, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise _fail(path, f":{i}", f"not valid JSON ({exc.msg})") from None
-                if not isinstance(obj, dict):
-                    raise _fail(path, f":{i}", "expected a JSON object per line")
-                if "premise" not in obj and "context" in obj:   # the official v1.0 files name it "context"
-                    obj["premise"] = obj["context"]
-                for f in ("premise", "hypothesis"):
-                    if not isinstance(obj.get(f), str):
-                        raise _fail(path, f":{i}", f"missing text field {f!r} (ANLI lines have uid, premise (or "
-                                                   f"context), hypothesis, label; fields here: {sorted(obj)})")
-                lab = obj.get("label")
-                if lab not in ANLI_LABELS:
-                    raise _fail(path, f":{i}", f"label {lab!r} is not one of e, n, c (ANLI's labels)")
-                out.examples.append(Example(obj["premise"], obj["hypothesis"], ANLI_LABELS[lab], i))
-                out.ids.append(str(obj.get("uid", i)))
-                if limit and len(out.examples) >= limit:
-                    break
-        except UnicodeDecodeError as exc:
-            raise _fail(path, "", f"not UTF-8 text (byte {exc.start})") from None
+    for i, obj in read_jsonl(path):
+        if not isinstance(obj, dict):
+            raise _fail(path, f":{i}", "expected a JSON object per line")
+        if "premise" not in obj and "context" in obj:   # the official v1.0 files name it "context"
+            obj["premise"] = obj["context"]
+        for f in ("premise", "hypothesis"):
+            if not isinstance(obj.get(f), str):
+                raise _fail(path, f":{i}", f"missing text field {f!r} (ANLI lines have uid, premise (or "
+                                           f"context), hypothesis, label; fields here: {sorted(obj)})")
+        lab = obj.get("label")
+        if lab not in ANLI_LABELS:
+            raise _fail(path, f":{i}", f"label {lab!r} is not one of e, n, c (ANLI's labels)")
+        out.examples.append(Example(obj["premise"], obj["hypothesis"], ANLI_LABELS[lab], i))
+        out.ids.append(str(obj.get("uid", i)))
+        if limit and len(out.examples) >= limit:
+            break
     return out
 
 

@@ -17,7 +17,8 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ from ..integrity import (IntegrityError, first_nonfinite, previous_path, safe_to
 from .methods import Method, TrainContext, build_method
 from .methods.base import NonFiniteError
 from .metrics import compute_metrics
-from .tasks import TaskSpec, get_task
+from .tasks import TaskSpec
 
 log = logging.getLogger("alum_pretrain.finetune")
 
@@ -42,12 +43,6 @@ log = logging.getLogger("alum_pretrain.finetune")
 # -------------------------------------------------------------------------------------------------
 # building blocks
 # -------------------------------------------------------------------------------------------------
-
-def task_spec(cfg: FinetuneConfig) -> TaskSpec:
-    d = cfg.data
-    return get_task(d.task, text_a=d.text_a_field, text_b=d.text_b_field, label=d.label_field,
-                    labels=tuple(d.labels), regression=d.regression, metric=d.metric)
-
 
 def load_model(path: str, spec: TaskSpec, *, hidden_dropout=None, attention_dropout=None,
                classifier_dropout=None, device="cpu"):
@@ -236,31 +231,44 @@ def _seed_all(seed: int) -> None:
 
 
 # -------------------------------------------------------------------------------------------------
-# the loop
+# the run: its parts, built once
 # -------------------------------------------------------------------------------------------------
 
-def finetune(cfg: FinetuneConfig) -> dict:
-    """Run a fine-tuning job; returns the results dict also written to ``OUT/results.json``."""
-    cfg.validate_required()
-    if not (Path(cfg.model.path) / "config.json").is_file():
-        raise ValueError(f"--model {cfg.model.path}: no config.json (expected a HuggingFace checkpoint folder, "
-                         "e.g. the output of alum-export)")
-    rank, world, device = _setup_distributed(cfg.run.device)
-    out = Path(cfg.run.out)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    show = cfg.run.progress and rank == 0
-    spec = task_spec(cfg)
-    _seed_all(cfg.run.seed)
+@dataclass
+class _Job:
+    """What every epoch of one fine-tuning run uses (built by :func:`_build_job`)."""
 
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    model = load_model(cfg.model.path, spec, hidden_dropout=cfg.model.hidden_dropout,
-                       attention_dropout=cfg.model.attention_dropout,
-                       classifier_dropout=cfg.model.classifier_dropout, device=device)
-    method = build_method(cfg.run.method, cfg, spec.is_regression)
-    method.setup(model)  # before any update: RIFT's teacher is the pre-trained model
+    cfg: FinetuneConfig
+    rank: int
+    world: int
+    device: torch.device
+    out: Path
+    show: bool                      # progress bars (rank 0 only)
+    spec: TaskSpec
+    tokenizer: Any
+    pad_id: int
+    model: Any
+    method: Method
+    dev_ex: list[Example]
+    dev_enc: Any
+    sampler: Any                    # DistributedSampler, or a RandomSampler with its own generator
+    loader: DataLoader
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    ctx: TrainContext
+    amp: Optional[torch.dtype]      # autocast dtype; None = fp32
 
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    def autocast(self):
+        """Mixed precision: autocast around each update and evaluation (float32 weights)."""
+        return torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None)
+
+
+def _load_splits(cfg: FinetuneConfig, spec: TaskSpec, tokenizer, method: Method):
+    """-> (train encoding, dev examples, dev encoding); substitution candidates when the method needs them."""
     train_ex = read_examples(cfg.data.train, spec, fmt=cfg.data.format, limit=cfg.data.max_train_examples)
     dev_ex = read_examples(cfg.data.dev, spec, fmt=cfg.data.format, limit=cfg.data.max_dev_examples)
     if not train_ex:
@@ -271,13 +279,41 @@ def finetune(cfg: FinetuneConfig) -> dict:
         synonyms = SynonymSource(cfg.rift.wordnet_dir)
     train_enc = encode_split(tokenizer, train_ex, cfg, method, synonyms)
     dev_enc = encode_split(tokenizer, dev_ex, cfg, None)
+    return train_enc, dev_ex, dev_enc
 
+
+def _train_loader(cfg: FinetuneConfig, train_enc, spec: TaskSpec, method: Method, pad_id: int, rank: int,
+                  world: int):
+    """-> (sampler, loader) of the training split: this process's shard of a seeded shuffle."""
     train_ds = EncodedDataset(train_enc)
     sampler = (DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.run.seed)
                if world > 1 else RandomSampler(train_ds, generator=torch.Generator()))
     num_candidates = cfg.rift.max_candidates if getattr(method, "needs_substitutions", False) else 0
     loader = DataLoader(train_ds, batch_size=cfg.optim.batch_size, sampler=sampler,
                         collate_fn=lambda items: collate(items, pad_id, spec.is_regression, num_candidates))
+    return sampler, loader
+
+
+def _build_job(cfg: FinetuneConfig) -> _Job:
+    """Processes, model, method, data, optimizer and schedule, in this order (the seeded RNG stream
+    depends on it: the head's initialisation, then the method's set-up)."""
+    rank, world, device = _setup_distributed(cfg.run.device)
+    out = Path(cfg.run.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    spec = cfg.data.task_spec()
+    _seed_all(cfg.run.seed)
+
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    model = load_model(cfg.model.path, spec, hidden_dropout=cfg.model.hidden_dropout,
+                       attention_dropout=cfg.model.attention_dropout,
+                       classifier_dropout=cfg.model.classifier_dropout, device=device)
+    method = build_method(cfg.run.method, cfg, spec.is_regression)
+    method.setup(model)  # before any update: RIFT's teacher is the pre-trained model
+
+    train_enc, dev_ex, dev_enc = _load_splits(cfg, spec, tokenizer, method)
+    sampler, loader = _train_loader(cfg, train_enc, spec, method, pad_id, rank, world)
 
     steps_per_epoch = len(loader) * method.optimizer_steps_per_batch
     total_steps = steps_per_epoch * cfg.optim.epochs
@@ -287,102 +323,145 @@ def finetune(cfg: FinetuneConfig) -> dict:
                        regression=spec.is_regression,
                        extra_params=[p for m in method.modules() for p in m.parameters()],
                        max_nonfinite=cfg.run.max_nonfinite)
-    # Mixed precision: autocast around each update (float32 weights), a GradScaler for fp16.
     dtype = amp_dtype(cfg.run.precision)
-    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)  # noqa: E731
-    if dtype == torch.float16:
+    if dtype == torch.float16:  # fp16 needs a GradScaler (bf16 and fp32 do not)
         ctx.scaler = torch.amp.GradScaler(device.type)
+    return _Job(cfg, rank, world, device, out, cfg.run.progress and rank == 0, spec, tokenizer, pad_id, model,
+                method, dev_ex, dev_enc, sampler, loader, optimizer, scheduler, ctx, dtype)
 
-    start_epoch, history, best = 0, [], None
-    ckpt_path = out / "checkpoint.pt"
-    state = load_resume_state(ckpt_path, device, cfg.run.trust_checkpoint) if cfg.run.resume == "auto" else None
-    if state is not None:
-        for key in ("method", "task", "path"):
-            was = {"method": state["config"]["run"]["method"], "task": state["config"]["data"]["task"],
-                   "path": state["config"]["model"]["path"]}[key]
-            now = {"method": cfg.run.method, "task": cfg.data.task, "path": cfg.model.path}[key]
-            if was != now:
-                raise ValueError(f"{ckpt_path} was written by a run with {key}={was!r}, this run has {now!r}: "
-                                 "use another --out or --run.resume=never")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        method.load_state_dict(state["method"])
-        _set_rng_state(state["rng"])
-        start_epoch, history, best = state["epoch"] + 1, state["history"], state["best"]
-        ctx.optimizer_steps = state["optimizer_steps"]
-        if ctx.scaler is not None and state.get("scaler"):
-            ctx.scaler.load_state_dict(state["scaler"])
-        if rank == 0:
-            log.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
 
+# -------------------------------------------------------------------------------------------------
+# the steps of the loop
+# -------------------------------------------------------------------------------------------------
+
+def _resume(job: _Job) -> tuple[int, list, Optional[dict]]:
+    """-> (first epoch to run, history, best) restored from ``OUT/checkpoint.pt`` (``resume=auto``), or a
+    fresh start; ValueError when the checkpoint belongs to another method, task or model."""
+    cfg, ckpt_path = job.cfg, job.ckpt_path
+    state = load_resume_state(ckpt_path, job.device, cfg.run.trust_checkpoint) if cfg.run.resume == "auto" else None
+    if state is None:
+        return 0, [], None
+    was = {"method": state["config"]["run"]["method"], "task": state["config"]["data"]["task"],
+           "path": state["config"]["model"]["path"]}
+    now = {"method": cfg.run.method, "task": cfg.data.task, "path": cfg.model.path}
+    for key in ("method", "task", "path"):
+        if was[key] != now[key]:
+            raise ValueError(f"{ckpt_path} was written by a run with {key}={was[key]!r}, this run has "
+                             f"{now[key]!r}: use another --out or --run.resume=never")
+    job.model.load_state_dict(state["model"])
+    job.optimizer.load_state_dict(state["optimizer"])
+    job.scheduler.load_state_dict(state["scheduler"])
+    job.method.load_state_dict(state["method"])
+    _set_rng_state(state["rng"])
+    job.ctx.optimizer_steps = state["optimizer_steps"]
+    if job.ctx.scaler is not None and state.get("scaler"):
+        job.ctx.scaler.load_state_dict(state["scaler"])
+    start_epoch = state["epoch"] + 1
+    if job.rank == 0:
+        log.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
+    return start_epoch, state["history"], state["best"]
+
+
+def _train_epoch(job: _Job, epoch: int, step_times: list[float]) -> dict[str, float]:
+    """One pass over this process's shard (``method.train_step`` per minibatch); returns the metrics
+    last logged (every ``log_every`` minibatches and at the end); appends each step's seconds."""
+    cfg, ctx, loader = job.cfg, job.ctx, job.loader
+    if isinstance(job.sampler, DistributedSampler):
+        job.sampler.set_epoch(epoch)
+    else:
+        job.sampler.generator.manual_seed(cfg.run.seed * 1000 + epoch)   # data order = f(seed, epoch)
+    job.model.train()
+    last_logged: dict[str, float] = {}
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.optim.epochs} [{cfg.run.method}]", disable=not job.show)
+    for i, batch in enumerate(bar):
+        batch = {k: v.to(job.device) for k, v in batch.items()}
+        ctx.step_seed = (cfg.run.seed * 1_000_003 + epoch * 100_003 + i) * job.world + job.rank
+        t0 = time.perf_counter()
+        with job.autocast():
+            metrics = job.method.train_step(ctx, batch)
+        if (i + 1) % cfg.run.log_every == 0 or i + 1 == len(loader):
+            vals = {k: float(v) for k, v in metrics.items()}     # host sync only when logging
+            last_logged = vals
+            if job.show:
+                bar.set_postfix(loss=f"{vals['loss']:.4f}", lr=f"{job.scheduler.get_last_lr()[0]:.2e}")
+        step_times.append(time.perf_counter() - t0)
+    return last_logged
+
+
+def _end_epoch(job: _Job, epoch: int, last_logged: dict, history: list, best: Optional[dict]) -> Optional[dict]:
+    """Rank 0 after an epoch: evaluate the dev set, keep the best model (``OUT/best``) and its predictions,
+    add the epoch to ``history`` and write the checkpoint; returns the (new) best."""
+    cfg, spec, out = job.cfg, job.spec, job.out
+    with job.autocast():
+        dev_metrics, dev_logits = evaluate(job.model, job.dev_enc, spec, cfg.optim.eval_batch_size, job.device,
+                                           job.pad_id, job.show)
+    score = dev_metrics[spec.metric]
+    improved = best is None or score > best["score"]
+    if improved:
+        best = {"epoch": epoch, "score": score, "metrics": dev_metrics}
+        save_hf(job.model, job.tokenizer, out / "best")
+        write_predictions(out / f"predictions_dev.{cfg.run.predictions_format}", job.dev_ex, dev_logits, spec,
+                          cfg.run.predictions_format)
+    history.append({"epoch": epoch, "train": last_logged, "dev": dev_metrics,
+                    "optimizer_steps": job.ctx.optimizer_steps, "nonfinite_skipped": job.ctx.nonfinite_skipped})
+    log.info("epoch %d dev %s%s", epoch + 1, json.dumps(dev_metrics), " (best)" if improved else "")
+    if job.show:
+        tqdm.write(f"epoch {epoch + 1}: dev {spec.metric}={score:.4f}{' (best)' if improved else ''}")
+    bad = first_nonfinite(job.model.state_dict())
+    if bad is not None:  # never checkpoint a diverged model (the skip guard should make this unreachable)
+        raise NonFiniteError(f"epoch {epoch + 1}: weight {bad} holds NaN/Inf; {job.ckpt_path} keeps the "
+                             "previous epoch")
+    _atomic_torch_save({"model": job.model.state_dict(), "optimizer": job.optimizer.state_dict(),
+                        "scheduler": job.scheduler.state_dict(), "method": job.method.state_dict(),
+                        "rng": _rng_state(), "epoch": epoch, "history": history, "best": best,
+                        "optimizer_steps": job.ctx.optimizer_steps, "config": config_to_dict(cfg),
+                        "scaler": job.ctx.scaler.state_dict() if job.ctx.scaler is not None else None},
+                       job.ckpt_path)
+    return best
+
+
+def _predict_test(job: _Job) -> None:
+    """Predictions of the best model (``OUT/best``) on ``--data.test`` (labels optional)."""
+    cfg, spec = job.cfg, job.spec
+    best_model = load_model(str(job.out / "best"), spec, device=job.device)
+    test_ex = read_examples(cfg.data.test, spec, fmt=cfg.data.format, require_labels=False)
+    test_logits = predict(best_model, encode(job.tokenizer, test_ex, cfg.data.max_length), spec,
+                          cfg.optim.eval_batch_size, job.device, job.pad_id, job.show)
+    write_predictions(job.out / f"predictions_test.{cfg.run.predictions_format}", test_ex, test_logits, spec,
+                      cfg.run.predictions_format)
+
+
+# -------------------------------------------------------------------------------------------------
+# the loop
+# -------------------------------------------------------------------------------------------------
+
+def finetune(cfg: FinetuneConfig) -> dict:
+    """Run a fine-tuning job; returns the results dict also written to ``OUT/results.json``."""
+    cfg.validate_required()
+    if not (Path(cfg.model.path) / "config.json").is_file():
+        raise ValueError(f"--model {cfg.model.path}: no config.json (expected a HuggingFace checkpoint folder, "
+                         "e.g. the output of alum-export)")
+    job = _build_job(cfg)
+    start_epoch, history, best = _resume(job)
     step_times: list[float] = []
     end_epoch = cfg.optim.epochs
     if cfg.run.stop_after_epochs:
         end_epoch = min(end_epoch, start_epoch + cfg.run.stop_after_epochs)
     for epoch in range(start_epoch, end_epoch):
-        if isinstance(sampler, DistributedSampler):
-            sampler.set_epoch(epoch)
-        else:
-            sampler.generator.manual_seed(cfg.run.seed * 1000 + epoch)   # data order = f(seed, epoch)
-        model.train()
-        last_logged: dict[str, float] = {}
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.optim.epochs} [{cfg.run.method}]", disable=not show)
-        for i, batch in enumerate(bar):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            ctx.step_seed = (cfg.run.seed * 1_000_003 + epoch * 100_003 + i) * world + rank
-            t0 = time.perf_counter()
-            with autocast():
-                metrics = method.train_step(ctx, batch)
-            if (i + 1) % cfg.run.log_every == 0 or i + 1 == len(loader):
-                vals = {k: float(v) for k, v in metrics.items()}     # host sync only when logging
-                last_logged = vals
-                if show:
-                    bar.set_postfix(loss=f"{vals['loss']:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            step_times.append(time.perf_counter() - t0)
-
-        dev_metrics = None
-        if rank == 0:
-            with autocast():
-                dev_metrics, dev_logits = evaluate(model, dev_enc, spec, cfg.optim.eval_batch_size, device, pad_id,
-                                                   show)
-            score = dev_metrics[spec.metric]
-            improved = best is None or score > best["score"]
-            if improved:
-                best = {"epoch": epoch, "score": score, "metrics": dev_metrics}
-                save_hf(model, tokenizer, out / "best")
-                write_predictions(out / f"predictions_dev.{cfg.run.predictions_format}", dev_ex, dev_logits, spec,
-                                  cfg.run.predictions_format)
-            history.append({"epoch": epoch, "train": last_logged, "dev": dev_metrics,
-                            "optimizer_steps": ctx.optimizer_steps, "nonfinite_skipped": ctx.nonfinite_skipped})
-            log.info("epoch %d dev %s%s", epoch + 1, json.dumps(dev_metrics), " (best)" if improved else "")
-            if show:
-                tqdm.write(f"epoch {epoch + 1}: dev {spec.metric}={score:.4f}{' (best)' if improved else ''}")
-            bad = first_nonfinite(model.state_dict())
-            if bad is not None:  # never checkpoint a diverged model (the skip guard should make this unreachable)
-                raise NonFiniteError(f"epoch {epoch + 1}: weight {bad} holds NaN/Inf; {ckpt_path} keeps the "
-                                     "previous epoch")
-            _atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                "scheduler": scheduler.state_dict(), "method": method.state_dict(),
-                                "rng": _rng_state(), "epoch": epoch, "history": history, "best": best,
-                                "optimizer_steps": ctx.optimizer_steps, "config": config_to_dict(cfg),
-                                "scaler": ctx.scaler.state_dict() if ctx.scaler is not None else None}, ckpt_path)
+        last_logged = _train_epoch(job, epoch, step_times)
+        if job.rank == 0:
+            best = _end_epoch(job, epoch, last_logged, history, best)
         if dist.is_initialized():
             dist.barrier()
 
-    results = {"task": spec.name, "method": cfg.run.method, "metric": spec.metric, "best": best,
-               "history": history, "optimizer_steps": ctx.optimizer_steps,
+    results = {"task": job.spec.name, "method": cfg.run.method, "metric": job.spec.metric, "best": best,
+               "history": history, "optimizer_steps": job.ctx.optimizer_steps,
                "median_step_seconds": float(np.median(step_times)) if step_times else None,
                "config": config_to_dict(cfg)}
     finished = end_epoch == cfg.optim.epochs
     results["finished"] = finished
-    if rank == 0:
+    if job.rank == 0:
         if cfg.data.test and finished and best is not None:
-            best_model = load_model(str(out / "best"), spec, device=device)
-            test_ex = read_examples(cfg.data.test, spec, fmt=cfg.data.format, require_labels=False)
-            test_logits = predict(best_model, encode(tokenizer, test_ex, cfg.data.max_length), spec,
-                                  cfg.optim.eval_batch_size, device, pad_id, show)
-            write_predictions(out / f"predictions_test.{cfg.run.predictions_format}", test_ex, test_logits, spec,
-                              cfg.run.predictions_format)
-        write_text(out / "results.json", json.dumps(results, indent=2))
+            _predict_test(job)
+        write_text(job.out / "results.json", json.dumps(results, indent=2))
     return results

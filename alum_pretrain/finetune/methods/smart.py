@@ -22,6 +22,7 @@ Dropout masks are independent across the clean, ascent and adversarial passes (a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ...adversarial import ALUMConfig, alum_regularizer
 from ...divergence import get_divergence
@@ -30,28 +31,17 @@ from ...config import opt
 
 
 @dataclass
-class SmartConfig:
-    """SMART/ALUM fine-tuning (method=smart or alum): virtual adversarial smoothness term."""
+class SmartConfig(ALUMConfig):
+    """SMART/ALUM fine-tuning (method=smart or alum): virtual adversarial smoothness term (regression: MSE)."""
 
-    alpha: float = opt(1.0, "weight of the adversarial term (ALUM/SMART fine-tuning: 1)")
-    epsilon: float = opt(1e-5, "per-token perturbation radius")
-    step_size: float = opt(1e-3, "ascent step size eta")
-    noise_std: float = opt(1e-5, "std of the Gaussian random start")
-    k_steps: int = opt(1, "ascent steps K")
-    projection: str = opt("linf", "projection after each ascent step: linf | l2 | none")
-    divergence: str = opt("sym_kl_ce", "classification divergence: sym_kl_ce (KL(sg q||p) + KL(sg p||q), "
-                                       "mt-dnn/SMART/R-Drop) or sym_kl (KL(p||sg q) + KL(q||sg p)); "
-                                       "regression always uses the mean squared difference")
-    log_baseline: bool = opt(False, "also log adv_dropout: the term with delta = 0 under the same dropout "
-                                    "masks (one extra no-grad forward), the dropout-only share of adv")
-
-    def __post_init__(self) -> None:
-        self.alum()  # validates (ALUMConfig raises ValueError naming the field)
-
-    def alum(self) -> ALUMConfig:
-        return ALUMConfig(alpha=self.alpha, epsilon=self.epsilon, step_size=self.step_size,
-                          noise_std=self.noise_std, k_steps=self.k_steps, projection=self.projection,
-                          perturb_at="word", divergence=self.divergence, log_baseline=self.log_baseline)
+    # ALUM's knobs and checks (alum.* names in its errors), with the fine-tuning weight as the default.
+    # The divergence applies to classification; regression always uses the mean squared difference.
+    alpha: float = opt(1.0, "weight of the adversarial term (ALUM/SMART fine-tuning: 1); 0 = plain fine-tuning")
+    # Pre-training knobs that fine-tuning fixes (class constants, so no --smart.* option): delta on the word
+    # embeddings, on from the first step, no NSP head.
+    perturb_at: ClassVar[str] = "word"
+    start_step: ClassVar[int] = 0
+    include_nsp: ClassVar[bool] = False
 
 
 class Smart(Method):
@@ -59,7 +49,7 @@ class Smart(Method):
 
     def __init__(self, cfg: SmartConfig, regression: bool = False):
         super().__init__(cfg, regression)
-        self.alum_cfg = cfg.alum()
+        self.alum_cfg = cfg  # a SmartConfig is the ALUMConfig that alum_regularizer takes
         self.divergence = mse_divergence if regression else get_divergence(cfg.divergence)
 
     def train_step(self, ctx: TrainContext, batch):
