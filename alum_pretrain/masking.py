@@ -40,7 +40,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
@@ -97,7 +96,11 @@ class MaskingConfig:
             raise bad("whole_word", "must be true or false")
 
     def rate_at(self, step: int, total_steps: int) -> float:
-        """The masking rate at optimizer step ``step`` of ``total_steps`` (exact integer phase arithmetic)."""
+        """The masking rate at optimizer step ``step`` of ``total_steps``: the one schedule of both engines.
+
+        Phase ``min(step * num_phases // total_steps, num_phases - 1)`` in exact integer arithmetic (no
+        float ``step / total_steps`` that could round a boundary step into the previous phase); steps past
+        ``total_steps`` stay in the last phase."""
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
             raise ValueError(f"rate_at: total_steps={total_steps!r} must be a positive integer")
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
@@ -112,19 +115,6 @@ class MaskingConfig:
             return self.start_rate
         r = self.start_rate + (self.end_rate - self.start_rate) * phase / (self.num_phases - 1)
         return round(r, 12)  # 0.15000000000000002 -> 0.15 for clean logs; far below any effect
-
-
-def mask_rate(progress: float, cfg: MaskingConfig) -> float:
-    """The masking rate at training progress ``progress = step / total_steps`` (>= 1 clamps to the last phase)."""
-    p = float(progress)
-    if not math.isfinite(p) or p < 0:
-        raise ValueError(f"mask_rate: progress={progress!r} must be a finite number >= 0 (step / total_steps)")
-    if cfg.schedule == "constant":
-        return cfg.constant_rate
-    # The 1e-12 slack absorbs float error of step/total (e.g. 0.6 * 5 = 2.9999999999999996 would
-    # otherwise land in the previous phase); rate_at() is exact.
-    phase = min(int(math.floor(p * cfg.num_phases + 1e-12)), cfg.num_phases - 1)
-    return cfg._phase_rate(phase)
 
 
 def step_generator(

@@ -243,7 +243,9 @@ def test_save_refuses_nonfinite_weights(databin, tmp_path):
     from alum_pretrain.engine import distributed as D
     from alum_pretrain.engine.config import TrainConfig
     from alum_pretrain.config import parse_config
-    from alum_pretrain.engine.setup import NonFiniteError, build_run, save
+    from alum_pretrain.engine.checkpoint import save
+    from alum_pretrain.engine.setup import build_run
+    from alum_pretrain.engine.step import NonFiniteError
 
     cfg = parse_config(TrainConfig, train_args(databin, tmp_path / "run", 2), prog="t")
     run = build_run(cfg, D.DistEnv())
@@ -259,7 +261,7 @@ def test_fp16_overflow_step_is_not_logged_as_inf(databin, tmp_path):
     """A GradScaler overflow (finite loss, inf gradient) is skipped by the scaler as before, counted in
     ``overflow_skipped``, and the interval's grad_norm averages the finite steps only."""
     from alum_pretrain.engine import distributed as D
-    from alum_pretrain.engine.setup import Accumulator
+    from alum_pretrain.engine.metrics import Accumulator
 
     class _R:  # the parts of Run the accumulator reads
         env = D.DistEnv()
@@ -290,7 +292,7 @@ def test_alum_diagnostics_of_a_skipped_step_are_counted_but_not_averaged_into_ad
     NaN), while ascent_nonfinite / adv_nonfinite count every micro-batch and ascent_zero_grad_frac averages
     over all of them (the skipped step's diagnostics are what explains the skip)."""
     from alum_pretrain.engine import distributed as D
-    from alum_pretrain.engine.setup import Accumulator
+    from alum_pretrain.engine.metrics import Accumulator
 
     class _R:  # the parts of Run the accumulator reads
         env = D.DistEnv()
