@@ -115,7 +115,7 @@ def mlm_eval_batch(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.T
 
 @torch.no_grad()
 def evaluate(run, step: int) -> dict:
-    """Validation MLM loss and accuracy at the constant rate (masking.constant_rate), same masks every time."""
+    """Validation MLM loss and accuracy at ``masking.eval_rate``, the same masks every time."""
     cfg, env, model = run.cfg, run.env, run.model
     run.valid.load_state_dict(run.valid_state0)
     was_training = model.training
@@ -127,7 +127,7 @@ def evaluate(run, step: int) -> dict:
         if j >= cfg.train.eval_batches:
             break
         ids = (j * W + env.rank) * B + torch.arange(batch["input_ids"].shape[0])
-        batch = run.to_device(run.masker(batch, cfg.masking.constant_rate, 0, ids, stream=STREAM_EVAL_MASK))
+        batch = run.to_device(run.masker(batch, cfg.masking.eval_rate, 0, ids, stream=STREAM_EVAL_MASK))
         if autocast is not None:
             with autocast:
                 ce, correct, n = mlm_eval_batch(model, batch)
