@@ -4,7 +4,6 @@ a tiny end-to-end run, resume == uninterrupted, gradient accumulation, SIGTERM, 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,10 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_helpers import (final_weights, make_stdlib_databin, max_weight_diff, read_log, run_train,
-                            train_args)
+from engine_helpers import (ROOT, final_weights, make_stdlib_databin, max_weight_diff, read_log, run_train,
+                            subprocess_env, train_args)
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py)
@@ -225,7 +223,7 @@ def test_sigterm_saves_and_exits_0_then_resume_completes(databin, tmp_path):
     out = tmp_path / "run"
     steps = 100
     args = train_args(databin, out, steps, "--train.eval_every=0", "--train.save_every=0")
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
+    env = subprocess_env()
     proc = subprocess.Popen([sys.executable, "-m", "alum_pretrain.train", *args], env=env, cwd=str(ROOT),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = out / "log.jsonl"

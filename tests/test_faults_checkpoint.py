@@ -9,7 +9,6 @@ error naming the file and the reason.  Seeded (train.seed=1), tiny preset, 6 ste
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import shutil
 import subprocess
@@ -19,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_helpers import final_weights, make_stdlib_databin, max_weight_diff, read_log, run_train, train_args
+from engine_helpers import (ROOT, final_weights, make_stdlib_databin, max_weight_diff, read_log, run_train,
+                            subprocess_env, train_args)
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
 ARGS = ("--train.save_every=2", "--train.eval_every=0", "--alum.start_step=3", "--alum.epsilon=1e-3",
         "--alum.noise_std=1e-3")
@@ -85,7 +84,7 @@ KILL_CHAIN = [
 def test_kill9_at_seven_points_then_rerun_equals_uninterrupted(databin, reference, tmp_path):
     out = tmp_path / "run"
     args = train_args(databin, out, STEPS, *ARGS, "--train.keep_last=1")
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
+    env = subprocess_env()
     for fault, left in KILL_CHAIN:
         proc = subprocess.run([sys.executable, str(ROOT / "tests" / "fault_runner.py"), fault, "--", *args],
                               env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=300)
