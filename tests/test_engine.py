@@ -287,3 +287,20 @@ def test_variants_train(databin, tmp_path, extra):
     assert recs[0]["adv"] == 0 and recs[-1]["adv"] > 0
     if "--data.nsp=false" in extra:
         assert all(r["nsp"] == 0 for r in recs)
+
+
+def test_the_loop_asks_the_stepper_not_the_engine():
+    """train() never branches on the engine: the run's stepper (DDP or DeepSpeed) does the engine's half."""
+    import inspect
+    from types import SimpleNamespace
+
+    from alum_pretrain import train as T
+    from alum_pretrain.engine import distributed as D
+    from alum_pretrain.engine.stepper import DDPStepper, DeepSpeedStepper, make_stepper
+
+    src = inspect.getsource(T.train)
+    assert "run.engine" not in src and "DDP" not in src and "no_sync" not in src and "scaler" not in src
+    run = SimpleNamespace(engine=None, env=D.DistEnv(), amp_dtype=None)
+    assert type(make_stepper(run)) is DDPStepper
+    run.engine = object()
+    assert type(make_stepper(run)) is DeepSpeedStepper

@@ -25,6 +25,10 @@ global batch:
   size.  The ALUM divergence is normalised the same way (sum over rows / N_global for MLM, / B_global for
   NSP) - also inside the ascent, so the relative weight of the MLM and NSP terms in the ascent direction
   does not depend on the split either.
+
+Beside the step: :func:`evaluate` (the validation MLM loss/accuracy at ``masking.eval_rate`` with fixed
+masks, through :func:`mlm_eval_batch`) and the non-finite guard (:func:`step_is_finite`, the one host sync of
+an optimizer step; :class:`NonFiniteError` stops a diverged run).
 """
 
 from __future__ import annotations
