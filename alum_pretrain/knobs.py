@@ -45,6 +45,8 @@ DEPRECATED: dict[str, str] = {
     "mask_replace_prob": "masking.mask_prob",
     "mask_random_prob": "masking.random_prob",
     "mask_whole_words": "masking.whole_word",
+    "mask_curriculum_updates": "masking.curriculum_steps",
+    "valid_mask_rate": "masking.eval_rate",
 }
 _warned: set[str] = set()
 

@@ -40,7 +40,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
@@ -49,7 +48,7 @@ import torch
 
 from .config import opt
 
-__all__ = ["MaskingConfig", "SCHEDULES", "mask_rate", "mask_tokens", "mask_batch", "TokenMasker", "sample_uniforms",
+__all__ = ["MaskingConfig", "SCHEDULES", "mask_tokens", "mask_batch", "TokenMasker", "sample_uniforms",
            "step_generator", "sample_generators", "IGNORE_INDEX", "STREAM_MASK", "STREAM_ALUM", "STREAM_EVAL_MASK"]
 
 SCHEDULES = ("curriculum", "constant")
@@ -77,6 +76,11 @@ class MaskingConfig:
                                   "(the rest, 1 - mask_prob - random_prob, stay unchanged)")
     whole_word: bool = opt(False, "select whole words (a start token + its word-piece continuations) "
                                   "instead of single tokens; the rate applies to words")
+    curriculum_steps: int = opt(0, "curriculum: optimizer steps (fairseq: updates) it runs over; 0 = the run's "
+                                   "length (train.max_steps, fairseq --max-update); set it when a run is "
+                                   "resumed with a longer length")
+    eval_rate: float = opt(0.15, "masking rate of validation (fixed, with fixed masks, so valid losses "
+                                 "compare across steps)")
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -84,20 +88,29 @@ class MaskingConfig:
 
         if self.schedule not in SCHEDULES:
             raise bad("schedule", f"must be one of {', '.join(SCHEDULES)}")
-        for name in ("start_rate", "end_rate", "constant_rate", "mask_prob", "random_prob"):
+        for name in ("start_rate", "end_rate", "constant_rate", "mask_prob", "random_prob", "eval_rate"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0.0 <= float(v) <= 1.0):
                 raise bad(name, "must be a number in [0, 1]")
             setattr(self, name, float(v))
         if isinstance(self.num_phases, bool) or not isinstance(self.num_phases, int) or self.num_phases < 1:
             raise bad("num_phases", "must be an integer >= 1")
+        if (isinstance(self.curriculum_steps, bool) or not isinstance(self.curriculum_steps, int)
+                or self.curriculum_steps < 0):
+            raise bad("curriculum_steps", "must be an integer >= 0 (0 = the run's length)")
         if self.mask_prob + self.random_prob > 1.0 + 1e-12:
             raise bad("random_prob", f"mask_prob + random_prob = {self.mask_prob + self.random_prob} must be <= 1")
         if not isinstance(self.whole_word, bool):
             raise bad("whole_word", "must be true or false")
 
     def rate_at(self, step: int, total_steps: int) -> float:
-        """The masking rate at optimizer step ``step`` of ``total_steps`` (exact integer phase arithmetic)."""
+        """The masking rate at optimizer step ``step`` of a run of ``total_steps``: the one schedule of both
+        engines (``curriculum_steps``, when set, replaces ``total_steps``).
+
+        Phase ``min(step * num_phases // total, num_phases - 1)`` in exact integer arithmetic (no float
+        ``step / total`` that could round a boundary step into the previous phase); steps past the total stay
+        in the last phase."""
+        total_steps = self.curriculum_steps or total_steps
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
             raise ValueError(f"rate_at: total_steps={total_steps!r} must be a positive integer")
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
@@ -112,19 +125,6 @@ class MaskingConfig:
             return self.start_rate
         r = self.start_rate + (self.end_rate - self.start_rate) * phase / (self.num_phases - 1)
         return round(r, 12)  # 0.15000000000000002 -> 0.15 for clean logs; far below any effect
-
-
-def mask_rate(progress: float, cfg: MaskingConfig) -> float:
-    """The masking rate at training progress ``progress = step / total_steps`` (>= 1 clamps to the last phase)."""
-    p = float(progress)
-    if not math.isfinite(p) or p < 0:
-        raise ValueError(f"mask_rate: progress={progress!r} must be a finite number >= 0 (step / total_steps)")
-    if cfg.schedule == "constant":
-        return cfg.constant_rate
-    # The 1e-12 slack absorbs float error of step/total (e.g. 0.6 * 5 = 2.9999999999999996 would
-    # otherwise land in the previous phase); rate_at() is exact.
-    phase = min(int(math.floor(p * cfg.num_phases + 1e-12)), cfg.num_phases - 1)
-    return cfg._phase_rate(phase)
 
 
 def step_generator(

@@ -18,24 +18,23 @@ damaged ones (:mod:`alum_pretrain.engine.checkpoint`).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import signal
 import sys
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from .atomic import write_json
 from .config import parse_config
-from .engine import deepspeed_engine as DS
 from .engine import distributed as D
 from .engine.config import TrainConfig
 from .engine.metrics import LOG
 from .engine.plot import plot_run
-from .engine.setup import NonFiniteError, build_run, evaluate, last_good_checkpoint, restore, save, step_is_finite
-from .masking import STREAM_ALUM, mask_rate, sample_generators
+from .engine.checkpoint import last_good_checkpoint, restore, save
+from .engine.setup import build_run
+from .engine.step import NonFiniteError, evaluate
+from .masking import STREAM_ALUM, sample_generators
 
 _STOP = {"signal": None}
 
@@ -49,8 +48,6 @@ def train(cfg: TrainConfig, env: D.DistEnv) -> dict:
     run = build_run(cfg, env)  # model, DDP step module, optimizer, schedule, scaler, loaders, logger
     step = restore(run)  # 0, or the step of the latest checkpoint in train.output_dir
     tc = cfg.train
-    autocast = (torch.autocast(env.device.type, dtype=run.amp_dtype) if run.amp_dtype is not None
-                else contextlib.nullcontext())
     batches = run.batches()
     acc = run.new_accumulator()
     pbar = tqdm(total=tc.max_steps, initial=step, disable=not (env.is_main and tc.progress),
@@ -61,7 +58,7 @@ def train(cfg: TrainConfig, env: D.DistEnv) -> dict:
         run.logger.log(evaluate(run, 0), write=pbar.write)
     while step < tc.max_steps:
         # ---- masking (per sample, from (seed, step, global sample index); on the host) -------------
-        rate = mask_rate(step / tc.max_steps, cfg.masking)
+        rate = cfg.masking.rate_at(step, tc.max_steps)
         alum_on = cfg.alum.active(step)
         micro = [run.masker(next(batches), rate, step, run.sample_ids(m)) for m in range(run.grad_accum)]
         # Global masked-token count of this optimizer step -> the MLM mean over the whole global batch.
@@ -69,47 +66,26 @@ def train(cfg: TrainConfig, env: D.DistEnv) -> dict:
         mlm_denom = max(n_masked.item(), 1.0) / env.world_size  # a host tensor: no device sync
         nsp_denom = run.global_batch / env.world_size
 
-        # ---- forward (clean + ALUM) and backward, once per micro-batch ------------------------------
+        # ---- forward (clean + ALUM) and backward, once per micro-batch (the engine's stepper) -------
         loss_sum = torch.zeros((), device=env.device)  # finiteness check only (no host sync here)
         for m, batch in enumerate(micro):
             gens = (sample_generators(tc.seed, step, batch["sample_ids"], STREAM_ALUM, run.gen_device)
                     if alum_on else None)
             batch = run.to_device(batch)
-            last = m == run.grad_accum - 1
-            sync = contextlib.nullcontext() if (last or not isinstance(run.step_module, DDP)) \
-                else run.step_module.no_sync()  # all-reduce gradients only on the last micro-batch
-            with sync:
-                with autocast:
-                    loss, metrics = run.step_module(batch, alum_on=alum_on, mlm_denom=mlm_denom,
-                                                    nsp_denom=nsp_denom, alum_generators=gens)
-                if run.engine is not None:  # DeepSpeed: fp16 scaling and ZeRO reduction inside the engine
-                    DS.backward(run.engine, loss)
-                else:
-                    run.scaler.scale(loss).backward()
+            loss, metrics = run.stepper.forward_backward(batch, last=m == run.grad_accum - 1, alum_on=alum_on,
+                                                         mlm_denom=mlm_denom, nsp_denom=nsp_denom,
+                                                         alum_generators=gens)
             acc.add(metrics, batch)
             loss_sum += loss.detach().float()
 
         # ---- clip, non-finite guard, optimizer step, schedule ---------------------------------------
-        if run.engine is not None:  # DeepSpeed: unscale, clip, step, schedule, zero_grad in engine.step(),
-            grad_norm, lr = DS.optimizer_step(run.engine)  # which itself skips a non-finite update
-        else:
-            run.scaler.unscale_(run.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), tc_clip(cfg))
-            lr = run.optimizer.param_groups[0]["lr"]  # the LR of this update
-        loss_ok, grad_ok = step_is_finite(run, loss_sum, grad_norm)  # the step's one host sync
-        # NaN/Inf loss, or NaN/Inf gradient without fp16 loss scaling (bf16/fp32): skip the update and the LR
-        # schedule.  fp16 with a finite loss: an overflow, which the loss scaler skips and handles.
-        skip = not loss_ok or (not grad_ok and run.amp_dtype != torch.float16)
-        if run.engine is None:
-            if not skip:
-                run.scaler.step(run.optimizer)
-            run.scaler.update()
-            if not skip:
-                run.scheduler.step()
-            run.optimizer.zero_grad(set_to_none=True)
+        # A NaN/Inf loss or gradient (bf16/fp32) skips the update and the schedule; an fp16 overflow is
+        # skipped and handled by the loss scaler.  The guard is the step's one host sync.
+        out = run.stepper.optimizer_step(loss_sum)
+        skip = out.skipped
         nonfinite_run = nonfinite_run + 1 if skip else 0
         step += 1
-        acc.end_step(grad_norm, rate, alum_on, lr, loss_ok=loss_ok, grad_ok=grad_ok, skipped=skip)
+        acc.end_step(out.grad_norm, rate, alum_on, out.lr, loss_ok=out.loss_ok, grad_ok=out.grad_ok, skipped=skip)
         pbar.update(1)
         give_up = nonfinite_run >= tc.max_nonfinite
 
@@ -143,11 +119,6 @@ def train(cfg: TrainConfig, env: D.DistEnv) -> dict:
         LOG.info("done: %d steps; log %s; plot %s", step, run.out / "log.jsonl", run.out / "plot.png")
     run.logger.close()
     return {"step": step, "completed": completed, "stopped": stopped}
-
-
-def tc_clip(cfg: TrainConfig) -> float:
-    # grad_clip 0 = no clipping; clip_grad_norm_ with inf still returns the norm for the log.
-    return cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
 
 
 def setup_logging(rank: int) -> None:

@@ -1,4 +1,5 @@
-"""Helpers for the engine tests: a small real data-bin (no ../shared needed) and a run launcher.
+"""Helpers for the engine tests: a small real data-bin (no ../shared needed), run launchers (in this process,
+in a subprocess, under torchrun) and the readers of what a run wrote.
 
 The corpus is the standard library's docstrings (the demo's corpus: real English on every machine),
 tokenized with a small WordPiece vocabulary trained on it, written by ``tests/databin_factory.py``.
@@ -7,10 +8,18 @@ tokenized with a small WordPiece vocabulary trained on it, written by ``tests/da
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+#: multi-process parity runs: dropout draws are per process, so runs agree only without dropout
+PARITY = ("--model.dropout=0", "--alum.epsilon=1e-3", "--alum.noise_std=1e-3", "--train.eval_every=3",
+          "--train.keep_last=5")
 
 COMMON = [
     "--model.preset=tiny",
@@ -54,6 +63,26 @@ def run_train(databin: Path, out: Path, steps: int, *extra: str) -> int:
     from alum_pretrain.train import main
 
     return main(train_args(databin, out, steps, *extra))
+
+
+def subprocess_env(*extra_paths: Path, **env: str) -> dict:
+    """The environment of a child Python: this checkout (then ``extra_paths``) first on PYTHONPATH, one thread."""
+    path = os.pathsep.join([str(ROOT), *map(str, extra_paths), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **env}
+
+
+def torchrun(script: list[str], args: list[str], timeout: int = 300, nproc: int = 2,
+             **env: str) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node nproc SCRIPT ARGS`` (``script``: ``["-m", module]`` or a path)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *script,
+           *args]
+    return subprocess.run(cmd, env=subprocess_env(**env), cwd=str(ROOT), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def torchrun_train(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """``alum-train ARGS`` in two processes under torchrun."""
+    return torchrun(["-m", "alum_pretrain.train"], args, timeout=timeout)
 
 
 def read_log(out: Path, kind: str = "train") -> list[dict]:

@@ -52,7 +52,7 @@ def install(fault: str) -> None:
 
     orig_save_model = M.save_model
 
-    def save_model(model, directory):  # called once per checkpoint save (engine/setup.py:save)
+    def save_model(model, directory):  # called once per checkpoint save (engine/checkpoint.py:save)
         count["save"] += 1
         out = orig_save_model(model, directory)
         if kind == "model" and count["save"] == n:

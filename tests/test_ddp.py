@@ -10,27 +10,17 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from engine_helpers import final_weights, make_stdlib_databin, max_weight_diff, read_log, run_train, train_args
+from engine_helpers import (PARITY, ROOT, final_weights, make_stdlib_databin, max_weight_diff, read_log, run_train,
+                            train_args)
+from engine_helpers import torchrun_train as _torchrun
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.multirank
 
-COMMON = ("--model.dropout=0",  # dropout draws are per process: equal only without dropout
-          "--alum.start_step=3", "--alum.epsilon=1e-3", "--alum.noise_std=1e-3", "--train.eval_every=3",
-          "--train.keep_last=5")
-
-
-def _torchrun(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "alum_pretrain.train", *args]
-    return subprocess.run(cmd, env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=timeout)
+COMMON = ("--alum.start_step=3", *PARITY)
 
 
 def test_two_process_ddp_matches_one_process(tmp_path):

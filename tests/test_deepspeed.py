@@ -29,37 +29,29 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from engine_helpers import final_weights, make_stdlib_databin, max_weight_diff, read_log, run_train, train_args
+from engine_helpers import (PARITY, ROOT, final_weights, make_stdlib_databin, max_weight_diff, read_log, run_train,
+                            subprocess_env, torchrun, train_args)
 
-ROOT = Path(__file__).resolve().parents[1]
 HAS_DS = importlib.util.find_spec("deepspeed") is not None
 requires_ds = pytest.mark.skipif(not HAS_DS, reason="deepspeed not installed (pip install 'alum-pretrain[deepspeed]')")
 
-COMMON = ("--model.dropout=0",  # dropout draws are per process: equal only without dropout
-          "--alum.start_step=2", "--alum.epsilon=1e-3", "--alum.noise_std=1e-3", "--train.eval_every=3",
-          "--train.keep_last=5")
+COMMON = ("--alum.start_step=2", *PARITY)
 STEPS = 6
 Z3 = ("--train.engine=deepspeed", "--deepspeed.zero_stage=3", "--deepspeed.param_persistence_threshold=0")
 Z2 = ("--train.engine=deepspeed", "--deepspeed.zero_stage=2")
 
 
-def _env() -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-
-
 def _torchrun(script: list[str], args: list[str], timeout: int = 400, **env) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *script, *args]
-    return subprocess.run(cmd, env={**_env(), **env}, cwd=str(ROOT), capture_output=True, text=True, timeout=timeout)
+    return torchrun(script, args, timeout=timeout, **env)
 
 
 def _single(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     """One process in a subprocess (DeepSpeed leaves a process group behind in the process that ran it)."""
-    return subprocess.run([sys.executable, "-m", "alum_pretrain.train", *args], env=_env(), cwd=str(ROOT),
+    return subprocess.run([sys.executable, "-m", "alum_pretrain.train", *args], env=subprocess_env(), cwd=str(ROOT),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -309,7 +301,7 @@ def test_sigusr1_to_one_rank_saves_all_shards_and_exits_0(ds_runs, tmp_path):
            "-m", "alum_pretrain.train",
            *train_args(ds_runs["databin"], out, 500, "--train.batch_size=2", "--train.eval_every=0",
                        "--train.save_every=0", *Z2)]
-    proc = subprocess.Popen(cmd, env=_env(), cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, env=subprocess_env(), cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = out / "log.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -350,7 +342,7 @@ def test_nonfinite_loss_skips_the_update_under_zero2(tmp_path, precision):
     out = tmp_path / "run"
     args = train_args(databin, out, 5, *COMMON, "--train.eval_every=0", "--train.save_every=2",
                       f"--train.precision={precision}", *Z2)
-    env = {**_env(), "NAN_STEPS": "3,4", "MICRO_PER_STEP": "1"}
+    env = subprocess_env(NAN_STEPS="3,4", MICRO_PER_STEP="1")
     r = subprocess.run([sys.executable, "tests/ds_nan_probe.py", *args], env=env, cwd=str(ROOT),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]

@@ -4,7 +4,6 @@ a tiny end-to-end run, resume == uninterrupted, gradient accumulation, SIGTERM, 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,10 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_helpers import (final_weights, make_stdlib_databin, max_weight_diff, read_log, run_train,
-                            train_args)
+from engine_helpers import (ROOT, final_weights, make_stdlib_databin, max_weight_diff, read_log, run_train,
+                            subprocess_env, train_args)
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py)
@@ -225,7 +223,7 @@ def test_sigterm_saves_and_exits_0_then_resume_completes(databin, tmp_path):
     out = tmp_path / "run"
     steps = 100
     args = train_args(databin, out, steps, "--train.eval_every=0", "--train.save_every=0")
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
+    env = subprocess_env()
     proc = subprocess.Popen([sys.executable, "-m", "alum_pretrain.train", *args], env=env, cwd=str(ROOT),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = out / "log.jsonl"
@@ -289,3 +287,25 @@ def test_variants_train(databin, tmp_path, extra):
     assert recs[0]["adv"] == 0 and recs[-1]["adv"] > 0
     if "--data.nsp=false" in extra:
         assert all(r["nsp"] == 0 for r in recs)
+
+
+def test_the_loop_asks_the_stepper_not_the_engine():
+    """train() never branches on the engine: the run's stepper (DDP or DeepSpeed) does the engine's half."""
+    import ast
+    import inspect
+    import textwrap
+    from types import SimpleNamespace
+
+    from alum_pretrain import train as T
+    from alum_pretrain.engine import distributed as D
+    from alum_pretrain.engine.stepper import DDPStepper, DeepSpeedStepper, make_stepper
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(T.train)))
+    used = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    used |= {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    assert not used & {"engine", "DDP", "no_sync", "scaler", "DS", "optimizer", "scheduler"}
+    assert {"forward_backward", "optimizer_step"} <= used
+    run = SimpleNamespace(engine=None, env=D.DistEnv(), amp_dtype=None)
+    assert type(make_stepper(run)) is DDPStepper
+    run.engine = object()
+    assert type(make_stepper(run)) is DeepSpeedStepper

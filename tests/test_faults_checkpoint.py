@@ -9,7 +9,6 @@ error naming the file and the reason.  Seeded (train.seed=1), tiny preset, 6 ste
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import shutil
 import subprocess
@@ -19,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_helpers import final_weights, make_stdlib_databin, max_weight_diff, read_log, run_train, train_args
+from engine_helpers import (ROOT, final_weights, make_stdlib_databin, max_weight_diff, read_log, run_train,
+                            subprocess_env, train_args)
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
 ARGS = ("--train.save_every=2", "--train.eval_every=0", "--alum.start_step=3", "--alum.epsilon=1e-3",
         "--alum.noise_std=1e-3")
@@ -85,7 +84,7 @@ KILL_CHAIN = [
 def test_kill9_at_seven_points_then_rerun_equals_uninterrupted(databin, reference, tmp_path):
     out = tmp_path / "run"
     args = train_args(databin, out, STEPS, *ARGS, "--train.keep_last=1")
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
+    env = subprocess_env()
     for fault, left in KILL_CHAIN:
         proc = subprocess.run([sys.executable, str(ROOT / "tests" / "fault_runner.py"), fault, "--", *args],
                               env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=300)
@@ -243,7 +242,9 @@ def test_save_refuses_nonfinite_weights(databin, tmp_path):
     from alum_pretrain.engine import distributed as D
     from alum_pretrain.engine.config import TrainConfig
     from alum_pretrain.config import parse_config
-    from alum_pretrain.engine.setup import NonFiniteError, build_run, save
+    from alum_pretrain.engine.checkpoint import save
+    from alum_pretrain.engine.setup import build_run
+    from alum_pretrain.engine.step import NonFiniteError
 
     cfg = parse_config(TrainConfig, train_args(databin, tmp_path / "run", 2), prog="t")
     run = build_run(cfg, D.DistEnv())
@@ -259,7 +260,7 @@ def test_fp16_overflow_step_is_not_logged_as_inf(databin, tmp_path):
     """A GradScaler overflow (finite loss, inf gradient) is skipped by the scaler as before, counted in
     ``overflow_skipped``, and the interval's grad_norm averages the finite steps only."""
     from alum_pretrain.engine import distributed as D
-    from alum_pretrain.engine.setup import Accumulator
+    from alum_pretrain.engine.metrics import Accumulator
 
     class _R:  # the parts of Run the accumulator reads
         env = D.DistEnv()
@@ -290,7 +291,7 @@ def test_alum_diagnostics_of_a_skipped_step_are_counted_but_not_averaged_into_ad
     NaN), while ascent_nonfinite / adv_nonfinite count every micro-batch and ascent_zero_grad_frac averages
     over all of them (the skipped step's diagnostics are what explains the skip)."""
     from alum_pretrain.engine import distributed as D
-    from alum_pretrain.engine.setup import Accumulator
+    from alum_pretrain.engine.metrics import Accumulator
 
     class _R:  # the parts of Run the accumulator reads
         env = D.DistEnv()

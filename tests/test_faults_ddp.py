@@ -3,26 +3,13 @@ verifies, the others load the same one), and a NaN run stops every rank with exi
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from engine_helpers import final_weights, make_stdlib_databin, max_weight_diff, train_args
+from engine_helpers import torchrun_train as _torchrun
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.multirank
-
-
-def _torchrun(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "alum_pretrain.train", *args]
-    return subprocess.run(cmd, env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=timeout)
 
 
 def test_ddp_fallback_and_nan_stop(tmp_path):

@@ -21,7 +21,7 @@ NON_DEFAULT = {
                        perturb_at="embedding_output", start_step=7, divergence="sym_kl", include_nsp=True,
                        log_baseline=True),
     "masking": MaskingConfig(schedule="constant", start_rate=0.1, end_rate=0.3, num_phases=4, constant_rate=0.2,
-                             mask_prob=0.7, random_prob=0.2, whole_word=True),
+                             mask_prob=0.7, random_prob=0.2, whole_word=True, curriculum_steps=40, eval_rate=0.2),
 }
 
 
@@ -104,3 +104,29 @@ def test_knobs_and_launch_spec_do_not_import_fairseq():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
                        env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-2000:]
+
+
+def test_curriculum_length_and_eval_rate_are_one_knob_for_both_engines():
+    """masking.curriculum_steps / masking.eval_rate of alum-train are the fairseq options
+    --masking-curriculum-steps / --masking-eval-rate (what alum-launch writes, what the task reads back), and
+    the plugin's former --mask-curriculum-updates / --valid-mask-rate map to the same values."""
+    from alum_pretrain.config import parse_config
+    from alum_pretrain.engine.config import TrainConfig
+
+    native = parse_config(TrainConfig, ["--masking.curriculum_steps=40", "--masking.eval_rate=0.2"]).masking
+    assert (native.curriculum_steps, native.eval_rate) == (40, 0.2)
+    argv = knobs.to_argv("masking", native)
+    assert argv[argv.index("--masking-curriculum-steps") + 1] == "40"
+    assert argv[argv.index("--masking-eval-rate") + 1] == "0.2"
+    assert knobs.from_flat("masking", _flat("masking", native)) == native
+    with pytest.warns(FutureWarning, match="--mask-curriculum-updates is deprecated.*--masking-curriculum-steps"):
+        old = knobs.from_flat("masking", _flat("masking", MaskingConfig(), mask_curriculum_updates=40,
+                                               valid_mask_rate=0.2))
+    assert old == native
+    # one schedule for both engines: the curriculum length replaces the run's length
+    assert native.rate_at(8, 1000) == MaskingConfig().rate_at(8, 40) == 0.10
+    assert native.rate_at(8, 10) == MaskingConfig().rate_at(8, 40)
+    with pytest.raises(ValueError, match="--masking-eval-rate=1.5"):
+        knobs.from_flat("masking", _flat("masking", MaskingConfig(), masking_eval_rate=1.5))
+    with pytest.raises(ValueError, match="--masking-curriculum-steps=-1"):
+        knobs.from_flat("masking", _flat("masking", MaskingConfig(), masking_curriculum_steps=-1))

@@ -8,11 +8,12 @@ tolerances, computed here without calling the module.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
 
-from alum_pretrain.masking import IGNORE_INDEX, MaskingConfig, mask_rate, mask_tokens, step_generator
+from alum_pretrain.masking import IGNORE_INDEX, MaskingConfig, mask_tokens, step_generator
 
 MASK_ID = 3
 
@@ -27,22 +28,31 @@ PAPER_TABLE = [  # (progress, rate) at and around the phase boundaries
 ]
 
 
+def mask_rate(progress: float, cfg: MaskingConfig) -> float:
+    """The rate at training progress ``progress`` (as step / total_steps: the nearest fraction with a
+    denominator up to 10**12, so 1/3 is one step of three), through the one schedule function rate_at."""
+    f = Fraction(progress).limit_denominator(10 ** 12)
+    return cfg.rate_at(f.numerator, f.denominator)
+
+
 @pytest.mark.parametrize("progress,rate", PAPER_TABLE)
 def test_curriculum_at_phase_boundaries(progress, rate):
     assert mask_rate(progress, MaskingConfig()) == pytest.approx(rate, abs=1e-12)
 
 
-def test_rate_at_integer_steps_and_float_progress_agree():
+def test_rate_at_integer_steps_matches_exact_progress():
     cfg = MaskingConfig()
     total = 1000
+    rates = [0.05, 0.10, 0.15, 0.20, 0.25]
     for step in range(0, 1300, 7):
-        want = [0.05, 0.10, 0.15, 0.20, 0.25][min(step // 200, 4)]
+        want = rates[min(step // 200, 4)]
         assert cfg.rate_at(step, total) == pytest.approx(want, abs=1e-12)
-        assert mask_rate(step / total, cfg) == cfg.rate_at(step, total)
-    # exactly at each boundary step (where float step/total * 5 may round below an integer)
+    # exactly at each boundary step (where float step/total * 5 may round below an integer): the phase is
+    # floor of the exact fraction step/total * 5
     for total in (3, 7, 10, 30, 999, 12345):
         for step in range(total + 1):
-            assert mask_rate(step / total, cfg) == cfg.rate_at(step, total), (step, total)
+            want = rates[min(int(Fraction(step, total) * 5), 4)]
+            assert cfg.rate_at(step, total) == want, (step, total)
 
 
 def test_constant_and_custom_schedules():
@@ -68,10 +78,10 @@ def test_config_validation_names_the_field(kwargs, field):
 
 
 def test_bad_progress_and_steps():
-    with pytest.raises(ValueError, match="progress"):
-        mask_rate(-0.1, MaskingConfig())
-    with pytest.raises(ValueError, match="progress"):
-        mask_rate(float("nan"), MaskingConfig())
+    with pytest.raises(ValueError, match="step"):
+        MaskingConfig().rate_at(-1, 10)
+    with pytest.raises(ValueError, match="step"):
+        MaskingConfig().rate_at(float("nan"), 10)
     with pytest.raises(ValueError, match="total_steps"):
         MaskingConfig().rate_at(3, 0)
 

@@ -35,8 +35,13 @@ import numpy as np
 import torch
 
 from ..atomic import fsync_dir
+from ..config import config_from_dict, config_to_dict, diff_configs
 from ..integrity import (IntegrityError, apply_umask, check_structure, first_nonfinite, safe_torch_load,
                          verify_checksums, write_checksums)
+from . import distributed as D
+from .config import SPEED_ONLY, TrainConfig
+from .metrics import LOG
+from .step import NonFiniteError
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "train_state.pt"
@@ -207,3 +212,76 @@ def newest_intact_checkpoint(output_dir: str | os.PathLike, warn: Callable[[str]
             warn(f"checkpoint {path} is unusable: {e}; falling back to the previous one")
     return None, None, problems
 
+
+# ---- a run's save and resume (the engine's own part is its stepper's save/load) --------------------
+
+
+def last_good_checkpoint(run) -> str:
+    """A sentence naming the newest checkpoint of ``run.out`` (for the error that stops a diverged run)."""
+    ck = latest_checkpoint(run.out)
+    return (f"the last good checkpoint is {ck} (checkpoints are never written with non-finite weights)"
+            if ck is not None else f"no checkpoint was written in {run.out}")
+
+
+def save(run, step: int) -> None:
+    """Checkpoint ``step`` through the run's stepper (every rank takes part; rank 0 writes ``step-N``).
+
+    Refuses (NonFiniteError, on every rank alike: the replicas are identical) to write NaN/Inf weights."""
+    bad = first_nonfinite(run.model.named_parameters())
+    if bad is not None:
+        raise NonFiniteError(f"step {step}: parameter {bad} holds NaN/Inf; no checkpoint written; "
+                             f"{last_good_checkpoint(run)} - resume from it with a lower --optim.lr")
+    run.stepper.save(step)
+
+
+def restore(run) -> int:
+    """Resume from the newest complete checkpoint in ``train.output_dir``; returns the step (0 = fresh)."""
+    env = run.env
+    trust = run.cfg.train.trust_checkpoint
+    found = (None, None, [])
+    if env.is_main:  # verify newest-first; damaged ones are named and skipped (verify_checkpoint)
+        found = newest_intact_checkpoint(run.out, LOG.warning, trust=trust)
+    ckpt, problems = D.broadcast_object(env, (found[0], found[2]))
+    if ckpt is None:
+        if problems:
+            raise ValueError(
+                f"{checkpoints_dir(run.out)}: no intact checkpoint to resume from:\n  " + "\n  ".join(problems)
+                + "\nmove the damaged step-N folders away (or use a new --train.output_dir) to start over")
+        return 0
+    state = found[1] if env.is_main else load_state(ckpt, trust=trust)
+    check_resumable(run, ckpt, state)
+    run.stepper.load(ckpt, state)  # weights and optimizer state (DDP) or the DeepSpeed engine
+    run.loader.load_state_dict(state["loader"])
+    rngs = state["rng"]
+    if len(rngs) == env.world_size:
+        set_rng_state(rngs[env.rank])
+    else:
+        run.logger.info(f"world size changed ({len(rngs)} -> {env.world_size}): dropout RNG streams are re-seeded")
+    run.logger.resume_at(int(state["step"]))
+    run.logger.info(f"resumed from {ckpt} at step {state['step']}")
+    return int(state["step"])
+
+
+def check_resumable(run, ckpt: Path, state: dict) -> None:
+    """ValueError unless ``state`` (of ``ckpt``) was written with the same result-changing config and global
+    batch as ``run``."""
+    saved = config_from_dict(TrainConfig, state["config"])
+    bad = diff_configs(saved, run.cfg, ignore=SPEED_ONLY)
+    if bad:
+        key = bad[0]
+        sv, nv = _get(config_to_dict(saved), key), _get(config_to_dict(run.cfg), key)
+        raise ValueError(
+            f"{ckpt}: cannot resume: --{key} was {sv!r} in the checkpointed run but is {nv!r} now "
+            f"({len(bad)} result-changing key(s) differ: {', '.join(bad)}); restore the original value or use "
+            "a new --train.output_dir")
+    if state["global_batch"] != run.global_batch:
+        raise ValueError(
+            f"{ckpt}: cannot resume: the global batch was {state['global_batch']} sequences and is now "
+            f"{run.global_batch} (--train.batch_size x --train.grad_accum x world size, or "
+            "--train.global_batch_size); keep the global batch to resume")
+
+
+def _get(d: dict, dotted: str):
+    for p in dotted.split("."):
+        d = d.get(p, {}) if isinstance(d, dict) else None
+    return d

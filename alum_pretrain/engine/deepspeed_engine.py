@@ -5,7 +5,7 @@ fp32 moments (8 B) - 16 bytes per parameter before activations.  ZeRO shards tha
 data-parallel ranks: stage 1 the optimizer state, stage 2 also the gradients, stage 3 also the weights
 (per GPU ~ 4 + 4 + 8/N, 4 + (4 + 8)/N and 16/N bytes per parameter).
 
-What stays exactly as in the DDP engine (:mod:`alum_pretrain.engine.setup`, ``train.py``):
+What stays exactly as in the DDP engine (:mod:`alum_pretrain.engine.stepper`, ``train.py``):
 
 * the step module (:class:`~alum_pretrain.engine.step.PretrainStep`: masked-only MLM + NSP + alpha * R),
   the per-sample masking and ALUM noise, the global loss normalisation and the loop;

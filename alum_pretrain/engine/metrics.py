@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..atomic import atomic_file
+from . import distributed as D
 
 LOG = logging.getLogger("alum_pretrain.train")
 
@@ -186,3 +187,131 @@ def read_log(path: str | os.PathLike) -> list[dict]:
             except json.JSONDecodeError:
                 continue
     return out
+
+
+class Accumulator:
+    """Sums the step metrics on the device between log steps; :meth:`flush` does the one host sync.
+
+    Averages count only steps whose value is finite: the loss terms of steps skipped for a NaN/Inf loss and
+    the gradient norm of steps skipped for a NaN/Inf gradient (fp16 loss-scale overflows included) stay out
+    of the means; ``nonfinite_skipped`` (and with fp16 ``overflow_skipped`` / ``loss_scale``) count them.
+    """
+
+    #: adv_dropout (with alum.log_baseline) is a contribution to the step mean like adv, so it is averaged
+    #: like adv: over the steps with a finite loss.
+    KEYS = ("mlm", "nsp", "adv", "delta_linf", "adv_dropout")
+    #: ALUM diagnostics logged as they are, skipped steps included (that is when they matter): counts summed
+    #: over the interval's ALUM micro-batches and ranks (ascent_nonfinite, adv_nonfinite) or fractions
+    #: averaged over them (ascent_zero_grad_frac).
+    ALUM_SUMS = ("ascent_nonfinite", "adv_nonfinite")
+    ALUM_MEANS = ("ascent_zero_grad_frac",)
+
+    def __init__(self, run: Any):
+        """``run``: the :class:`~alum_pretrain.engine.setup.Run` (env, grad_accum, cfg, scaler, FLOP figures)."""
+        self.run = run
+        self._reset()
+
+    def _reset(self) -> None:
+        dev = self.run.env.device
+        self.sums = torch.zeros(len(self.KEYS) + 1, device=dev)  # + grad-norm sum
+        self.step_sums = torch.zeros(len(self.KEYS), device=dev)  # this step's micro-batches
+        self.loss_steps = 0  # steps with a finite loss (the denominator of mlm/nsp/adv)
+        self.grad_steps = 0  # steps with a finite gradient norm
+        self.nonfinite = 0
+        self.overflow = 0
+        self.diag = torch.zeros(len(self.ALUM_SUMS) + len(self.ALUM_MEANS), device=dev)
+        self.diag_micro = 0  # ALUM micro-batches of the interval, skipped steps included (diag's denominator)
+        self.baseline_micro = 0
+        self.tokens = 0
+        self.padded = 0  # B x T per micro-batch: the encoder computes on padding too (MFU)
+        self.masked = 0
+        self.maskable = 0
+        self.steps = 0
+        self.alum_micro = 0
+        self.alum_steps = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, metrics: dict, batch: dict) -> None:
+        for i, k in enumerate(self.KEYS):
+            if k in metrics:
+                self.step_sums[i] += metrics[k].to(self.sums.device)
+        if "adv" in metrics:
+            self.alum_micro += 1
+            self.diag_micro += 1
+            for i, k in enumerate(self.ALUM_SUMS + self.ALUM_MEANS):
+                if k in metrics:
+                    self.diag[i] += metrics[k].to(self.diag.device, torch.float32)
+            self.baseline_micro += int("adv_dropout" in metrics)
+        self.tokens += int(batch["n_tokens"])
+        self.padded += batch["input_ids"].numel()  # shape metadata: no device sync
+        self.masked += int(batch["n_masked"])
+        self.maskable += int(batch["n_maskable"])
+
+    def end_step(self, grad_norm: torch.Tensor, rate: float, alum_on: bool, lr: float, *, loss_ok: bool = True,
+                 grad_ok: bool = True, skipped: bool = False) -> None:
+        if loss_ok:
+            self.sums[:-1] += self.step_sums
+            self.loss_steps += 1
+        elif alum_on:
+            self.alum_micro -= self.run.grad_accum  # delta_linf is averaged over the kept micro-batches
+        self.step_sums.zero_()
+        if grad_ok:
+            self.sums[-1] += grad_norm.detach().float()
+            self.grad_steps += 1
+        self.nonfinite += int(skipped)
+        self.overflow += int(not grad_ok and not skipped)  # fp16: the GradScaler skipped the update
+        self.steps += 1
+        self.alum_steps += int(alum_on)
+        self.rate, self.alum_on, self.lr = rate, alum_on, lr
+
+    def flush(self, step: int) -> dict:
+        run, env = self.run, self.run.env
+        sums = D.all_reduce_device(env, self.sums.clone())  # mlm/nsp/adv contributions sum over ranks
+        counts = D.all_reduce_cpu(env, torch.tensor([self.tokens, self.masked, self.maskable, self.alum_micro,
+                                                     self.padded, self.diag_micro], dtype=torch.float64))
+        s = sums.tolist()  # the host sync of this log interval
+        tokens, masked, maskable, alum_micro, padded, diag_micro = counts.tolist()
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        n = max(self.steps, 1)
+        nl = self.loss_steps
+        # Each rank's contributions carry the factor W (DDP averages over ranks): sum / W = the global mean.
+        mlm, nsp, adv = ((x / (nl * env.world_size) if nl else None) for x in s[:3])
+        rec = {
+            "step": step,
+            "loss": mlm + nsp + run.cfg.alum.alpha * adv if nl else None,  # None (null): every step was NaN/Inf
+            "mlm": mlm,
+            "nsp": nsp,
+            "adv": adv,
+            "mask_rate": self.rate,
+            "mask_frac": masked / max(maskable, 1.0),
+            "lr": self.lr,
+            # identical on every rank after the all-reduce; the mean over steps with a finite norm
+            "grad_norm": s[-1] / (self.grad_steps * env.world_size) if self.grad_steps else None,
+            "nonfinite_skipped": self.nonfinite,
+            "alum": float(self.alum_on),
+            "tokens_per_s": tokens / elapsed,
+            "steps_per_s": self.steps / elapsed,
+        }
+        if run.scaler.is_enabled():
+            rec["overflow_skipped"] = self.overflow
+            rec["loss_scale"] = float(run.scaler.get_scale())
+        if alum_micro > 0:
+            rec["delta_linf"] = s[3] / alum_micro
+        if diag_micro > 0:
+            diag = D.all_reduce_device(env, self.diag.clone()).tolist()
+            n_sum = len(self.ALUM_SUMS)
+            for i, k in enumerate(self.ALUM_SUMS):
+                rec[k] = diag[i]
+            for i, k in enumerate(self.ALUM_MEANS):
+                rec[k] = diag[n_sum + i] / diag_micro  # diag_micro is already summed over ranks
+            if self.baseline_micro:
+                rec["adv_dropout"] = s[4] / (nl * env.world_size) if nl else None
+        if run.peak_flops:
+            # executed FLOPs: a standard step = 3 forward-units; ALUM = 6 + 2K (module docstring of adversarial)
+            k = run.cfg.alum.k_steps
+            units = (3 * (self.steps - self.alum_steps) + (6 + 2 * k) * self.alum_steps) / (3 * n)
+            rec["mfu"] = mfu(padded, masked, elapsed, flops_per_padded_token=run.flops_per_token,
+                             decoder_flops_per_masked=run.decoder_flops, step_units=units,
+                             peak=run.peak_flops, world_size=env.world_size)
+        self._reset()
+        return rec

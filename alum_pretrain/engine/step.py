@@ -25,6 +25,10 @@ global batch:
   size.  The ALUM divergence is normalised the same way (sum over rows / N_global for MLM, / B_global for
   NSP) - also inside the ascent, so the relative weight of the MLM and NSP terms in the ascent direction
   does not depend on the split either.
+
+Beside the step: :func:`evaluate` (the validation MLM loss/accuracy at ``masking.eval_rate`` with fixed
+masks, through :func:`mlm_eval_batch`) and the non-finite guard (:func:`step_is_finite`, the one host sync of
+an optimizer step; :class:`NonFiniteError` stops a diverged run).
 """
 
 from __future__ import annotations
@@ -36,8 +40,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adversarial import ALUMConfig
-from ..masking import IGNORE_INDEX, STREAM_MASK, TokenMasker
+from ..masking import IGNORE_INDEX, STREAM_EVAL_MASK, STREAM_MASK, TokenMasker
 from ..objective import Normalizers, pretrain_objective
+from . import distributed as D
 
 
 class Masker(TokenMasker):
@@ -110,3 +115,51 @@ def mlm_eval_batch(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.T
     ce = F.cross_entropy(mlm_logits.float(), targets, reduction="sum")
     correct = (mlm_logits.argmax(-1) == targets).sum()
     return ce, correct.float(), torch.tensor(float(targets.numel()), device=ce.device)
+
+
+@torch.no_grad()
+def evaluate(run, step: int) -> dict:
+    """Validation MLM loss and accuracy at ``masking.eval_rate``, the same masks every time."""
+    cfg, env, model = run.cfg, run.env, run.model
+    run.valid.load_state_dict(run.valid_state0)
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(3, device=env.device)
+    autocast = torch.autocast(env.device.type, dtype=run.amp_dtype) if run.amp_dtype is not None else None
+    B, W = cfg.train.batch_size, env.world_size
+    for j, batch in enumerate(run.valid):
+        if j >= cfg.train.eval_batches:
+            break
+        ids = (j * W + env.rank) * B + torch.arange(batch["input_ids"].shape[0])
+        batch = run.to_device(run.masker(batch, cfg.masking.eval_rate, 0, ids, stream=STREAM_EVAL_MASK))
+        if autocast is not None:
+            with autocast:
+                ce, correct, n = mlm_eval_batch(model, batch)
+        else:
+            ce, correct, n = mlm_eval_batch(model, batch)
+        totals += torch.stack([ce.float(), correct.float(), n.float()])
+    model.train(was_training)
+    ce, correct, n = D.all_reduce_device(env, totals).tolist()
+    n = max(n, 1.0)
+    return {"step": step, "kind": "valid", "valid_mlm": ce / n, "valid_acc": correct / n,
+            "valid_masked_tokens": n}
+
+
+# ---- the non-finite guard -------------------------------------------------------------------------
+
+
+class NonFiniteError(RuntimeError):
+    """Training cannot continue: NaN/Inf losses or gradients for too many steps, or non-finite weights."""
+
+
+def step_is_finite(run, loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> tuple[bool, bool]:
+    """``(loss finite, gradient norm finite)`` on every rank: the one host sync of an optimizer step.
+
+    The gradient norm is computed after DDP's all-reduce, hence global; the loss is per rank, so the flags
+    are summed over ranks (any rank's NaN skips the step everywhere and the replicas stay identical)."""
+    bad = (~torch.isfinite(torch.stack([loss_sum.detach().float().reshape(()),
+                                         grad_norm.detach().float().reshape(())]))).float()
+    if run.env.distributed:
+        bad = D.all_reduce_device(run.env, bad)
+    loss_bad, grad_bad = bad.tolist()
+    return loss_bad == 0, grad_bad == 0

@@ -53,7 +53,7 @@ embedding_output`` perturbs the embedding block's output after its dropout (as t
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass, field, make_dataclass
+from dataclasses import dataclass, make_dataclass
 from typing import Optional
 
 import torch
@@ -76,8 +76,6 @@ _AlumOptions = make_dataclass("_AlumOptions", knobs.dataclass_fields("alum", Cho
 
 @dataclass
 class AlumMaskedLMCriterionConfig(_AlumOptions):
-    nsp_loss_weight: float = field(default=1.0, metadata={
-        "help": "weight of the NSP cross-entropy (only with --sample-mode pairs)"})
     seed: int = II("common.seed")
     fp16: bool = II("common.fp16")
     bf16: bool = II("common.bf16")
@@ -178,10 +176,7 @@ class AlumMaskedLMCriterion(FairseqCriterion):
     def __init__(self, cfg: AlumMaskedLMCriterionConfig, task):
         super().__init__(task)
         self.alum = knobs.from_flat("alum", cfg)
-        if cfg.nsp_loss_weight < 0:
-            raise ValueError(f"--nsp-loss-weight {cfg.nsp_loss_weight}: must be >= 0")
         refuse_pure_half(cfg, self.alum.alpha)
-        self.nsp_weight = float(cfg.nsp_loss_weight)
         self.seed = int(cfg.seed)
 
     def forward(self, model, sample, reduce=True):
@@ -223,7 +218,7 @@ class AlumMaskedLMCriterion(FairseqCriterion):
         loss, m = pretrain_objective(
             heads, tap.embeds, (mlm_logits, nsp_logits), mlm_targets=target[masked], nsp_labels=nsp_target,
             pad_mask=src.ne(self.padding_idx), alum=self.alum,
-            alum_on=self.training and self.alum.active(int(update or 0)), norm=norm, nsp_weight=self.nsp_weight,
+            alum_on=self.training and self.alum.active(int(update or 0)), norm=norm,
             generators=gens)
         alum_on = "adv" in m
 

@@ -10,9 +10,9 @@ Differences from fairseq's ``masked_lm`` (what this task is for):
   (:mod:`alum_pretrain.knobs`); the old ``--mask-*`` spellings still work for one release (with a warning).  Each sample's mask is a pure function of ``(seed, update_num, sample_id)``, so a
   resumed run masks every update exactly as an uninterrupted one, whatever the number of workers or
   the gradient-accumulation split.
-* **Curriculum length is explicit.**  Progress = ``update_num / --mask-curriculum-updates``
-  (default: ``--max-update``).  Set it explicitly when you will resume with a larger ``--max-update``;
-  otherwise the schedule would be stretched on resume.
+* **Curriculum length is explicit.**  Progress = ``update_num / --masking-curriculum-steps``
+  (``masking.curriculum_steps`` of alum-train; default: ``--max-update``).  Set it explicitly when you will
+  resume with a larger ``--max-update``; otherwise the schedule would be stretched on resume.
 * **The project's data-bin layout.**  ``DATA`` is the data-bin root (all ``shardK`` discovered from
   ``manifest.json``, one shard per epoch) or fairseq's colon list ``bin/shard0:bin/shard1``.
   ``dict.txt`` is read from the data-bin root (or the first path).  Sequences are framed with the
@@ -85,11 +85,6 @@ class AlumMaskedLMConfig(_MaskingOptions):
                 "sentences are split, never dropped); none = fixed-size blocks ignoring sentence ends"})
     short_seq_prob: float = field(default=0.1, metadata={
         "help": "pairs mode: probability of a shorter random target length (BERT: 0.1)"})
-    mask_curriculum_updates: int = field(default=0, metadata={
-        "help": "updates over which the curriculum runs (progress = update / this); 0 = --max-update. "
-                "Set it explicitly when a run is resumed with a larger --max-update"})
-    valid_mask_rate: float = field(default=0.15, metadata={
-        "help": "masking rate for validation (fixed, with fixed masks, so valid losses compare across updates)"})
     seed: int = II("common.seed")
     max_update: int = II("optimization.max_update")
 
@@ -175,10 +170,6 @@ class AlumMaskedLMTask(FairseqTask):
             cont = torch.zeros(len(dictionary), dtype=torch.bool)  # (len(dict),) True = continues a word
             cont[off:off + self.tables.vocab_size] = self.tables.continuation
             self.continuation = cont
-        if not 0.0 <= cfg.valid_mask_rate <= 1.0:
-            raise ValueError(f"--valid-mask-rate {cfg.valid_mask_rate}: must be in [0, 1]")
-        if cfg.mask_curriculum_updates < 0:
-            raise ValueError(f"--mask-curriculum-updates {cfg.mask_curriculum_updates}: must be >= 0")
         if self.masking.schedule == "curriculum":
             self.curriculum_updates  # raises now (not at the first update) when the length is unknown
 
@@ -199,9 +190,9 @@ class AlumMaskedLMTask(FairseqTask):
 
     @property
     def curriculum_updates(self) -> int:
-        total = self.cfg.mask_curriculum_updates or (self.cfg.max_update or 0)
+        total = self.masking.curriculum_steps or (self.cfg.max_update or 0)
         if total <= 0 and self.masking.schedule == "curriculum":
-            raise ValueError("--masking-schedule curriculum needs the training length: set --mask-curriculum-updates "
+            raise ValueError("--masking-schedule curriculum needs the training length: set --masking-curriculum-steps "
                              "(or --max-update)")
         return max(int(total), 1)
 
@@ -308,7 +299,7 @@ class AlumMaskedLMTask(FairseqTask):
         return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
 
     def valid_step(self, sample, model, criterion):
-        sample = self.mask_sample(sample, self.cfg.valid_mask_rate, 0, STREAM_EVAL_MASK)
+        sample = self.mask_sample(sample, self.masking.eval_rate, 0, STREAM_EVAL_MASK)
         return super().valid_step(sample, model, criterion)
 
     # ---------------------------------------------------------------- misc
