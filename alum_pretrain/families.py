@@ -55,7 +55,7 @@ class Family:
     embed_mask: bool = False  # the embeddings module takes ``mask`` (zeroes padding rows)
     encoder: str = "encoder"  # base-model attribute holding the layer stack (--train.compile)
     dropout_keys: tuple[str, ...] = ("hidden_dropout_prob", "attention_probs_dropout_prob")
-    fairseq: bool = False  # the fairseq engine trains this architecture (its own RoBERTa)
+    fairseq: str = ""  # what the fairseq engine trains of this family ("" = nothing: native engine only)
     pretraining: str = ""  # the HF class with MLM + NSP heads (from scratch with --data.nsp=true)
     config_class: str = ""  # transformers config class of the scratch presets
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)  # --model.preset name -> config sizes
@@ -98,13 +98,13 @@ _BERT_PRESETS = {
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("BERT", ("bert",), "BertForMaskedLM", lambda hf: hf.cls.predictions, "cls.predictions",
-           "bert.embeddings.word_embeddings", "bert.embeddings", nsp=True, fairseq=True,
+           "bert.embeddings.word_embeddings", "bert.embeddings", nsp=True,
+           fairseq="BERT size presets as fairseq's `roberta` arch (pairs + NSP head)",
            pretraining="BertForPreTraining", config_class="BertConfig", presets=_BERT_PRESETS,
-           scratch_defaults=dict(type_vocab_size=2, tie_word_embeddings=True),
-           notes="fairseq engine: fairseq's own RoBERTa architecture with BERT sizes"),
+           scratch_defaults=dict(type_vocab_size=2, tie_word_embeddings=True)),
     Family("RoBERTa", ("roberta", "camembert", "roberta-prelayernorm"), "RobertaForMaskedLM", _roberta_head,
            "lm_head", "roberta.embeddings.word_embeddings", "roberta.embeddings", padding_positions=True,
-           fairseq=True),
+           fairseq="fairseq `roberta` checkpoints (`model.pt`), not HF folders"),
     Family("XLM-R", ("xlm-roberta", "xlm-roberta-xl"), "XLMRobertaForMaskedLM", _roberta_head, "lm_head",
            "roberta.embeddings.word_embeddings", "roberta.embeddings", padding_positions=True),
     Family("ModernBERT", ("modernbert",), "ModernBertForMaskedLM", lambda hf: lambda h: hf.decoder(hf.head(h)),
@@ -137,7 +137,9 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
 )}
 
 GENERIC = Family("other AutoModelForMaskedLM", (), "its own *ForMaskedLM", None, "(full HF forward)",
-                 "get_input_embeddings()", "base_model.embeddings", mask_4d=False)
+                 "get_input_embeddings()", "base_model.embeddings", mask_4d=False,
+                 notes="one warning names the missing fast path; a folder with its own modelling code needs "
+                       "`--model.trust_remote_code=true`")
 
 _BY_TYPE = {t: f for f in FAMILIES.values() for t in f.model_types}
 
@@ -213,16 +215,21 @@ def compile_encoder(hf: nn.Module) -> None:
 
 def support_table() -> str:
     """The Markdown support table of docs/families.md, rendered from :data:`FAMILIES`."""
-    head = ("| family | `model_type` | `perturb_at=word` hooks | `perturb_at=embedding_output` hooks | "
-            "fast path (LM head on masked rows) | NSP | scratch presets | native engine (DDP, DeepSpeed) | "
-            "fairseq engine | export / fill-mask / fine-tune |")
-    rows = [head, "|" + "---|" * 10]
+    cols = ["family (`model_type`)", "`perturb_at=word`: δ on the output of", "`perturb_at=embedding_output`: "
+            "hooked module", "fast path: LM head on masked rows only", "NSP", "from scratch (`--model.preset`)",
+            "native engine (DDP, DeepSpeed)", "fairseq engine", "notes"]
+    rows = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for f in (*FAMILIES.values(), GENERIC):
-        emb = f"`{f.embedding_path}` output" + (f" (then `{f.after_embedding}`)" if f.after_embedding else "")
+        emb = f"`{f.embedding_path}`" + (f", then `{f.after_embedding}`" if f.after_embedding else "")
         fast = f"yes: `{f.lm_head_path}`" if f.lm_head else "no: full forward, masked rows gathered"
+        types = ", ".join(f"`{t}`" for t in f.model_types) or "any other"
         rows.append("| " + " | ".join([
-            f.name, ", ".join(f"`{t}`" for t in f.model_types) or "any", f"`{f.word_path}` output "
-            "(via `inputs_embeds`)", emb, fast, "yes" if f.nsp else "no (`--data.nsp=false`)",
+            f"{f.name} ({types})", f"`{f.word_path}`", emb, fast,
+            "yes" if f.nsp else "if the model returns it" if f is GENERIC else "no: `--data.nsp=false`",
             ", ".join(f"`{p}`" for p in f.presets) or "—", "continual" + (" + scratch" if f.presets else ""),
-            "yes" if f.fairseq else "no (native engine)", "yes"]) + " |")
+            f.fairseq or "no: native engine", f.notes or ""]) + " |")
     return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":  # python3 -m alum_pretrain.families: the table of docs/families.md
+    print(support_table(), end="")

@@ -114,11 +114,13 @@ def build_scratch_model(
     if dropout is not None:
         kw.update({k: dropout for k in fam.dropout_keys})
     kw.update(overrides)
-    config = getattr(transformers, fam.config_class)(**kw)
+    config_class = getattr(transformers, fam.config_class)
     for key, name in (("cls_token_id", "cls"), ("sep_token_id", "sep"), ("bos_token_id", "cls"),
                       ("eos_token_id", "sep")):
-        if isinstance(getattr(config, key, None), int) and getattr(config, key) >= padded:
-            setattr(config, key, (special_ids or {}).get(name))
+        value = kw.get(key, getattr(config_class, key, None))  # (class-level defaults of the config)
+        if isinstance(value, int) and value >= padded:
+            kw[key] = (special_ids or {}).get(name)
+    config = config_class(**kw)
     model = getattr(transformers, fam.pretraining if nsp else fam.masked_lm)(config)
     log.info("built %s from scratch: preset %s, %d layers, hidden %d, vocab %d (%.1fM parameters)",
              type(model).__name__, preset if isinstance(preset, str) else "custom", config.num_hidden_layers,
