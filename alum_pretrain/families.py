@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional
 
 from torch import nn
 
-__all__ = ["Family", "FAMILIES", "GENERIC", "family_of", "family_named", "scratch_presets", "preset_family",
+__all__ = ["Family", "FAMILIES", "GENERIC", "family_of", "scratch_presets", "preset_family",
            "check_model_choice", "compile_encoder", "needs_remote_code", "support_table"]
 
 LMHead = Callable[[nn.Module], Callable]
@@ -148,12 +148,6 @@ def family_of(model_or_config) -> Family:
     """The family of an HF model or config (:data:`GENERIC` for an unknown ``model_type``)."""
     config = getattr(model_or_config, "config", model_or_config)
     return _BY_TYPE.get(getattr(config, "model_type", ""), GENERIC)
-
-
-def family_named(name: str) -> Family:
-    if name not in FAMILIES:
-        raise ValueError(f"unknown model family {name!r}; known: {', '.join(FAMILIES)}")
-    return FAMILIES[name]
 
 
 def scratch_presets() -> dict[str, Family]:

@@ -147,24 +147,41 @@ def test_perturbation_points_are_the_documented_modules(name):
         assert (moved - mlm).abs().max() > 1e-6
 
 
+def test_compile_targets_the_layer_stack_of_every_family():
+    from alum_pretrain.families import compile_encoder
+
+    for name in NAMES:
+        hf = tiny(name)
+        stack = getattr(hf.base_model, FAMILIES[name].encoder)
+        compile_encoder(hf)  # lazy: compiled on the first call, which this test does not make
+        compiled = list(stack) if isinstance(stack, torch.nn.ModuleList) else [stack]
+        assert all(m._compiled_call_impl is not None for m in compiled), name
+
+
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                         reason="no CUDA device")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])  # cuda: the fused SDPA kernels (-m gpu on a GPU machine)
 @pytest.mark.parametrize("precision", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("perturb_at", ["word", "embedding_output"])
 @pytest.mark.parametrize("name", NAMES)
-def test_alum_step_stays_finite_under_16bit_autocast(name, perturb_at, precision):
+def test_alum_step_stays_finite_under_16bit_autocast(name, perturb_at, precision, device):
     nsp = FAMILIES[name].nsp
-    m = PretrainModel(tiny(name, nsp=nsp), perturb_at=perturb_at).train()
-    ids, att, tt, mask = batch(seed=1)
-    targets = torch.randint(5, V, (int(mask.sum()),), generator=torch.Generator().manual_seed(2))
+    m = PretrainModel(tiny(name, nsp=nsp), perturb_at=perturb_at).to(device).train()
+    ids, att, tt, mask = (t.to(device) for t in batch(seed=1))
+    targets = torch.randint(5, V, (int(mask.sum()),), generator=torch.Generator().manual_seed(2)).to(device)
     idx = mask.view(-1).nonzero().squeeze(1)
     alum = ALUMConfig(alpha=10.0, perturb_at=perturb_at)
 
     def heads(e, with_nsp):
         return m.heads_from_embeds(e, att, tt, idx, with_nsp)
 
-    with torch.autocast("cpu", dtype=precision):
+    with torch.autocast(device, dtype=precision):
         embeds = m.embed(ids, tt)
         loss, metrics = pretrain_objective(
-            heads, embeds, heads(embeds, nsp), mlm_targets=targets, nsp_labels=torch.tensor([0, 1, 0]) if nsp else None,
+            heads, embeds, heads(embeds, nsp), mlm_targets=targets,
+            nsp_labels=torch.tensor([0, 1, 0], device=device) if nsp else None,
             pad_mask=att.bool(), alum=alum, alum_on=True, norm=Normalizers(mlm=float(targets.numel()), nsp=3.0))
     loss.backward()
     assert torch.isfinite(loss) and math.isfinite(float(metrics["adv"])) and float(metrics["adv"]) >= 0
