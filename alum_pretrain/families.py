@@ -201,8 +201,9 @@ def compile_encoder(hf: nn.Module) -> None:
     """``torch.compile`` the layer stack of an HF encoder (a ModuleList is compiled layer by layer)."""
     base = hf.base_model
     stack = getattr(base, family_of(hf).encoder, None)
-    if stack is None:
-        stack = getattr(base, "encoder")
+    if not isinstance(stack, nn.Module):
+        raise ValueError(f"--train.compile: {type(base).__name__} has no `{family_of(hf).encoder}` layer stack to "
+                         "compile; run without --train.compile (speed only)")
     for m in (stack if isinstance(stack, nn.ModuleList) else [stack]):
         m.compile()
 
