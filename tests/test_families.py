@@ -289,6 +289,40 @@ def test_whole_chain_prep_alum_export_fill_mask_finetune(name, corpus, wordpiece
     assert result["optimizer_steps"] == 1 and math.isfinite(result["history"][0]["train"]["loss"])
 
 
+@pytest.mark.parametrize("name", ["ModernBERT", pytest.param("ELECTRA", marks=pytest.mark.slow)])  # ~30 s each
+def test_deepspeed_zero3_continual_alum_equals_ddp(name, corpus, wordpiece, tmp_path):
+    """The DeepSpeed engine wraps the same PretrainModel: ZeRO-3 (every parameter partitioned, one process)
+    logs the DDP run's losses and ends with its weights."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    from engine_helpers import final_weights, max_weight_diff, read_log, train_args
+
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed not installed (pip install 'alum-pretrain[deepspeed]')")
+    model_dir = tmp_path / "init"
+    tiny(name, vocab=len(wordpiece), pad=wordpiece.pad_token_id).save_pretrained(model_dir)
+    wordpiece.save_pretrained(model_dir)
+    databin = prep(corpus, tmp_path / "bin", tokenizer_json=str(model_dir / "tokenizer.json"))
+    extra = (f"--model.init_from={model_dir}", "--model.dropout=0", "--data.nsp=false", "--data.mode=blocks",
+             "--alum.start_step=1", "--alum.epsilon=1e-3", "--alum.noise_std=1e-3", "--train.eval_every=0")
+    ddp = train(databin, tmp_path / "ddp", 3, *extra)
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    args = train_args(databin, tmp_path / "ds", 3, *extra, "--train.engine=deepspeed", "--deepspeed.zero_stage=3",
+                      "--deepspeed.param_persistence_threshold=0")
+    r = subprocess.run([sys.executable, "-m", "alum_pretrain.train", *args], env=env, cwd=str(root),
+                       capture_output=True, text=True, timeout=600)  # a subprocess: DeepSpeed keeps a process group
+    assert r.returncode == 0, r.stderr[-4000:]
+    ds = read_log(tmp_path / "ds")
+    assert ds[-1]["adv"] > 0
+    for x, y in zip(ddp, ds):
+        assert y["loss"] == pytest.approx(x["loss"], rel=2e-3) and y["adv"] == pytest.approx(x["adv"], rel=5e-2)
+    assert max_weight_diff(final_weights(tmp_path / "ddp"), final_weights(tmp_path / "ds")) < 2e-3
+
+
 # -- from scratch: the modern presets --------------------------------------------------------------------------
 
 
