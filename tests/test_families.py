@@ -117,6 +117,20 @@ def test_fast_path_equals_the_full_hf_forward_at_masked_positions(name, perturb_
         torch.testing.assert_close(nsp_logits.float(), full_nsp.float(), **tol)
 
 
+def test_deberta_non_legacy_head_multiplies_by_the_embedding_matrix():
+    torch.manual_seed(0)
+    config = ROWS["DeBERTa-v2"](V, 0)
+    config.legacy = False  # lm_predictions.lm_head(h, E): no decoder module of its own
+    hf = T.DebertaV2ForMaskedLM(config).eval()
+    m = PretrainModel(hf)
+    ids, att, tt, mask = batch()
+    with torch.no_grad():
+        full, _ = hf_forward(hf, ids, att, tt)
+        mlm, _ = m(ids, att, tt, mask)
+    assert m.fast and hasattr(hf, "lm_predictions")
+    torch.testing.assert_close(mlm, full[mask], atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_perturbation_points_are_the_documented_modules(name):
     fam = FAMILIES[name]
@@ -368,6 +382,8 @@ def test_deberta_base_preset():
     assert (c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.position_buckets) == (12, 768, 3072, 256)
     assert c.relative_attention and not c.position_biased_input and c.pos_att_type == ["p2c", "c2p"]
     assert type(m).__name__ == "DebertaV2ForMaskedLM"
+    n = sum(p.numel() for p in m.parameters())
+    assert 184e6 < n < 185e6 and 85e6 < n - m.get_input_embeddings().weight.numel() < 87e6  # DeBERTa-v3-base
     assert set(scratch_presets()) >= {"tiny", "base", "modernbert-tiny", "modernbert-base", "deberta-tiny",
                                       "deberta-base"}
 
