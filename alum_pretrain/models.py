@@ -469,14 +469,16 @@ def load_hf_model(directory: str | os.PathLike, trust_remote_code: bool = False)
     config = _read_config(directory, "model folder", trust_remote_code)
     archs = getattr(config, "architectures", None) or []
     auto = AutoModelForPreTraining if any(a.endswith("ForPreTraining") for a in archs) else AutoModelForMaskedLM
-    model, info = auto.from_pretrained(str(directory), output_loading_info=True, trust_remote_code=trust_remote_code)
+    model, info = auto.from_pretrained(str(directory), output_loading_info=True,
+                                       trust_remote_code=trust_remote_code)
     if info.get("missing_keys") or info.get("mismatched_keys"):
         raise ValueError(f"{directory}: incomplete model folder — missing {sorted(info.get('missing_keys', []))[:5]}, "
                          f"mismatched {info.get('mismatched_keys', [])[:5]}")
     return model
 
 
-def load_model(directory: str | os.PathLike, perturb_at: str = "word", trust_remote_code: bool = False) -> PretrainModel:
+def load_model(directory: str | os.PathLike, perturb_at: str = "word",
+               trust_remote_code: bool = False) -> PretrainModel:
     """Inverse of :func:`save_model`: a :class:`PretrainModel` around the saved HF model."""
     return PretrainModel(load_hf_model(directory, trust_remote_code), perturb_at=perturb_at)
 

@@ -281,8 +281,8 @@ def test_whole_chain_prep_alum_export_fill_mask_finetune(name, corpus, wordpiece
     databin = prep(corpus, tmp_path / "bin", tokenizer_json=str(model_dir / "tokenizer.json"))
     data = ["--data.nsp=true"] if nsp else ["--data.nsp=false", "--data.mode=blocks"]
     for perturb_at in ("word", "embedding_output"):  # ALUM from step 0 under the masking curriculum
-        log = train(databin, tmp_path / perturb_at, 2, f"--model.init_from={model_dir}", f"--alum.perturb_at={perturb_at}",
-                    *data)
+        log = train(databin, tmp_path / perturb_at, 2, f"--model.init_from={model_dir}",
+                    f"--alum.perturb_at={perturb_at}", *data)
         assert len(log) == 2 and all(math.isfinite(r["loss"]) and r["adv"] > 0 for r in log), log
     run = tmp_path / "embedding_output"
     out = export(run, tmp_path / "hf")
