@@ -39,6 +39,7 @@ from .atomic import atomic_dir
 from .engine.checkpoint import CHECKPOINTS_DIR, MODEL_DIR, STATE_FILE, latest_checkpoint, list_checkpoints, step_of
 from .integrity import (IntegrityError, check_structure, first_nonfinite, safe_torch_load,
                         verify_checksums)
+from .families import family_of
 from .models import load_hf_model
 
 log = logging.getLogger("alum_pretrain.export")
@@ -265,7 +266,7 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, tokenizer: str | 
         log.warning("tokenizer %s has no mask token; pipeline('fill-mask') will not work", tok_src)
     # Positions the model can take (RoBERTa reserves pad + 1 slots before the first position).
     max_pos = int(getattr(model.config, "max_position_embeddings", 512))
-    if model.config.model_type in ("roberta", "xlm-roberta", "camembert"):
+    if family_of(model).padding_positions:
         max_pos -= int(model.config.pad_token_id) + 1
     if not tok.model_max_length or tok.model_max_length > max_pos:
         tok.model_max_length = max_pos

@@ -301,8 +301,13 @@ def native_train_argv(config_file: Path) -> list[str]:
 
 # model.preset -> fairseq architecture flags (same sizes as alum_pretrain.models.PRESETS).
 def _fairseq_arch(preset: str) -> list[str]:
+    from alum_pretrain.families import preset_family
     from alum_pretrain.models import PRESETS
 
+    fam = preset_family(preset)  # ValueError naming every preset when unknown
+    if not fam.fairseq:
+        raise ValueError(f"--model.preset={preset!r} builds {fam.name}; the fairseq engine trains fairseq's "
+                         "RoBERTa architecture only (BERT size presets): use the native engine (--engine native)")
     if preset == "base":
         return ["--arch", "roberta_base"]
     if preset == "large":

@@ -10,10 +10,10 @@ from transformers import (
     BertConfig,
     BertForMaskedLM,
     BertForPreTraining,
-    DistilBertConfig,
-    DistilBertForMaskedLM,
     RobertaConfig,
     RobertaForMaskedLM,
+    RoFormerConfig,
+    RoFormerForMaskedLM,
     XLMRobertaConfig,
     XLMRobertaForMaskedLM,
 )
@@ -152,17 +152,19 @@ def test_roberta_single_segment_ignores_token_types():
 
 
 def test_unknown_architecture_falls_back_to_full_forward(caplog):
-    hf = DistilBertForMaskedLM(DistilBertConfig(dim=32, n_layers=2, n_heads=2, hidden_dim=64, vocab_size=V)).eval()
+    # RoFormer is outside alum_pretrain.families.FAMILIES (every family there has a fast path: test_families.py)
+    hf = RoFormerForMaskedLM(RoFormerConfig(hidden_size=32, embedding_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                            intermediate_size=64, vocab_size=V)).eval()
     m = PretrainModel(hf)
     assert not m.fast
     ids, att, tt, mask = _batch()
     with torch.no_grad():
-        full = hf(input_ids=ids, attention_mask=att).logits
+        full = hf(input_ids=ids, attention_mask=att, token_type_ids=tt).logits
     with caplog.at_level(logging.WARNING, logger="alum_pretrain.models"), torch.no_grad():
         mlm, _ = m(ids, att, tt, mask, False)
         m(ids, att, tt, mask, False)
     torch.testing.assert_close(mlm, full[mask], atol=1e-5, rtol=0)
-    assert sum("full HF forward" in r.message for r in caplog.records) == 1  # warned once
+    assert sum("full HF forward" in r.message and "roformer" in r.message for r in caplog.records) == 1  # warned once
 
 
 def test_nsp_on_a_model_without_the_head_is_an_error():

@@ -22,6 +22,7 @@ from typing import Literal
 
 from ..adversarial import ALUMConfig
 from ..config import opt, section
+from ..families import check_model_choice
 from ..masking import MaskingConfig
 
 
@@ -58,11 +59,14 @@ class DataConfig:
 class ModelConfig:
     """Which model: a size preset trained from scratch, or an HF checkpoint folder (continual pre-training)."""
 
-    preset: str = opt("base", "size preset for training from scratch: tiny, mini, small, base, large "
-                              "(ignored when --model.init_from is set)")
+    preset: str = opt("base", "size preset for training from scratch: BERT tiny, mini, small, base, large; "
+                              "modernbert-tiny, modernbert-base, deberta-tiny, deberta-base (MLM only: "
+                              "--data.nsp=false); ignored when --model.init_from is set")
     init_from: str = opt("", "HF model folder to continue pre-training from ('' = from scratch with the "
                              "corpus vocabulary)")
     dropout: float = opt(-1.0, "override hidden and attention dropout (-1 = the preset's / checkpoint's value)")
+    trust_remote_code: bool = opt(False, "allow a --model.init_from folder whose config.json maps to modelling "
+                                         "code shipped in the folder (runs that code)")
 
     def __post_init__(self) -> None:
         if not (self.dropout == -1.0 or 0.0 <= self.dropout < 1.0):
@@ -210,6 +214,10 @@ class TrainConfig:
     train: LoopConfig = section(LoopConfig)
     deepspeed: DeepSpeedConfig = section(DeepSpeedConfig)
 
+    def __post_init__(self) -> None:  # what the model family cannot do, before anything runs
+        check_model_choice(preset=self.model.preset, init_from=self.model.init_from, nsp=self.data.nsp,
+                           trust_remote_code=self.model.trust_remote_code)
+
 
 # Keys that only change speed or bookkeeping, never the trained weights: they may differ on resume.
 SPEED_ONLY = (
@@ -230,6 +238,7 @@ SPEED_ONLY = (
     "data.verify",
     "train.max_nonfinite",
     "train.trust_checkpoint",
+    "model.trust_remote_code",
     # How the global batch is split into micro-batches does not change the math (per-sample masking
     # and global loss normalisation, see engine/step.py); the resolved global batch is compared instead.
     "train.batch_size",

@@ -136,11 +136,12 @@ def build_run(cfg: TrainConfig, env: D.DistEnv) -> Run:
     model = M.build_model(databin=databin, preset=cfg.model.preset, init_from=cfg.model.init_from,
                           nsp=cfg.data.nsp, perturb_at=cfg.alum.perturb_at,
                           dropout=None if cfg.model.dropout < 0 else cfg.model.dropout,
-                          max_position_embeddings=max(512, cfg.data.max_seq_len))
+                          max_position_embeddings=max(512, cfg.data.max_seq_len),
+                          trust_remote_code=cfg.model.trust_remote_code)
     model.to(env.device)
     torch.manual_seed(tc.seed + 1 + env.rank)
     if tc.compile:  # speed only: the encoder has static shapes (B, max_seq_len, H) -> one graph
-        model.base.encoder.compile()
+        M.compile_encoder(model.hf)
 
     step_module: torch.nn.Module = PretrainStep(model, cfg.alum, cfg.data.nsp)
     if env.distributed and tc.engine == "ddp":

@@ -160,7 +160,7 @@ class DDPStepper(Stepper):
         run = self.run
         if state.get("engine") == "deepspeed":
             raise ValueError(f"{ckpt}: written by the DeepSpeed engine; resume it with --train.engine=deepspeed")
-        loaded = M.load_model(ckpt / C.MODEL_DIR)
+        loaded = M.load_model(ckpt / C.MODEL_DIR, trust_remote_code=run.cfg.model.trust_remote_code)
         run.model.load_state_dict(loaded.state_dict())
         del loaded
         run.optimizer.load_state_dict(state["optimizer"])
