@@ -219,13 +219,12 @@ def test_wrapped_model_clean_pass_equals_unwrapped(tokenizer, tmp_path):
     torch.manual_seed(3)
     batch = collator([mlm_dataset(tokenizer)[i] for i in range(6)])
     model = tiny_mlm(tokenizer, dropout=0.0).train()
-    trainer = AlumTrainer(model=model, args=make_args(tmp_path, max_steps=1), data_collator=collator,
-                          alum=ALUMConfig(alpha=1.0))
     losses = []
     for m in (model, torch.nn.DataParallel(model)):
+        trainer = AlumTrainer(model=model, args=make_args(tmp_path, max_steps=1), data_collator=collator,
+                              alum=ALUMConfig(alpha=1.0))
         torch.manual_seed(5)
         losses.append(trainer.compute_loss(m, dict(batch)).item())
-        trainer._micro = (-1, 0)
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
 
 
@@ -303,3 +302,38 @@ def test_adversarial_trainer_refuses_bad_input(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="gradient_accumulation_steps=1"):
         AdversarialTrainer(model=model, args=make_args(tmp_path, max_steps=1, gradient_accumulation_steps=2),
                            method="freeat")
+
+
+def test_gradient_accumulation_uses_the_global_masked_count(tokenizer, tmp_path):
+    """GA = 2: each micro-batch is divided by the masked-token count of the whole step (Trainer's
+    num_items_in_batch), so the two micro-batches' mlm contributions add up to the step's mean."""
+    from alum_pretrain.hf import AlumTrainer
+
+    seen = []
+
+    class Spy(AlumTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, out = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+            if model.training:
+                seen.append((num_items_in_batch, int((inputs["labels"] != -100).sum()), float(out["metrics"]["mlm"])))
+            return (loss, out) if return_outputs else loss
+
+    collator = DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm_probability=0.2)
+    trainer = Spy(model=tiny_mlm(tokenizer), args=make_args(tmp_path, max_steps=2, gradient_accumulation_steps=2,
+                                                             per_device_train_batch_size=2),
+                  train_dataset=mlm_dataset(tokenizer), data_collator=collator, alum=ALUMConfig(alpha=1.0))
+    trainer.train()
+    assert len(seen) == 4
+    for a, b in (seen[0:2], seen[2:4]):
+        assert a[0] is not None and int(a[0]) == a[1] + b[1]  # the step's masked tokens
+    logs = [h for h in trainer.state.log_history if "adv" in h]
+    assert len(logs) == 2 and all(math.isfinite(h["loss"]) and h["adv"] > 0 for h in logs)
+    assert logs[0]["mlm"] == pytest.approx(seen[0][2] + seen[1][2], rel=1e-5)
+
+
+def test_docs_examples_compile():
+    text = (ROOT / "docs" / "trainer.md").read_text(encoding="utf-8")
+    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
+    assert len(blocks) == 2
+    for b in blocks:
+        compile(b, "docs/trainer.md", "exec")
