@@ -337,3 +337,24 @@ def test_docs_examples_compile():
     assert len(blocks) == 2
     for b in blocks:
         compile(b, "docs/trainer.md", "exec")
+
+
+@pytest.mark.multirank
+def test_trainer_ddp_two_processes_keep_ranks_in_sync(tmp_path):
+    """torchrun, 2 gloo processes: AlumTrainer's clean pass goes through the DDP wrapper and the ranks end
+    with identical weights (gradients were averaged); AdversarialTrainer's all-reduce does the same."""
+    import json
+    import os
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "hf_ddp_probe.py"), str(tmp_path)]
+    r = subprocess.run(cmd, env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    for name in ("mlm", "smart", "freelb"):
+        a, b = (json.loads((tmp_path / f"{name}-rank{k}.json").read_text()) for k in (0, 1))
+        assert a["final"] == pytest.approx(b["final"], rel=1e-6, abs=1e-7), name
+        assert a["final"] != pytest.approx(a["init"], rel=1e-9, abs=1e-9), name
+    mlm = json.loads((tmp_path / "mlm-rank0.json").read_text())
+    assert mlm["world"] == 2 and mlm["wrapped"] and all(mlm["wrapped"])
+    assert all(h["adv"] > 0 for h in mlm["logs"] if "loss" in h and "train_runtime" not in h)
