@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from test_prep_formats import databin_bytes, make_docs, run, write_jsonl  # noqa: F401  (fixtures below)
-from test_prep_formats import reference, vocab  # noqa: F401
+from test_prep_formats import databin_bytes, make_docs, run
+from test_prep_formats import reference, vocab  # noqa: F401  (pytest fixtures, used by name)
 
 pa = pytest.importorskip("pyarrow")
 
