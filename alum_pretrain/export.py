@@ -16,7 +16,7 @@ OUT (written to a temporary folder beside it, renamed when complete)::
                            RobertaForMaskedLM ...) so AutoModelForPreTraining / AutoModelForMaskedLM load it
     model.safetensors      the weights (tied LM decoder stored once)
     tokenizer files        tokenizer.json, tokenizer_config.json, vocab.txt / sentencepiece model, ...
-    README.md              a short model card: source checkpoint, step, training config
+    README.md              the model card (:mod:`alum_pretrain.model_card`): hub front matter, recipe, loading
 
 Key map: the native engine trains HF modules and saves them with ``save_pretrained``, so the
 checkpoint's tensor names ARE the HF names (``bert.encoder.layer.0...``, ``cls.predictions...``); the map is
@@ -40,6 +40,7 @@ from .engine.checkpoint import CHECKPOINTS_DIR, MODEL_DIR, STATE_FILE, latest_ch
 from .integrity import (IntegrityError, check_structure, first_nonfinite, safe_torch_load,
                         verify_checksums)
 from .families import family_of
+from .model_card import model_card
 from .models import load_hf_model
 
 log = logging.getLogger("alum_pretrain.export")
@@ -139,33 +140,6 @@ def find_tokenizer(cfg: dict[str, Any], run: Path | None, override: str | None) 
 # --------------------------------------------------------------------------------------------------
 # Export
 # --------------------------------------------------------------------------------------------------
-
-
-def _model_card(src: Path, step: int | None, model, cfg: dict[str, Any], tok_src: Path) -> str:
-    import yaml
-
-    c = model.config
-    lines = [
-        "---",
-        "library_name: transformers",
-        "tags: [alum, adversarial-pretraining, fill-mask]",
-        "---",
-        f"# {c.model_type} pre-trained with alum-pretrain",
-        "",
-        f"Exported by `alum-export` from `{src}`" + (f" (step {step})." if step is not None else "."),
-        f"Architecture `{type(model).__name__}`: {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
-        f"{c.num_attention_heads} heads, vocabulary {c.vocab_size}, "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters. Tokenizer from `{tok_src}`.",
-        "",
-        "```python",
-        "from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline",
-        "fill = pipeline(\"fill-mask\", model=\"PATH/TO/THIS/FOLDER\")",
-        "```",
-    ]
-    if cfg:
-        lines += ["", "## Training configuration", "", "```yaml",
-                  yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False).rstrip(), "```"]
-    return "\n".join(lines) + "\n"
 
 
 def _verify_identity_map(src_dir: Path, out_dir: Path) -> int:
@@ -275,8 +249,9 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, tokenizer: str | 
         model.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
         n = _verify_identity_map(model_dir, tmp) if zero_sd is None else _verify_against(zero_sd, tmp)
-        (tmp / "README.md").write_text(_model_card(model_dir, step_of(step) if step is not None else None, model, cfg, tok_src),
-                                       encoding="utf-8")
+        card = model_card(model, cfg, step=step_of(step) if step is not None else None, run=run,
+                          source=f"a {(cfg.get('train') or {}).get('engine', 'native')} checkpoint")
+        (tmp / "README.md").write_text(card, encoding="utf-8")
     log.info("exported %s (%s, %d tensors) with tokenizer %s -> %s", model_dir, type(model).__name__, n, tok_src, out)
     return out
 

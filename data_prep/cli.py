@@ -13,6 +13,7 @@ _EPILOG = """\
 examples:
   alum-prep wiki.test.raw --format wikitext --vocab bert-base-uncased-vocab.txt --out data-bin --shards 2 --workers 2
   alum-prep enwiki-latest-pages-articles.xml.bz2 --format wiki-xml --vocab vocab.txt --out wiki-bin --shards 10 --workers 16
+  alum-prep my_dataset/ --format hf-dataset --text-column text --vocab vocab.txt --out my-bin   # save_to_disk folder
   alum-prep wikipedia/20231101.en/ --format parquet --title-column title --vocab vocab.txt --out wiki-bin --shards 10 --workers 16
   alum-prep pile/train/ --format jsonl --vocab vocab.txt --out pile-bin --shards 10 --workers 16   # *.jsonl.zst/.gz/.xz
   alum-prep openwebtext/ --format owt --train-tokenizer spm-bpe --vocab-size 50000 --out owt-bin --shards 10 --workers 16
@@ -41,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     from .pipeline import prepare
 
     argv = sys.argv[1:] if argv is None else argv
+    # --text-field (the datasets name) is --text-column
+    argv = ["--text-column" + a[len("--text-field"):] if a == "--text-field" or a.startswith("--text-field=") else a
+            for a in argv]
     args = build_parser().parse_args(argv)
     try:
         cfg = dataclass_from_args(PrepConfig, args)

@@ -16,6 +16,9 @@ from .hygiene import DEFAULT_MAX_GARBAGE_FRAC
 from .readers import FORMATS
 from .tokenizer import TRAIN_KINDS
 
+#: formats whose documents are table rows (--text-column / --title-column apply)
+COLUMN_FORMATS = ("parquet", "hf-dataset")
+
 
 @dataclass
 class PrepConfig:
@@ -46,8 +49,9 @@ class PrepConfig:
     )
     keep_headings: bool = opt(False, "keep titles and section headings (wikitext, wiki-xml) as their own sentences instead of dropping them")
     json_key: str = opt("text", "JSON field holding the document text (--format jsonl)")
-    text_column: str = opt("text", "Parquet column holding the document text, one row per document (--format parquet)")
-    title_column: str | None = opt(None, "Parquet column holding the document title (--format parquet; optional): "
+    text_column: str = opt("text", "column holding the document text, one row per document (--format parquet or "
+                                     "hf-dataset; --text-field is the same flag)")
+    title_column: str | None = opt(None, "column holding the document title (--format parquet or hf-dataset; optional): "
                                          "kept as the document's first line with --keep-headings")
     on_decode_error: str = opt("replace", "invalid UTF-8: replace with U+FFFD and count it, or fail naming the file and byte offset", choices=("replace", "fail"))
     max_garbage_frac: float = opt(
@@ -107,8 +111,9 @@ class PrepConfig:
             raise ValueError(f"--text-column must name a column, got {self.text_column!r}")
         if self.title_column is not None and (not isinstance(self.title_column, str) or not self.title_column):
             raise ValueError(f"--title-column must name a column, got {self.title_column!r}")
-        if self.format != "parquet" and (self.text_column != "text" or self.title_column is not None):
-            raise ValueError("--text-column/--title-column only apply to --format parquet (use --json-key for jsonl)")
+        if self.format not in COLUMN_FORMATS and (self.text_column != "text" or self.title_column is not None):
+            raise ValueError("--text-column/--title-column only apply to --format parquet or hf-dataset "
+                             "(use --json-key for jsonl)")
         if self.on_decode_error not in ("replace", "fail"):
             raise ValueError(f"--on-decode-error must be 'replace' or 'fail', got {self.on_decode_error!r}")
         if not 0.0 <= self.max_garbage_frac <= 1.0:
@@ -130,7 +135,7 @@ class PrepConfig:
         for f in fields(self):
             if f.name in skip or f.metadata.get("speed_only"):
                 continue
-            if f.name in ("text_column", "title_column") and self.format != "parquet":
+            if f.name in ("text_column", "title_column") and self.format not in COLUMN_FORMATS:
                 continue  # meaningless for other formats; left out so older data-bins keep their fingerprint
             v = getattr(self, f.name)
             out[f.name] = str(Path(v).resolve()) if f.name in ("vocab", "spm_model", "tokenizer_json") and v else v

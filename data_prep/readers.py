@@ -22,6 +22,9 @@ Formats (``--format``):
                   ``wikiextractor`` library (:func:`data_prep.work.to_plain_text`).
 ``parquet``       Parquet files or folders of ``*.parquet`` shards, one row per document (``--text-column``,
                   ``--title-column``); read row group by row group, see :mod:`data_prep.readers_columnar`.
+``hf-dataset``    HuggingFace ``datasets`` ``save_to_disk`` folders (Dataset or DatasetDict) and ``.arrow`` files,
+                  one row per document (``--text-column``), read record batch by record batch with pyarrow,
+                  see :mod:`data_prep.readers_arrow`.
 ``owt``           OpenWebText: a folder (or files) of ``.txt`` documents, ``.xz`` files, and ``.tar`` /
                   ``.tar.xz`` archives of them (nested archives too, as in ``openwebtext.tar.xz`` whose
                   members ``urlsf_subset*.xz`` are tar.xz archives of ``.txt`` files); one file = one document.
@@ -53,9 +56,10 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from .hygiene import check_tar_end, open_decompressed, read_error
+from .readers_arrow import arrow_documents, hf_dataset_files
 from .readers_columnar import PARQUET_SUFFIXES, parquet_documents
 
-FORMATS = ("wikitext", "wikiextractor", "wiki-xml", "owt", "text", "jsonl", "parquet")
+FORMATS = ("wikitext", "wikiextractor", "wiki-xml", "owt", "text", "jsonl", "parquet", "hf-dataset")
 LINE_LIMIT = 16 * 1024 * 1024
 
 # A WikiText title line: " = Title = " with exactly one '=' on each side.
@@ -185,7 +189,9 @@ def list_inputs(inputs: list[str | os.PathLike], fmt: str) -> list[Path]:
         p = Path(item)
         if not p.exists():
             raise FileNotFoundError(f"{p}: input not found (check the path)")
-        if p.is_dir():
+        if p.is_dir() and fmt == "hf-dataset":  # save_to_disk folders: the order state.json/dataset_dict.json give
+            files.extend(hf_dataset_files(p))
+        elif p.is_dir():
             found = sorted(
                 f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")
                 and (fmt != "owt" or f.name.endswith(_OWT_SUFFIXES))
@@ -233,6 +239,7 @@ class Reader:
                     "wiki-xml": self._wiki_xml,
                     "owt": self._owt,
                     "parquet": self._parquet,
+                    "hf-dataset": self._arrow,
                 }[self.fmt]
                 try:
                     yield from fn(path, raw, base)
@@ -385,6 +392,12 @@ class Reader:
 
     def _parquet(self, path, raw, base):
         for text, pos, src, title in parquet_documents(
+                path, base, text_column=self.text_column, title_column=self.title_column,
+                keep_title=self.keep_headings, decode=self.decoder.decode):
+            yield RawDoc(text, pos, src, title=title)
+
+    def _arrow(self, path, raw, base):
+        for text, pos, src, title in arrow_documents(
                 path, base, text_column=self.text_column, title_column=self.title_column,
                 keep_title=self.keep_headings, decode=self.decoder.decode):
             yield RawDoc(text, pos, src, title=title)

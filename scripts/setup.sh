@@ -40,13 +40,14 @@ if [ "$WITH_SYSTEM" = 1 ]; then
   fi
 fi
 
-# requirements.txt pins the core set, incl. pyarrow + zstandard (alum-prep --format parquet, *.jsonl.zst)
+# requirements.txt pins the core set, incl. pyarrow + zstandard (alum-prep --format parquet, *.jsonl.zst) and
+# accelerate + datasets (the transformers.Trainer integration alum_pretrain.hf, the [hf] extra)
 $PY -m pip install --disable-pip-version-check -q -r requirements.txt
 if [ "$WITH_FAIRSEQ" = 1 ]; then
   $PY -m pip install --disable-pip-version-check -q --no-deps fairseq-fixed==0.12.3.1
-  $PY -m pip install --disable-pip-version-check -q -e ".[dev,fairseq]"
+  $PY -m pip install --disable-pip-version-check -q -e ".[dev,hf,fairseq]"
 else
-  $PY -m pip install --disable-pip-version-check -q -e ".[dev]"
+  $PY -m pip install --disable-pip-version-check -q -e ".[dev,hf]"
 fi
 # DeepSpeed engine extra: DS_BUILD_OPS=0 = no C++/CUDA op is compiled at install time (ops the run needs
 # are JIT-built on first use on GPU machines; the CPU path needs none).

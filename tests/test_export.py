@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -64,7 +65,9 @@ def test_exported_folder_loads_with_plain_transformers_and_matches_logits(tmp_pa
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= {p.name for p in out.iterdir()}
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == ["BertForPreTraining" if nsp else "BertForMaskedLM"]
-    assert "step 12" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "step 12" in card and "pipeline_tag: fill-mask" in card
+    assert str(tmp_path) not in card and not re.search(r"(^|[\s`(\"'])/[^\s]", card)  # no path of this machine
     assert not list(tmp_path.glob(".hf.*"))  # temp folder renamed away
 
     tok = AutoTokenizer.from_pretrained(str(out))
@@ -111,6 +114,10 @@ def test_continual_run_takes_the_init_from_tokenizer(tmp_path, databin, minilm_d
     assert (out / "tokenizer.json").exists()
     tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
     assert tok_cfg.get("model_max_length") == 512
+    card = (out / "README.md").read_text()
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["base_model"] == minilm_dir.name and front["pipeline_tag"] == "fill-mask"
+    assert str(tmp_path) not in card and str(minilm_dir) not in card
 
 
 def test_bad_checkpoint_paths_give_clear_errors(tmp_path, databin, capsys):

@@ -152,6 +152,8 @@ def test_pairs_nsp_continual_pretraining_and_export(databin, tmp_path):
     out_dir = tmp_path / "hf"
     assert export_main([str(tmp_path / "s2" / "checkpoint_last.pt"), str(out_dir)]) == 0
     assert (out_dir / "nsp_head.safetensors").exists() and (out_dir / "tokenizer.json").exists()
+    card = (out_dir / "README.md").read_text()
+    assert "pipeline_tag: fill-mask" in card and "engine: fairseq" in card and str(tmp_path) not in card
     _check_parity(tmp_path / "s2" / "checkpoint_last.pt", out_dir, nsp=True)
 
 

@@ -55,6 +55,7 @@ import torch
 
 from ..atomic import atomic_dir
 from ..data.databin import FAIRSEQ_NSPECIAL, MANIFEST, DataBin
+from ..model_card import model_card
 
 log = logging.getLogger("alum_pretrain.fairseq_export")
 
@@ -360,12 +361,10 @@ def export_fairseq(ckpt: str | os.PathLike, out: str | os.PathLike, *, tokenizer
                 "labels": {"0": "B follows A", "1": "B is a random segment"},
                 "activation": str(_get(model_cfg, "pooler_activation_fn", "tanh")),
             }, indent=2) + "\n", encoding="utf-8")
-        (tmp / "README.md").write_text(
-            f"# RoBERTa exported from a fairseq checkpoint\n\nSource: `{Path(ckpt).resolve()}`\n\n"
-            f"Tokenizer: `{tok_dir}` (fairseq id = tokenizer id + {id_offset}).\n"
-            f"Layers {config.num_hidden_layers}, hidden {config.hidden_size}, heads {config.num_attention_heads}, "
-            f"vocabulary {config.vocab_size}, max positions {tok.model_max_length}.\n"
-            + ("\nNSP head: `nsp_head.safetensors` (see `nsp_head.json`).\n" if nsp else ""),
-            encoding="utf-8")
+        card = model_card(model, {"data": {"path": str(root) if root is not None else ""}, "train": {"engine": "fairseq"}},
+                          step=None, run=None, source=f"the fairseq checkpoint `{Path(ckpt).name}`")
+        card += (f"\nFairseq token id = tokenizer id + {id_offset}; max positions {tok.model_max_length}."
+                 + (" NSP head: `nsp_head.safetensors` (see `nsp_head.json`)." if nsp else "") + "\n")
+        (tmp / "README.md").write_text(card, encoding="utf-8")
     log.info("exported fairseq checkpoint %s -> %s (RobertaForMaskedLM%s)", ckpt, out, " + NSP head" if nsp else "")
     return out
