@@ -102,6 +102,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from .config import opt
+from .passes import ADV_DROPOUT, OBJECTIVES, SCALES, AdversarialPasses, ball_radius, token_scale
 from .divergence import (DIVERGENCES, Divergence, LogitsTuple, as_heads, get_divergence, sum_over_heads,
                          symmetric_kl, symmetric_kl_ce)
 from .precision import (ASCENT_GRAD_TARGET, check_perturbation_resolution, scale_free_input_grad, work_dtype,
@@ -110,7 +111,7 @@ from .precision import (ASCENT_GRAD_TARGET, check_perturbation_resolution, scale
 # The divergences and the precision helpers live in .divergence and .precision; they are re-exported here.
 __all__ = [
     "ALUMConfig", "PROJECTIONS", "PERTURB_AT", "init_delta", "normalize_grad", "project", "perturb", "ascent_step",
-    "alum_regularizer",
+    "alum_regularizer", "AdversarialPasses",
     "DIVERGENCES", "symmetric_kl", "symmetric_kl_ce", "get_divergence",
     "ASCENT_GRAD_TARGET", "scale_free_input_grad", "zero_grad_fraction", "check_perturbation_resolution",
 ]
@@ -147,7 +148,16 @@ class ALUMConfig:
                                    "distributions only)")
     log_baseline: bool = opt(False, "also compute adv_dropout = R with delta = 0 under the same dropout "
                                     "masks as the real adversarial pass (one extra no-grad forward), so "
-                                    "adv - adv_dropout is the adversarial share of R")
+                                    "adv_share = (adv - adv_dropout) / adv is the adversarial share of R")
+    adv_dropout: str = opt("independent", "dropout of the adversarial passes: independent (the paper: own "
+                                          "masks, so R mixes delta-sensitivity with dropout disagreement), "
+                                          "shared (replay the clean pass's masks: R is delta's effect alone) "
+                                          "or off (no dropout in the adversarial passes)")
+    objective: str = opt("alum", "alum (the paper: R at the adversarial delta) or rdrop (R-Drop, the control "
+                                 "arm: delta = 0, no ascent, R = SymKL of two independent dropout passes)")
+    scale: str = opt("abs", "unit of epsilon, step_size and noise_std: abs (embedding units, the paper) or "
+                            "rel (per token, relative to that token's embedding RMS - its L2 norm for the "
+                            "l2 ball - so epsilon means the same for every model; DeBERTa SiFT's idea)")
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -177,6 +187,13 @@ class ALUMConfig:
         for name in ("include_nsp", "log_baseline"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be true or false")
+        for name, choices in (("adv_dropout", ADV_DROPOUT), ("objective", OBJECTIVES), ("scale", SCALES)):
+            if getattr(self, name) not in choices:
+                raise bad(name, f"must be one of {', '.join(choices)}")
+        if self.objective == "rdrop" and self.adv_dropout != "independent":
+            raise bad("adv_dropout", "alum.objective=rdrop compares two independent dropout passes; with "
+                                     f"{self.adv_dropout!r} masks its R would be {'0' if self.adv_dropout == 'shared' else 'train vs eval mode'} "
+                                     "(use alum.adv_dropout=independent)")
 
     def active(self, step: int) -> bool:
         """True when the adversarial term is on at optimizer step ``step`` (alpha > 0 and step >= start_step)."""
@@ -266,15 +283,17 @@ def normalize_grad(grad: torch.Tensor, norm: str = "linf", level: str = "token")
     return g / n.clamp_min(torch.finfo(torch.float32).tiny)
 
 
-def project(delta: torch.Tensor, epsilon: float, kind: str) -> torch.Tensor:
+def project(delta: torch.Tensor, epsilon, kind: str) -> torch.Tensor:
     """Per-token projection onto the epsilon ball (Algorithm 1 line 6: Pi_{||delta|| <= eps}).
 
+    ``epsilon``: a number, or a ``(..., 1)`` tensor of per-token radii (``alum.scale=rel``).
     ``linf``: clamp every coordinate to [-eps, eps] (the Euclidean projection onto the L_inf ball).
     ``l2``: rescale each token vector (last dim) whose L2 norm exceeds eps onto the sphere of radius eps.
     ``none``: identity.
     """
     if kind == "linf":
-        return delta.clamp(-epsilon, epsilon)
+        return delta.clamp(-epsilon, epsilon) if not torch.is_tensor(epsilon) else \
+            torch.maximum(torch.minimum(delta, epsilon), -epsilon)
     if kind == "l2":
         norm = delta.pow(2).sum(-1, keepdim=True).sqrt()  # (B, T, 1)
         scale = (epsilon / norm.clamp_min(torch.finfo(torch.float32).tiny)).clamp(max=1.0)
@@ -295,17 +314,20 @@ def ascent_step(
     grad: torch.Tensor,
     cfg: ALUMConfig,
     pad_mask: Optional[torch.Tensor] = None,
+    rms: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """One ALUM ascent update: ``Proj_eps(delta + eta * g / ||g||_inf,token)``, padding re-zeroed.
 
     ``delta``, ``grad``: ``(B, T, H)``; ``pad_mask``: ``(B, T)``, True/1 = real token (None = none).
-    Returns a float32 tensor (float64 for float64 inputs); callers detach it before the next step.
+    ``rms``: ``(B, T, 1)`` per-token unit for ``alum.scale=rel`` (:func:`alum_pretrain.passes.token_scale`;
+    None = absolute units).  Returns a float32 tensor (float64 for float64 inputs); callers detach it.
     """
     mask = _check_pad_mask(pad_mask, delta.shape[:-1], "ascent_step")
     if grad.shape != delta.shape:
         raise ValueError(f"ascent_step: grad shape {tuple(grad.shape)} != delta shape {tuple(delta.shape)}")
-    new = delta.to(work_dtype(delta.dtype)) + cfg.step_size * normalize_grad(grad, "linf", "token")  # (B, T, H)
-    new = project(new, cfg.epsilon, cfg.projection)
+    step = normalize_grad(grad, "linf", "token") * (cfg.step_size if rms is None else cfg.step_size * rms)
+    new = delta.to(work_dtype(delta.dtype)) + step  # (B, T, H)
+    new = project(new, ball_radius(cfg.epsilon, rms, cfg.projection, delta.shape[-1]), cfg.projection)
     return _zero_padding(new, mask)
 
 
@@ -325,6 +347,7 @@ def alum_regularizer(
     baseline: Optional[bool] = None,
     per_example_scale: bool = False,
     head_weights: Optional[Sequence[Optional[float]]] = None,
+    passes: Optional[AdversarialPasses] = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The ALUM term R (Algorithm 1 lines 3-8), to be added as ``task_loss + cfg.alpha * R``.
 
@@ -345,6 +368,10 @@ def alum_regularizer(
     clean logits are None are ignored): R = sum over heads of ``head_weights[h] * divergence_h``, e.g. to
     turn each head's row mean into a sum over its rows divided by a global count; the ascent uses the same
     weighted sum, so the weights also set the heads' relative share of the ascent direction.
+    ``passes``: the dropout context of the adversarial forwards (:class:`alum_pretrain.passes.AdversarialPasses`,
+    captured by the caller right before its clean pass); needed for ``alum.adv_dropout`` shared/off, None
+    = independent masks.  ``alum.objective=rdrop``: delta = 0 and no ascent (R-Drop through this same path);
+    ``alum.scale=rel``: epsilon, eta and sigma are per-token multiples of the clean embedding's RMS.
 
     **Precision.** The ascent gradient is :func:`scale_free_input_grad` of the divergence: its backward
     starts from output gradients rescaled to a fixed maximum, so neither a tiny divergence nor the
@@ -381,16 +408,32 @@ def alum_regularizer(
         baseline = cfg.log_baseline
     if head_weights is not None and len(head_weights) != len(clean):
         raise ValueError(f"alum_regularizer: {len(head_weights)} head_weights for {len(clean)} heads")
-    check_perturbation_resolution(embeds, cfg.epsilon, cfg.noise_std, mask, "alum_regularizer")
+    if passes is None:
+        if cfg.adv_dropout != "independent":
+            raise ValueError(f"alum.adv_dropout={cfg.adv_dropout}: this caller does not capture the clean pass's "
+                             "dropout state (AdversarialPasses.capture); use alum.adv_dropout=independent")
+        passes = AdversarialPasses()
+    rdrop = cfg.objective == "rdrop"
+    rms = token_scale(embeds, cfg.scale)  # (B, T, 1) or None (absolute units)
+    if not rdrop:
+        unit = 1.0 if rms is None or embeds.dtype not in (torch.float16, torch.bfloat16) else float(
+            rms[mask].median() if mask is not None else rms.median())  # only 16-bit embeds are checked
+        check_perturbation_resolution(embeds, cfg.epsilon * unit, cfg.noise_std * unit, mask, "alum_regularizer")
 
-    delta = init_delta(embeds, mask, cfg.noise_std, generator)  # (B, T, H) float32
+    if rdrop:  # R-Drop: delta = 0, no ascent
+        delta = torch.zeros(embeds.shape, dtype=work_dtype(embeds.dtype), device=embeds.device)
+    else:
+        delta = init_delta(embeds, mask, cfg.noise_std, generator)  # (B, T, H) float32
+        if rms is not None:
+            delta = delta * rms
     base = embeds.detach()  # the ascent must not build parameter gradients through the embedding lookup
     grad_norm = torch.zeros((), device=embeds.device)
     nonfinite = torch.zeros((), device=embeds.device)
     zero_frac = torch.zeros((), device=embeds.device)
-    for _ in range(cfg.k_steps):
+    for _ in range(0 if rdrop else cfg.k_steps):
         delta.requires_grad_(True)
-        adv = as_heads(forward_fn(perturb(base, delta)))
+        with passes():
+            adv = as_heads(forward_fn(perturb(base, delta)))
         if len(adv) != len(clean):
             raise ValueError(f"forward_fn returned {len(adv)} logits tensors but clean_logits has {len(clean)}; "
                              "forward_fn must return the same structure as clean_logits")
@@ -401,7 +444,7 @@ def alum_regularizer(
             lambda outs: sum_over_heads(outs, clean, divergence, detach_clean=True, weights=head_weights), delta,
             per_example=per_example_scale)
         # Line 6; a non-finite gradient skips this update (delta keeps its value) and is counted.
-        stepped = ascent_step(delta.detach(), torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0), cfg, mask)
+        stepped = ascent_step(delta.detach(), torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0), cfg, mask, rms)
         delta = torch.where(finite, stepped, delta.detach()).detach()
         grad_norm = g.norm()  # inf/nan when the step was skipped
         nonfinite = nonfinite + (~finite).float()
@@ -413,13 +456,14 @@ def alum_regularizer(
     adv_dropout = None
     if baseline:
         devices = [embeds.device] if embeds.device.type == "cuda" else []
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), passes():
             adv_dropout = sum_over_heads(forward_fn(perturb(base, torch.zeros_like(delta))), clean, divergence,
                                           detach_clean=True, weights=head_weights).detach()
 
     # Lines 8: the adversarial pass on embeds + delta with embeds NOT detached, and R against the clean
     # logits NOT detached: gradients flow into both graphs.
-    adv = forward_fn(perturb(embeds, delta.detach()))
+    with passes():
+        adv = forward_fn(perturb(embeds, delta.detach()))
     r = sum_over_heads(adv, clean, divergence, detach_clean=False, weights=head_weights)
     r_value = r.detach()
     adv_nonfinite = torch.zeros((), device=r.device)

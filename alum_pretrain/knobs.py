@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional
 from .adversarial import PERTURB_AT, PROJECTIONS, ALUMConfig
 from .divergence import DIVERGENCES
 from .masking import SCHEDULES, MaskingConfig
+from .passes import ADV_DROPOUT, OBJECTIVES, SCALES
 
 __all__ = ["SECTIONS", "DEPRECATED", "Knob", "knobs", "flag_of", "dataclass_fields", "from_flat", "to_argv"]
 
@@ -32,7 +33,9 @@ __all__ = ["SECTIONS", "DEPRECATED", "Knob", "knobs", "flag_of", "dataclass_fiel
 SECTIONS: dict[str, type] = {"alum": ALUMConfig, "masking": MaskingConfig}
 #: str knobs with a closed set of values (the constants their dataclasses validate against)
 _CHOICES: dict[str, tuple[str, ...]] = {"alum.projection": PROJECTIONS, "alum.perturb_at": PERTURB_AT,
-                                        "alum.divergence": DIVERGENCES, "masking.schedule": SCHEDULES}
+                                        "alum.divergence": DIVERGENCES, "masking.schedule": SCHEDULES,
+                                        "alum.adv_dropout": ADV_DROPOUT, "alum.objective": OBJECTIVES,
+                                        "alum.scale": SCALES}
 #: old fairseq spelling (its dataclass field) -> native key; accepted with a warning for one release
 DEPRECATED: dict[str, str] = {
     "alum_k": "alum.k_steps",

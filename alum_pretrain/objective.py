@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .adversarial import ALUMConfig, alum_regularizer
+from .passes import AdversarialPasses
 
 __all__ = ["Normalizers", "Heads", "ALUM_METRICS", "pretrain_objective"]
 
@@ -74,6 +75,7 @@ def pretrain_objective(
     norm: Normalizers,
     nsp_weight: float = 1.0,
     generators: Optional[Sequence[torch.Generator]] = None,
+    passes: Optional[AdversarialPasses] = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``(loss, metrics)`` of one micro-batch (module docstring).
 
@@ -82,7 +84,9 @@ def pretrain_objective(
     ``clean``: the clean pass's ``(mlm logits (N, V), nsp logits (B, 2) or None)``.  ``mlm_targets``:
     ``(N,)`` original ids at the masked positions.  ``nsp_labels``: ``(B,)`` or None (no NSP).
     ``pad_mask``: ``(B, T)`` bool, True = real token.  ``generators``: one per sample for the random start
-    of delta (None = the global RNG).
+    of delta (None = the global RNG).  ``passes``: the adversarial passes' dropout context, captured right
+    before the clean pass (:meth:`alum_pretrain.passes.AdversarialPasses.capture`; needed for
+    ``alum.adv_dropout`` shared/off).
     """
     mlm_logits, nsp_logits = clean
     mlm = F.cross_entropy(_at_least_fp32(mlm_logits), mlm_targets, reduction="sum") / norm.mlm
@@ -103,7 +107,8 @@ def pretrain_objective(
         nsp_in_r = use_nsp and alum.include_nsp
         weights = (n_masked / norm.mlm, nsp_logits.shape[0] / norm.nsp if nsp_in_r else None)
         r, m = alum_regularizer(lambda e: heads(e, nsp_in_r), embeds, (mlm_logits, nsp_logits if nsp_in_r else None),
-                                alum, pad_mask=pad_mask, generator=generators, head_weights=weights)
+                                alum, pad_mask=pad_mask, generator=generators, head_weights=weights,
+                                passes=passes)
         loss = loss + alum.alpha * r  # Eq. 3 (a non-finite R arrives as 0, counted in adv_nonfinite)
         metrics.update({k: m[k] for k in ALUM_METRICS if k in m})
     return loss, metrics

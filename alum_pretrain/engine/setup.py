@@ -138,7 +138,9 @@ def build_run(cfg: TrainConfig, env: D.DistEnv) -> Run:
                           dropout=None if cfg.model.dropout < 0 else cfg.model.dropout,
                           max_position_embeddings=max(512, cfg.data.max_seq_len),
                           trust_remote_code=cfg.model.trust_remote_code)
-    model.to(env.device)
+    # Training mode explicitly: HF from_pretrained returns a model in eval mode, so a continual run would
+    # otherwise train without dropout until (and unless) an evaluation restored train mode.
+    model.to(env.device).train()
     torch.manual_seed(tc.seed + 1 + env.rank)
     if tc.compile:  # speed only: the encoder has static shapes (B, max_seq_len, H) -> one graph
         M.compile_encoder(model.hf)

@@ -42,6 +42,7 @@ from torch import nn
 from ..adversarial import ALUMConfig
 from ..masking import IGNORE_INDEX, STREAM_EVAL_MASK, STREAM_MASK, TokenMasker
 from ..objective import Normalizers, pretrain_objective
+from ..passes import AdversarialPasses
 from . import distributed as D
 
 
@@ -97,12 +98,15 @@ class PretrainStep(nn.Module):
         def heads(e: torch.Tensor, with_nsp: bool):
             return model.heads_from_embeds(e, attn, tt, masked_index, with_nsp)  # ((N, V), (B, 2)|None)
 
-        # clean pass from the word embeddings (the ALUM perturbation point)
+        # clean pass from the word embeddings (the ALUM perturbation point); the adversarial passes' dropout
+        # context (alum.adv_dropout) is captured right before its first dropout draw
         embeds = model.embed(batch["input_ids"], tt)  # (B, T, H)
+        passes = AdversarialPasses.capture(self.alum.adv_dropout, model, embeds.device) if alum_on else None
         return pretrain_objective(
             heads, embeds, heads(embeds, self.nsp), mlm_targets=batch["mlm_targets"],
             nsp_labels=batch["next_sentence_label"] if self.nsp else None, pad_mask=attn.bool(), alum=self.alum,
-            alum_on=alum_on, norm=Normalizers(mlm=mlm_denom, nsp=nsp_denom), generators=alum_generators)
+            alum_on=alum_on, norm=Normalizers(mlm=mlm_denom, nsp=nsp_denom), generators=alum_generators,
+            passes=passes)
 
 
 @torch.no_grad()

@@ -67,6 +67,7 @@ from fairseq.logging import metrics
 from alum_pretrain import knobs
 from alum_pretrain.masking import STREAM_ALUM, sample_generators
 from alum_pretrain.objective import Normalizers, pretrain_objective
+from alum_pretrain.passes import AdversarialPasses
 
 NSP_HEAD = "nsp"
 
@@ -196,6 +197,9 @@ class AlumMaskedLMCriterion(FairseqCriterion):
                              "to the criterion); with other tasks use --alum-start-step 0")
         tap = EmbeddingTap(inner, self.alum.perturb_at)
 
+        alum_on = self.training and self.alum.active(int(update or 0))
+        # the adversarial passes' dropout context (alum.adv_dropout), captured before the clean pass draws
+        passes = AdversarialPasses.capture(self.alum.adv_dropout, inner, src.device) if alum_on else None
         # clean pass through the wrapper (DDP bookkeeping), LM head on masked positions only
         with tap.capture():
             mlm_logits, _ = model(src, masked_tokens=masked)  # (N, V)
@@ -218,8 +222,7 @@ class AlumMaskedLMCriterion(FairseqCriterion):
         loss, m = pretrain_objective(
             heads, tap.embeds, (mlm_logits, nsp_logits), mlm_targets=target[masked], nsp_labels=nsp_target,
             pad_mask=src.ne(self.padding_idx), alum=self.alum,
-            alum_on=self.training and self.alum.active(int(update or 0)), norm=norm,
-            generators=gens)
+            alum_on=alum_on, norm=norm, generators=gens, passes=passes)
         alum_on = "adv" in m
 
         logging_output = {
