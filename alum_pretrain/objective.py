@@ -76,6 +76,7 @@ def pretrain_objective(
     nsp_weight: float = 1.0,
     generators: Optional[Sequence[torch.Generator]] = None,
     passes: Optional[AdversarialPasses] = None,
+    baseline: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``(loss, metrics)`` of one micro-batch (module docstring).
 
@@ -86,7 +87,8 @@ def pretrain_objective(
     ``pad_mask``: ``(B, T)`` bool, True = real token.  ``generators``: one per sample for the random start
     of delta (None = the global RNG).  ``passes``: the adversarial passes' dropout context, captured right
     before the clean pass (:meth:`alum_pretrain.passes.AdversarialPasses.capture`; needed for
-    ``alum.adv_dropout`` shared/off).
+    ``alum.adv_dropout`` shared/off).  ``baseline``: also measure ``adv_dropout`` when ``alum.log_baseline`` is
+    off (the engines probe it over the first ALUM log intervals; it changes no training number).
     """
     mlm_logits, nsp_logits = clean
     mlm = F.cross_entropy(_at_least_fp32(mlm_logits), mlm_targets, reduction="sum") / norm.mlm
@@ -108,7 +110,7 @@ def pretrain_objective(
         weights = (n_masked / norm.mlm, nsp_logits.shape[0] / norm.nsp if nsp_in_r else None)
         r, m = alum_regularizer(lambda e: heads(e, nsp_in_r), embeds, (mlm_logits, nsp_logits if nsp_in_r else None),
                                 alum, pad_mask=pad_mask, generator=generators, head_weights=weights,
-                                passes=passes)
+                                passes=passes, baseline=alum.log_baseline or baseline)
         loss = loss + alum.alpha * r  # Eq. 3 (a non-finite R arrives as 0, counted in adv_nonfinite)
         metrics.update({k: m[k] for k in ALUM_METRICS if k in m})
     return loss, metrics

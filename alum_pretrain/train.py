@@ -29,7 +29,7 @@ from .atomic import write_json
 from .config import parse_config
 from .engine import distributed as D
 from .engine.config import TrainConfig
-from .engine.metrics import LOG
+from .engine.metrics import LOG, DeltaShareWatch
 from .engine.plot import plot_run
 from .engine.checkpoint import last_good_checkpoint, restore, save
 from .engine.setup import build_run
@@ -50,6 +50,7 @@ def train(cfg: TrainConfig, env: D.DistEnv) -> dict:
     tc = cfg.train
     batches = run.batches()
     acc = run.new_accumulator()
+    watch = DeltaShareWatch(cfg, tc.log_every)  # says once if R is mostly dropout consistency
     pbar = tqdm(total=tc.max_steps, initial=step, disable=not (env.is_main and tc.progress),
                 desc="alum-train", dynamic_ncols=True)
     stopped = False
@@ -74,7 +75,7 @@ def train(cfg: TrainConfig, env: D.DistEnv) -> dict:
             batch = run.to_device(batch)
             loss, metrics = run.stepper.forward_backward(batch, last=m == run.grad_accum - 1, alum_on=alum_on,
                                                          mlm_denom=mlm_denom, nsp_denom=nsp_denom,
-                                                         alum_generators=gens)
+                                                         alum_generators=gens, baseline=watch.probe(step, alum_on))
             acc.add(metrics, batch)
             loss_sum += loss.detach().float()
 
@@ -93,6 +94,7 @@ def train(cfg: TrainConfig, env: D.DistEnv) -> dict:
         if step % tc.log_every == 0 or step == tc.max_steps or give_up:
             record = acc.flush(step)  # the one host sync of the interval (all-reduce + .item())
             run.logger.log(record, write=pbar.write)
+            watch.observe(record, run.logger.warning)
             if record["loss"] is not None:
                 pbar.set_postfix(loss=f"{record['loss']:.3f}", rate=f"{record['mask_rate']:.2f}")
         if give_up:
@@ -110,6 +112,7 @@ def train(cfg: TrainConfig, env: D.DistEnv) -> dict:
             run.logger.info(f"signal {_STOP['signal']} received: saved step {step}, exiting (resume by re-running)")
             break
     pbar.close()
+    watch.finish(run.logger.warning, step)
     completed = step >= tc.max_steps
     if env.is_main and completed:  # the last step was checkpointed in the loop
         run.logger.close()

@@ -138,6 +138,13 @@ class RunLogger:
         if self.enabled:
             LOG.info(msg)
 
+    def warning(self, msg: str, step: int) -> None:
+        """A warning on the console (rank 0) and as a ``{"kind": "warning"}`` record of ``step`` in log.jsonl."""
+        if self.enabled:
+            LOG.warning(msg)
+            self._fh.write(json.dumps({"step": step, "kind": "warning", "message": msg}) + "\n")
+            self._fh.flush()
+
     def log(self, record: dict[str, Any], console: bool = True, write=None) -> None:
         if not self.enabled:
             return
@@ -306,6 +313,8 @@ class Accumulator:
                 rec[k] = diag[n_sum + i] / diag_micro  # diag_micro is already summed over ranks
             if self.baseline_micro:
                 rec["adv_dropout"] = s[4] / (nl * env.world_size) if nl else None
+                if rec["adv_dropout"] is not None and adv:
+                    rec["adv_share"] = (adv - rec["adv_dropout"]) / adv  # the part of R due to delta
         if run.peak_flops:
             # executed FLOPs: a standard step = 3 forward-units; ALUM = 6 + 2K (module docstring of adversarial)
             k = run.cfg.alum.k_steps
@@ -315,3 +324,51 @@ class Accumulator:
                              peak=run.peak_flops, world_size=env.world_size)
         self._reset()
         return rec
+
+
+class DeltaShareWatch:
+    """Tells the user, once, when ALUM's term is almost all dropout consistency rather than adversarial.
+
+    ``adv_share = (adv - adv_dropout) / adv`` is the part of R due to delta (``adv_dropout``: R at delta = 0
+    under the same dropout masks).  The native loop measures it over the first ALUM log intervals even when
+    ``alum.log_baseline`` is off (:meth:`probe`: one extra no-grad forward per step there, under a forked RNG,
+    so no training number changes); if it stays below ``threshold`` there, one warning says what the term
+    does at this epsilon and what to change.
+    """
+
+    def __init__(self, cfg: Any, log_every: int, threshold: float = 0.01):
+        self.alum = cfg.alum
+        # the (partial) interval in which ALUM starts and the next full one
+        self.probe_end = (self.alum.start_step // log_every + 2) * log_every
+        self.threshold = threshold
+        self.shares: list[float] = []
+        self.done = not (self.alum.alpha > 0)
+
+    def probe(self, step: int, alum_on: bool) -> bool:
+        """Whether optimizer step ``step`` should also measure ``adv_dropout``."""
+        return alum_on and not self.done and step < self.probe_end
+
+    def observe(self, record: dict, warn) -> None:
+        """Take a training record; ``warn(msg, step)`` is called at most once per run."""
+        if self.done:
+            return
+        if record.get("adv_share") is not None:
+            self.shares.append(float(record["adv_share"]))
+        if self.shares and record["step"] >= self.probe_end:
+            self.finish(warn, record["step"])
+
+    def finish(self, warn, step: int) -> None:
+        if self.done or not self.shares:
+            return
+        self.done = True
+        share = sum(self.shares) / len(self.shares)
+        if share >= self.threshold:
+            return
+        a = self.alum
+        warn(f"ALUM: the adversarial perturbation makes up only {100 * share:.2g} % of the ALUM term R over its first "
+             f"log intervals (adv_share; alum.epsilon={a.epsilon:g}, alum.scale={a.scale}, alum.adv_dropout="
+             f"{a.adv_dropout}). At this epsilon delta barely changes the output: the term acts as dropout "
+             f"consistency between two passes (R-Drop) weighted by alpha={a.alpha:g}, not as smoothness around the "
+             "embeddings. To make the adversary matter: --alum.scale rel --alum.epsilon 1e-2 (epsilon relative to "
+             "each token's embedding RMS), or --alum.adv_dropout shared (R measures delta alone); see "
+             "docs/what-alum-does.md.", step)

@@ -89,7 +89,7 @@ class PretrainStep(nn.Module):
         self.nsp = nsp
 
     def forward(self, batch: dict, *, alum_on: bool, mlm_denom: float, nsp_denom: float,
-                alum_generators: Optional[list] = None) -> tuple[torch.Tensor, dict]:
+                alum_generators: Optional[list] = None, baseline: bool = False) -> tuple[torch.Tensor, dict]:
         model = self.model
         attn = batch["attention_mask"]  # (B, T)
         tt = batch.get("token_type_ids")  # (B, T) or None
@@ -106,7 +106,7 @@ class PretrainStep(nn.Module):
             heads, embeds, heads(embeds, self.nsp), mlm_targets=batch["mlm_targets"],
             nsp_labels=batch["next_sentence_label"] if self.nsp else None, pad_mask=attn.bool(), alum=self.alum,
             alum_on=alum_on, norm=Normalizers(mlm=mlm_denom, nsp=nsp_denom), generators=alum_generators,
-            passes=passes)
+            passes=passes, baseline=baseline)
 
 
 @torch.no_grad()
