@@ -25,8 +25,9 @@ import torch
 from torch import nn
 
 from alum_pretrain.masking import MaskingConfig, TokenMasker
-from alum_pretrain.smoothness import (SmoothnessConfig, fit_temperature, flat_metrics, main, measure_smoothness,
+from alum_pretrain.smoothness import (SmoothnessConfig, fit_temperature, flat_metrics, measure_smoothness,
                                       mlm_logits, mlm_stats)
+from alum_pretrain.smoothness_cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
