@@ -251,6 +251,7 @@ def _check_data_vocab(model, info: dict, databin, what: str) -> None:
 
 
 def _prepare_model(path: str, args, dtype: torch.dtype, device: torch.device):
+    torch.manual_seed(args.seed)  # a fresh (missing) MLM head is initialised from the global RNG: repeatable
     model, info = load_for_smoothness(path, perturb_at=args.perturb_at, tokenizer=args.tokenizer)
     return model.to(device=device, dtype=dtype), info
 

@@ -265,6 +265,10 @@ def tiny_run(tmp_path_factory):
     save_model(hf, step / "model")
     torch.save({"step": 5}, step / "train_state.pt")
     (root / "run" / "config.yaml").write_text(yaml.safe_dump({"data": {"path": str(data)}}))
+    from transformers import BertModel
+
+    BertModel(hf.config).save_pretrained(str(root / "headless"))  # no MLM head: a fresh one at load time
+    tok.save_pretrained(str(root / "headless"))
     text = root / "held_out.txt"
     text.write_text("The quick brown fox jumps over the lazy dog.\n\nA function returns a value.\n" * 20)
     return root, data
@@ -287,6 +291,14 @@ def test_cli_repeatable_json_and_table(tiny_run, capsys):
     assert main([str(root / "run" / "checkpoints" / "step-5")] + args[1:] + ["--json", str(root / "c.json")]) == 0
     c = json.loads((root / "c.json").read_text())
     assert c["kind"] == "checkpoint" and c["step"] == 5 and c["raw"] == a["raw"]
+
+
+def test_cli_fresh_head_is_repeatable(tiny_run):
+    root, data = tiny_run
+    args = [str(root / "headless"), "--data", str(data), "--seq-len", "32", "--batches", "1", "--eps", "1e-3",
+            "--no-progress", "--json"]
+    assert main(args + [str(root / "h1.json")]) == 0 and main(args + [str(root / "h2.json")]) == 0
+    assert (root / "h1.json").read_text() == (root / "h2.json").read_text()
 
 
 def test_cli_match_entropy_and_text(tiny_run, capsys):
