@@ -170,6 +170,7 @@ def test_ascent_beats_random_and_restores_the_mode(norm):
     cfg = SmoothnessConfig(epsilons=(1e-3, 1e-2), norms=(norm,), steps=3, mask_rate=0.3)
     res = measure_smoothness(model, _unmasked(3, 10, 23), _masker(23), cfg)
     assert model.training  # restored
+    assert all(p.grad is None for p in model.parameters())  # the ascent differentiates w.r.t. δ only
     assert res["n_masked"] > 0 and res["n_tokens"] == 2 * (3 * 10 - 2)
     for r in res["results"]:
         assert r["adv_sym_kl"] > 1.5 * r["rand_sym_kl"] > 0, r
