@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence
@@ -53,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from .adversarial import normalize_grad
-from .masking import IGNORE_INDEX, STREAM_EVAL_MASK, TokenMasker
+from .masking import IGNORE_INDEX, STREAM_EVAL_MASK, MaskingConfig, TokenMasker
 
 log = logging.getLogger("alum_pretrain.smoothness")
 
@@ -63,7 +64,7 @@ EPS_MODES = ("abs", "rel")
 QUANTILES = {"p50": 0.5, "p90": 0.9, "p99": 0.99}
 
 __all__ = ["NORMS", "BALLS", "EPS_MODES", "SmoothnessConfig", "measure_smoothness", "mlm_logits",
-           "mlm_stats", "fit_temperature", "flat_metrics", "format_table"]
+           "mlm_stats", "fit_temperature", "flat_metrics", "format_table", "tokenizer_masker"]
 
 
 @dataclass
@@ -440,6 +441,21 @@ def fit_temperature(logits: torch.Tensor, target_entropy: float, *, tol: float =
             return math.exp(mid)
         lo, hi = (mid, hi) if e_mid < target_entropy else (lo, mid)
     return math.exp(0.5 * (lo + hi))
+
+
+_PLACEHOLDER_TOKEN = re.compile(r"^(\[unused\d+\]|<unused\d+>|madeupword\d+)$")  # never a random replacement
+
+
+def tokenizer_masker(tokenizer, seed: int = 0) -> TokenMasker:
+    """A :class:`TokenMasker` for an HF tokenizer: its ``[MASK]`` id, random replacements drawn from every
+    non-special, non-placeholder token."""
+    if tokenizer.mask_token_id is None:
+        raise ValueError(f"{getattr(tokenizer, 'name_or_path', 'the tokenizer')}: has no mask token")
+    special = set(int(i) for i in tokenizer.all_special_ids)
+    pool = sorted(i for t, i in tokenizer.get_vocab().items()
+                  if i not in special and not _PLACEHOLDER_TOKEN.match(t))
+    return TokenMasker(MaskingConfig(), int(tokenizer.mask_token_id), torch.tensor(pool, dtype=torch.long),
+                       int(seed))
 
 
 def _fmt(x: float) -> str:

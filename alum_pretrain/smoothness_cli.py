@@ -15,7 +15,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
@@ -24,16 +23,14 @@ import torch
 
 from .masking import MaskingConfig, TokenMasker
 from .smoothness import (BALLS, EPS_MODES, SmoothnessConfig, fit_temperature, format_table, measure_smoothness,
-                         mlm_logits, mlm_stats)
+                         mlm_logits, mlm_stats, tokenizer_masker)
 
 log = logging.getLogger("alum_pretrain.smoothness")
 
-__all__ = ["build_parser", "databin_batches", "load_for_smoothness", "main", "run", "text_batches",
-           "tokenizer_masker"]
+__all__ = ["build_parser", "databin_batches", "load_for_smoothness", "main", "run", "text_batches"]
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model")
-_PLACEHOLDER_TOKEN = r"^(\[unused\d+\]|<unused\d+>|madeupword\d+)$"  # never a random replacement
 
 
 def _has_tokenizer(d: Optional[Path]) -> bool:
@@ -115,17 +112,6 @@ def databin_batches(data: str | os.PathLike, *, split: str = "valid", seq_len: i
         raise ValueError(f"{databin.path}: the {split!r} split gave no sequence")
     t = loader.tables
     return batches, TokenMasker(MaskingConfig(), t.mask_id, t.random_pool, int(seed)), databin
-
-
-def tokenizer_masker(tokenizer, seed: int = 0) -> TokenMasker:
-    """A :class:`TokenMasker` for an HF tokenizer: its ``[MASK]`` id, random replacements drawn from every
-    non-special, non-placeholder token."""
-    if tokenizer.mask_token_id is None:
-        raise ValueError(f"{getattr(tokenizer, 'name_or_path', 'the tokenizer')}: has no mask token")
-    special = set(int(i) for i in tokenizer.all_special_ids)
-    placeholder = re.compile(_PLACEHOLDER_TOKEN)
-    pool = sorted(i for t, i in tokenizer.get_vocab().items() if i not in special and not placeholder.match(t))
-    return TokenMasker(MaskingConfig(), int(tokenizer.mask_token_id), torch.tensor(pool, dtype=torch.long), int(seed))
 
 
 def _special_wrap(tokenizer) -> tuple[list[int], list[int]]:
