@@ -11,8 +11,8 @@ projected ascent on
 
 δ at every real (non-padding) token, the clean distribution fixed, the gradient taken w.r.t. δ only
 (``torch.autograd.grad``; no parameter gradient).  The ball, per token t (``ball="token"``, ALUM's) with
-radius r_t = ε (``eps_mode="abs"``) or ε·RMS(e_t) (``"rel"``: ε in units of the token's per-coordinate
-embedding scale, the same for every model — DeBERTa SiFT's idea):
+radius r_t = ε (``eps_mode="abs"``) or, with ``"rel"`` (training's ``alum.scale=rel``: ε in units of the token's
+own embedding scale, the same for every model — DeBERTa SiFT's idea), ε·RMS(e_t) for L∞ and ε·‖e_t‖₂ for L2:
 
 * ``linf``: ‖δ_t‖∞ ≤ r_t; step δ ← clip(δ + η g / max|g_t|) (ALUM's per-token max-abs normalisation);
 * ``l2``:   ‖δ_t‖₂ ≤ r_t; step δ ← Π(δ + η g / ‖g_t‖₂), Π rescales tokens outside the ball;
@@ -73,7 +73,7 @@ class SmoothnessConfig:
 
     epsilons: tuple[float, ...] = (1e-5, 1e-4, 1e-3)  # ball radii (absolute, or relative with eps_mode="rel")
     norms: tuple[str, ...] = ("linf",)  # "linf" (ALUM) and/or "l2"
-    eps_mode: str = "abs"  # "abs": radius ε; "rel": ε × the token's embedding RMS
+    eps_mode: str = "abs"  # "abs": radius ε; "rel": ε × the token's embedding RMS (L∞) or L2 norm (L2)
     ball: str = "token"  # "token" (one ball per token, ALUM) or "sequence" (one L2 ball per sequence)
     steps: int = 3  # K ascent steps
     step_scale: float = 10.0  # ascent step η = step_scale × radius
@@ -182,15 +182,21 @@ def _distribution(x: torch.Tensor) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _radius(e: torch.Tensor, real: torch.Tensor, eps: float, cfg: SmoothnessConfig) -> torch.Tensor:
-    """Ball radius, (B, T, 1) per token or (B, 1, 1) per sequence, float64."""
+def _radius(e: torch.Tensor, real: torch.Tensor, eps: float, cfg: SmoothnessConfig, norm: str) -> torch.Tensor:
+    """Ball radius, (B, T, 1) per token or (B, 1, 1) per sequence, float64.
+
+    ``rel`` is training's ``alum.scale=rel`` (:func:`alum_pretrain.passes.ball_radius`): ε × the token's RMS for
+    the L∞ ball, ε × its L2 norm for the L2 ball (so ‖δ‖/‖e‖ ≤ ε in the ball's own norm); the sequence ball:
+    ε × the sequence's L2 norm."""
     e = e.detach().double() * real.unsqueeze(-1)
     if cfg.ball == "token":
-        scale = e.pow(2).mean(-1, keepdim=True).sqrt() if cfg.eps_mode == "rel" else torch.ones_like(e[..., :1])
+        if cfg.eps_mode == "rel":
+            scale = e.pow(2).mean(-1, keepdim=True).sqrt() * (e.shape[-1] ** 0.5 if norm == "l2" else 1.0)
+        else:
+            scale = torch.ones_like(e[..., :1])
         return eps * scale * real.unsqueeze(-1)
     if cfg.eps_mode == "rel":
-        n = (real.sum(1).double() * e.shape[-1]).clamp_min(1.0)
-        return eps * (e.pow(2).sum((1, 2)) / n).sqrt().view(-1, 1, 1)
+        return eps * e.pow(2).sum((1, 2)).sqrt().view(-1, 1, 1)
     return torch.full((e.shape[0], 1, 1), eps, dtype=torch.float64, device=e.device)
 
 
@@ -294,7 +300,7 @@ def _measure_batch(model, b: dict, j: int, cfg: SmoothnessConfig, temperature: f
     for norm in cfg.norms:
         u = _random_direction(e.shape, cfg.seed, j, norm, cfg.ball)
         for eps in cfg.epsilons:
-            radius = _radius(e, real, eps, cfg)
+            radius = _radius(e, real, eps, cfg, norm)
             delta0 = _random_delta(u, radius, norm, cfg.ball, real)
             adv, rand = _ascent(model, b, e, z0, radius, delta0, norm, cfg, temperature)
             per_tok = radius.expand(*real.shape, 1)[..., 0][real] if cfg.ball == "token" else radius.view(-1)

@@ -200,7 +200,9 @@ def test_relative_eps_follows_the_embedding_scale():
     for r0, r1 in zip(rel[0]["results"], rel[1]["results"]):
         assert r1["adv_sym_kl"] == pytest.approx(r0["adv_sym_kl"], rel=1e-6)
         assert r1["rand_sym_kl"] == pytest.approx(r0["rand_sym_kl"], rel=1e-6)
-        assert r0["radius_mean"] == pytest.approx(1e-3 * rel[0]["embed_rms"])
+        # ε × the token's RMS for L∞, × its L2 norm (RMS × sqrt(H), H = 5) for L2: training's alum.scale=rel
+        unit = 5 ** 0.5 if r0["norm"] == "l2" else 1.0
+        assert r0["radius_mean"] == pytest.approx(1e-3 * rel[0]["embed_rms"] * unit)
     # an absolute ε is not scale-free: at 10× the embeddings it takes 10× the ε for the same figure
     a0 = measure_smoothness(small, batches, _masker(13), SmoothnessConfig(**cfg))
     a1 = measure_smoothness(big, batches, _masker(13), SmoothnessConfig(**{**cfg, "epsilons": (1e-2,)}))
