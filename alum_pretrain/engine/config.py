@@ -129,6 +129,14 @@ class LoopConfig:
     log_every: int = opt(10, "log (console, log.jsonl, TensorBoard) every N optimizer steps")
     eval_every: int = opt(500, "validation MLM loss/accuracy every N steps (0 = only at the end)")
     eval_batches: int = opt(20, "validation batches per evaluation (per process)")
+    smooth_every: int = opt(0, "also measure the eval-mode smoothness ALUM optimises (alum-smoothness: worst-case "
+                               "vs random SymKL at masked positions in an epsilon-ball of the embeddings, dropout "
+                               "off) at every N-th evaluation and the last one (0 = never); log keys "
+                               "smooth_adv_kl_eps..., smooth_ratio_eps..., smooth_entropy")
+    smooth_eps: str = opt("1e-5", "comma-separated epsilons of the smoothness measurement (L-inf per-token ball)")
+    smooth_eps_mode: Literal["abs", "rel"] = opt("abs", "smoothness epsilon in embedding units (abs) or relative "
+                                                        "to each token's embedding RMS (rel)")
+    smooth_batches: int = opt(2, "validation batches (per process) of each smoothness measurement")
     save_every: int = opt(1000, "checkpoint every N steps (0 = only at the end and on SIGTERM/SIGUSR1)")
     keep_last: int = opt(3, "keep the newest K checkpoints (older ones are deleted)")
     num_workers: int = opt(-1, "DataLoader worker processes per rank (speed only); -1 = auto: 2 on CUDA (batches "
@@ -155,12 +163,21 @@ class LoopConfig:
                 raise _bad(f"train.{key}", v, "must be an integer >= 1")
         if not isinstance(self.num_workers, int) or isinstance(self.num_workers, bool) or self.num_workers < -1:
             raise _bad("train.num_workers", self.num_workers, "must be an integer >= 0, or -1 (auto)")
-        for key in ("global_batch_size", "eval_every", "eval_batches", "save_every", "seed"):
+        for key in ("global_batch_size", "eval_every", "eval_batches", "save_every", "seed", "smooth_every",
+                    "smooth_batches"):
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise _bad(f"train.{key}", v, "must be an integer >= 0")
         if not self.output_dir:
             raise _bad("train.output_dir", self.output_dir, "must name a folder")
+        try:
+            eps = [float(x) for x in str(self.smooth_eps).split(",") if x.strip()]
+        except ValueError:
+            eps = []
+        if not eps or any(not (e > 0 and e < float("inf")) for e in eps):
+            raise _bad("train.smooth_eps", self.smooth_eps, "must be comma-separated positive numbers, e.g. 1e-5,1e-3")
+        if self.smooth_eps_mode not in ("abs", "rel"):
+            raise _bad("train.smooth_eps_mode", self.smooth_eps_mode, "must be abs or rel")
 
 
 @dataclass
@@ -228,6 +245,11 @@ SPEED_ONLY = (
     "train.log_every",
     "train.eval_every",
     "train.eval_batches",
+    # The smoothness measurement uses its own generators and restores the model's mode: no training number changes.
+    "train.smooth_every",
+    "train.smooth_eps",
+    "train.smooth_eps_mode",
+    "train.smooth_batches",
     "train.save_every",
     "train.keep_last",
     "train.device",

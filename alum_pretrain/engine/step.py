@@ -145,8 +145,43 @@ def evaluate(run, step: int) -> dict:
     model.train(was_training)
     ce, correct, n = D.all_reduce_device(env, totals).tolist()
     n = max(n, 1.0)
-    return {"step": step, "kind": "valid", "valid_mlm": ce / n, "valid_acc": correct / n,
-            "valid_masked_tokens": n}
+    rec = {"step": step, "kind": "valid", "valid_mlm": ce / n, "valid_acc": correct / n, "valid_masked_tokens": n}
+    if smoothness_due(cfg.train, step):
+        rec.update(smoothness(run))
+    return rec
+
+
+def smoothness_due(tc, step: int) -> bool:
+    """``train.smooth_every``: at every N-th evaluation (step 0 counts as the first) and at the last one."""
+    if not tc.smooth_every:
+        return False
+    if step == tc.max_steps:
+        return True
+    k = step // tc.eval_every if tc.eval_every else 0  # evaluations so far at a multiple of eval_every
+    return (step == 0 or step % max(tc.eval_every, 1) == 0) and k % tc.smooth_every == 0
+
+
+def smoothness(run) -> dict:
+    """Eval-mode smoothness (:func:`alum_pretrain.smoothness.measure_smoothness`) on the first
+    ``train.smooth_batches`` validation batches of every rank, averaged over the ranks (every rank runs the
+    same passes, so ZeRO-3's gathers stay in step)."""
+    from ..smoothness import SmoothnessConfig, flat_metrics, measure_smoothness
+
+    tc, env = run.cfg.train, run.env
+    run.valid.load_state_dict(run.valid_state0)
+    batches = []
+    for j, batch in enumerate(run.valid):
+        if j >= tc.smooth_batches:
+            break
+        batches.append({k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids", "special_mask")
+                        if k in batch})  # on the host: measure_smoothness moves what it uses
+    scfg = SmoothnessConfig(epsilons=tuple(float(x) for x in tc.smooth_eps.split(",") if x.strip()),
+                            eps_mode=tc.smooth_eps_mode, mask_rate=run.cfg.masking.eval_rate, seed=tc.seed)
+    flat = flat_metrics(measure_smoothness(run.model, batches, run.masker, scfg))  # the run's masker, eval stream
+    keys = sorted(flat)
+    mean = D.all_reduce_device(env, torch.tensor([flat[k] for k in keys], dtype=torch.float64,
+                                                 device=env.device)).tolist()
+    return {k: v / env.world_size for k, v in zip(keys, mean)}
 
 
 # ---- the non-finite guard -------------------------------------------------------------------------
