@@ -121,7 +121,11 @@ MODELS = ("auto", "minilm", "scratch")
 # per ALUM step).
 DEFAULTS = {"continual": (250, 16, 5e-4), "scratch": (1200, 32, 2e-3)}
 ALUM_FRACTION = 5  # ALUM for the last 1/5 of the steps (the paper's curriculum: standard training first)
-CONTINUAL_MASK_RATE = 0.25  # training only; the held-out evaluation masks 15 %
+#: The demo's ALUM: the paper's alpha, K, epsilon, eta and sigma; see DEMO_ALUM_WHY.
+DEMO_ALUM = {"alpha": 10.0, "k_steps": 1, "log_baseline": True}
+DEMO_ALUM_WHY = "the paper's knobs"
+#: eval-mode smoothness in the summary: the paper's absolute epsilon and a relative one
+SMOOTH_EPS = ((1e-5, "abs"), (1e-2, "rel"))
 
 
 def cpu_seconds() -> float:
@@ -301,19 +305,20 @@ def _train_config(args: argparse.Namespace, plan: _Plan, databin: Path, run_dir:
     if plan.kind == "continual":
         data = {"path": str(databin), "mode": "blocks", "nsp": False, "max_seq_len": args.seq_len}
         model = {"init_from": str(plan.init)}
-        masking = {"schedule": "constant", "constant_rate": CONTINUAL_MASK_RATE}
         optim = {"lr": lr, "warmup_ratio": 0.06, "fresh_lr_mult": args.fresh_lr_mult}
     else:
         data = {"path": str(databin), "mode": "pairs", "nsp": True, "max_seq_len": args.seq_len}
         model = {"preset": args.preset}
-        masking = {"schedule": "curriculum"}
         optim = {"lr": lr, "warmup_ratio": 0.05}
+    # the paper's 5 % -> 25 % masking curriculum (+5 % every fifth of training) for both kinds; a checkpoint
+    # at the step ALUM starts, so the summary can compare the model before and after ALUM
     return config_from_dict(TrainConfig, {
-        "data": data, "model": model, "masking": masking, "optim": optim,
-        "alum": {"alpha": 10.0, "start_step": plan.alum_start},
+        "data": data, "model": model, "masking": {"schedule": "curriculum"}, "optim": optim,
+        "alum": {**DEMO_ALUM, "start_step": plan.alum_start},
         "train": {"output_dir": str(run_dir), "max_steps": steps, "batch_size": plan.batch,
                   "seed": args.seed, "device": args.device, "log_every": max(1, min(10, steps // 10)),
-                  "eval_every": max(1, steps // 4), "eval_batches": 4, "save_every": 0, "keep_last": 1},
+                  "eval_every": max(1, steps // 4), "eval_batches": 4, "save_every": plan.alum_start,
+                  "keep_last": 2},
     })
 
 
@@ -327,6 +332,50 @@ def _evaluate(args: argparse.Namespace, hf_dir: Path, databin: Path, run_dir: Pa
     probes = fill_mask_probes(hf_dir, databin, args.probes, seed=args.seed)
     return {**acc, "curves": training_curves(run_dir / "log.jsonl"),
             "probes_top5_hits": sum(p["hit"] for p in probes), "probes": probes}
+
+
+def _smoothness(model_path: Path, databin: Path, seq_len: int, seed: int) -> dict:
+    """Eval-mode smoothness (:mod:`alum_pretrain.smoothness`) of a checkpoint or HF folder on the first held-out
+    blocks, at each of :data:`SMOOTH_EPS`: adversarial and random SymKL per masked token, their ratio."""
+    from .smoothness import SmoothnessConfig, measure_smoothness
+    from .smoothness_cli import databin_batches, load_for_smoothness
+
+    model, _ = load_for_smoothness(model_path)
+    batches, masker, _ = databin_batches(databin, seq_len=seq_len, batch_size=8, max_batches=2, seed=seed)
+    out: dict = {}
+    for eps, mode in SMOOTH_EPS:
+        r = measure_smoothness(model, batches, masker, SmoothnessConfig(epsilons=(eps,), eps_mode=mode, seed=seed))
+        row = r["results"][0]
+        out[f"{mode} {eps:g}"] = {k: row[k] for k in ("adv_sym_kl", "rand_sym_kl", "ratio")}
+        out["entropy"] = r["entropy"]
+    return out
+
+
+def _alum_effect(args: argparse.Namespace, plan: _Plan, databin: Path, run_dir: Path, out: Path,
+                 final: dict) -> dict:
+    """What ALUM did: the masking rates and ALUM's logged terms (``adv``, ``adv_share``), and the held-out
+    accuracy and smoothness of the checkpoint where ALUM started beside the final model's."""
+    from .export import export
+    from .engine.metrics import read_log
+
+    start_ckpt = run_dir / "checkpoints" / f"step-{plan.alum_start}"
+    hf_start = out / "hf-alum-start"
+    export(start_ckpt, hf_start, overwrite=True)
+    at_start = heldout_mlm_accuracy(hf_start, databin, args.seq_len, seed=args.seed)
+    train = [r for r in read_log(run_dir / "log.jsonl") if r.get("kind", "train") == "train"]
+    rates = [r["mask_rate"] for i, r in enumerate(train) if i == 0 or r["mask_rate"] != train[i - 1]["mask_rate"]]
+    on = [r for r in train if r.get("alum")]
+    shares = [r["adv_share"] for r in on if r.get("adv_share") is not None]
+    return {
+        "mask_rates": [round(x, 4) for x in rates],
+        "alum": {"settings": {**DEMO_ALUM, "why": DEMO_ALUM_WHY},
+                 "adv_mean": sum(r["adv"] for r in on) / len(on) if on else None,
+                 "adv_share_mean": sum(shares) / len(shares) if shares else None},
+        "alum_start": {"step": plan.alum_start, "valid_acc": at_start["valid_acc"], "mask_acc": at_start["mask_acc"],
+                       "smoothness": _smoothness(start_ckpt, databin, args.seq_len, args.seed)},
+        "final_smoothness": _smoothness(out / "hf", databin, args.seq_len, args.seed),
+        "acc_change_since_alum_start": round(final["valid_acc"] - at_start["valid_acc"], 4),
+    }
 
 
 def run_demo(args: argparse.Namespace) -> str:
@@ -356,6 +405,7 @@ def run_demo(args: argparse.Namespace) -> str:
     export(run_dir, hf_dir, overwrite=True)  # 4. export: the run folder -> its newest checkpoint
 
     evaluation = _evaluate(args, hf_dir, databin, run_dir)                 # 5. evaluate
+    evaluation.update(_alum_effect(args, plan, databin, run_dir, out, evaluation))
     seconds, cpu = time.time() - t0, cpu_seconds() - c0
     shard = manifest["shards"][0]
     summary = {                                                            # 6. summarise
@@ -524,9 +574,30 @@ def format_summary(s: dict) -> str:
         lines.append(f"  {p['sentence']}")
         top5 = ", ".join("%s (%.2f)" % (t["token"], t["score"]) for t in p["top5"])
         lines.append(f"    -> {top5}   [true: {p['answer']}] {mark}")
+    lines += _format_alum(s)
     lines += [f"summary:    {Path(s['paths']['hf']).parent / 'summary.json'}", f"train log:  {s['paths']['log']}",
               f"plot:       {s['paths']['plot']}", f"HF model:   {s['paths']['hf']}"]
     return "\n".join(lines)
+
+
+def _format_alum(s: dict) -> list[str]:
+    a, st = s["alum"], s["alum_start"]
+    share = a["adv_share_mean"]
+    lines = [
+        "masking curriculum: " + " -> ".join(f"{100 * r:g} %" for r in s["mask_rates"]) + " of the tokens",
+        f"ALUM ({a['settings']['why']}; alpha {a['settings']['alpha']:g}) from step {st['step']}: mean adv "
+        + (f"{a['adv_mean']:.3g}" if a["adv_mean"] is not None else "-")
+        + (f", adversarial share of R {100 * share:.3g} %" if share is not None else ""),
+        f"held-out accuracy at ALUM start {st['valid_acc']:.3f} -> final {s['valid_acc']:.3f} "
+        f"({s['acc_change_since_alum_start']:+.3f})",
+        "eval-mode smoothness (adversarial / random SymKL per masked token, dropout off), ALUM start -> final:",
+    ]
+    for key in (f"{m} {e:g}" for e, m in SMOOTH_EPS):
+        b, f = st["smoothness"][key], s["final_smoothness"][key]
+        lines.append(f"  eps {key:9s} {b['adv_sym_kl']:.3g} / {b['rand_sym_kl']:.3g} -> "
+                     f"{f['adv_sym_kl']:.3g} / {f['rand_sym_kl']:.3g}")
+    lines.append(f"  predictive entropy {st['smoothness']['entropy']:.3f} -> {s['final_smoothness']['entropy']:.3f} nats")
+    return lines
 
 
 if __name__ == "__main__":

@@ -92,7 +92,20 @@ def test_demo_continual_minilm_learns(tmp_path, minilm_dir):
     assert s["kind"] == "continual" and "NSP off" in r.stdout
     assert s["alum_from_step"] == 3  # the last fifth, at least one step
     recs = [json.loads(x) for x in (out / "run" / "log.jsonl").read_text().splitlines() if x.strip()]
-    assert {x["mask_rate"] for x in recs if x.get("kind", "train") == "train"} == {0.25}  # training masks 25 %
+    # the paper's curriculum also for continual pre-training: 5 % -> ... over the 4 steps (log every step)
+    from alum_pretrain.masking import MaskingConfig
+
+    expected = [MaskingConfig().rate_at(t, 4) for t in range(4)]
+    assert [x["mask_rate"] for x in recs if x.get("kind", "train") == "train"] == expected
+    assert s["mask_rates"] == [round(x, 4) for x in expected] and expected[0] == 0.05
+    # what ALUM did: its terms, and accuracy / smoothness at the step it started beside the final model
+    assert s["alum"]["adv_mean"] > 0 and s["alum"]["adv_share_mean"] is not None
+    assert s["alum_start"]["step"] == 3 and (out / "hf-alum-start" / "config.json").exists()
+    assert s["acc_change_since_alum_start"] == pytest.approx(s["valid_acc"] - s["alum_start"]["valid_acc"], abs=1e-4)
+    for sm in (s["alum_start"]["smoothness"], s["final_smoothness"]):
+        for key in ("abs 1e-05", "rel 0.01"):
+            assert sm[key]["adv_sym_kl"] >= sm[key]["rand_sym_kl"] > 0
+    assert "masking curriculum: 5 % -> 10 % -> 15 % -> 20 %" in r.stdout and "eval-mode smoothness" in r.stdout
     assert s["databin"]["vocab_size"] == 30522  # the model's own vocabulary
     start, end = s["curves"]["valid_mlm"]
     assert s["curves"]["valid_steps"] == [0, 4]
