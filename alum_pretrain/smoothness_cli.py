@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--eps", type=_floats, default=(1e-5, 1e-4, 1e-3), help="ball radii, comma-separated")
     ap.add_argument("--norm", default="linf", help="linf (ALUM), l2, or linf,l2")
     ap.add_argument("--eps-mode", default="abs", choices=EPS_MODES,
-                    help="abs: radius ε; rel: ε × each token's embedding RMS")
+                    help="abs: radius ε; rel: ε × each token's embedding RMS (L∞) or L2 norm (L2)")
     ap.add_argument("--ball", default="token", choices=BALLS, help="one ball per token (ALUM) or per sequence (L2)")
     ap.add_argument("--steps", type=int, default=3, help="K projected-ascent steps")
     ap.add_argument("--step-scale", type=float, default=10.0, help="ascent step = this × the ball radius")

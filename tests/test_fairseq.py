@@ -380,3 +380,37 @@ def test_mask_sample_and_datasets(databin):
         item = pairs[i]["source"]
         assert len(item) <= 64 and int(item[0]) == task2.cls_idx and int(item[-1]) == task2.sep_idx
         assert int((item == task2.sep_idx).sum()) == 2
+
+
+@pytest.mark.fairseq
+@requires_fairseq
+def test_criterion_dropout_modes_rdrop_and_relative_scale(databin):
+    """The fairseq criterion with dropout on: shared masks and delta = 0 give R = 0 exactly; independent masks
+    and delta = 0 equal the R-Drop objective, which equals SymKL of two dropout passes computed by hand."""
+    from alum_pretrain.divergence import symmetric_kl
+
+    zero = ("--alum-noise-std", "0", "--alum-k-steps", "0", "--dropout", "0.3")
+
+    def term(*extra, seed=11):
+        task, model, criterion, sample = _setup(databin, "--sample-mode", "blocks", *extra)
+        sample = task.mask_sample(sample, 0.15, 7, 0)
+        model.train()
+        criterion.train()
+        torch.manual_seed(seed)
+        _, n, log = criterion(model, sample)
+        return float(log["adv"]) / float(n), (task, model, sample)
+
+    assert term(*zero, "--alum-adv-dropout", "shared")[0] == 0.0
+    r_ind, _ = term(*zero)
+    r_rdrop, (task, model, sample) = term("--alum-objective", "rdrop", "--dropout", "0.3")
+    assert r_ind > 1e-4 and r_rdrop == pytest.approx(r_ind, rel=1e-6)
+    src = sample["net_input"]["src_tokens"]
+    masked = sample["target"].ne(task.dictionary.pad())
+    torch.manual_seed(11)
+    first, _ = model(src, masked_tokens=masked)
+    second, _ = model(src, masked_tokens=masked)
+    assert r_rdrop == pytest.approx(float(symmetric_kl(second, first)), rel=1e-4)
+    r_off, _ = term(*zero, "--alum-adv-dropout", "off")
+    assert r_off > 0 and r_off != pytest.approx(r_ind)
+    r_rel, _ = term("--alum-scale", "rel", "--alum-epsilon", "0.05", "--alum-step-size", "0.05", "--dropout", "0")
+    assert 0 < r_rel < float("inf")
