@@ -15,6 +15,10 @@ What is timed (wall clock inside one Python process, imports excluded on both si
 * **alum-prep** (``data_prep.prepare``, 1 shard, no valid split): read + decode, WikiText markup removal,
   cleaning (NFC, control characters), exact-duplicate filter, rule-based sentence splitting (the default ``rules``), WordPiece
   tokenization, binarization (+ manifest hashing, dict.txt).  With 2 workers the pool start-up is included.
+  Runs with ``--tokenizer-engine auto`` (``--engine``; kitoken when its ids match HF's on the run's own
+  sample, which each run checks and times) at 1 and 2 workers, plus one HF-only ``--workers 1`` run: every
+  data-bin must equal the HF-only one byte for byte (``databins_identical_to_hf=True``, else exit 1).
+  ``--profile`` prints where a ``--workers 1`` run spends its time instead.
 * **fairseq recipe** (what its RoBERTa/BERT instructions do, 1 process each):
   (a) a HuggingFace fast-tokenizer pass writing space-separated word pieces, one input line per output
   line (the role of fairseq's ``multiprocessing_bpe_encoder.py``), then
@@ -32,10 +36,12 @@ What is compared (all numbers are printed; the two ``key=value`` lines are the s
   worker processes) show the work done, which machine load barely changes, and
   ``cpu_overhead_2_vs_1`` (CPU seconds of 2 workers / 1 worker) the cost of the parallel version.
 * ``prep_speedup_vs_fairseq``: equal resources, one core each: alum-prep ``--workers 1`` over the fairseq
-  recipe with ``--workers 1`` (wall clock; the CPU-second ratio is printed beside it).  alum-prep
+  recipe with ``--workers 1`` (wall clock; the CPU-second ratio is printed beside it);
+  ``prep_speedup_vs_fairseq_hf_engine`` the same with HF encoding, ``engine_speedup_vs_hf`` the two alum-prep
+  runs' ratio.  alum-prep
   ``--workers 2`` over the one-core fairseq recipe is printed too, for information only.
 
-Default run: ~1.5 minutes on an idle 2-core machine (22 MB input, each configuration once).
+Default run: ~2.5 minutes on an idle 2-core machine (22 MB input, each configuration once).
 """
 
 from __future__ import annotations
@@ -60,11 +66,11 @@ def cpu_seconds() -> float:
     return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
 
 
-def run_ours(inputs, fmt, vocab, workers, out):
+def run_ours(inputs, fmt, vocab, workers, out, engine="auto"):
     from data_prep import PrepConfig, prepare
 
     cfg = PrepConfig(inputs=inputs, format=fmt, out=out, vocab=vocab, shards=1, workers=workers, valid_fraction=0.0,
-                     progress=False)
+                     progress=False, tokenizer_engine=engine)
     c0, t0 = cpu_seconds(), time.perf_counter()
     m = prepare(cfg)
     return time.perf_counter() - t0, cpu_seconds() - c0, m
@@ -112,6 +118,29 @@ def run_fairseq(inputs, fmt, vocab, tok_dir, dict_txt, work):
     preprocess.main(args)
     t_b = time.perf_counter() - t0
     return t_a, t_b, cpu_seconds() - c0, dest
+
+
+def databin_files(out: Path) -> dict[str, bytes]:
+    """Every file of a data-bin but its manifest (which holds timings and the engine)."""
+    return {str(f.relative_to(out)): f.read_bytes() for f in sorted(out.rglob("*"))
+            if f.is_file() and f.name != "manifest.json"}
+
+
+def profile_workers(inputs, fmt, vocab, engine, out, top=14):
+    """cProfile of one ``--workers 1`` run (everything in this process): where a worker's time goes."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    run_ours(inputs, fmt, vocab, 1, out, engine)
+    prof.disable()
+    st = pstats.Stats(prof)
+    total = sum(v[2] for v in st.stats.values())
+    rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:top]
+    print(f"profile (--workers 1, --tokenizer-engine {engine}; self time, {total:.2f} s in all):")
+    for (fn, line, name), v in rows:
+        print(f"  {v[2]:7.2f} s  {v[2] / total:6.1%}  {name}  ({Path(fn).name}:{line})")
 
 
 def synth_wikitext(sources: list[Path], target_bytes: int, path: Path, seed: int = 0) -> Path:
@@ -168,6 +197,10 @@ def main(argv=None) -> int:
     p.add_argument("--format", default="wikitext", help="alum-prep --format of the inputs (default wikitext)")
     p.add_argument("--vocab", default=str(SHARED / "vocab" / "bert-base-uncased-vocab.txt"), help="WordPiece vocab.txt")
     p.add_argument("--repeats", type=int, default=1, help="time each configuration this many times, keep the best")
+    p.add_argument("--engine", default="auto", choices=("auto", "kitoken", "hf"),
+                   help="alum-prep --tokenizer-engine of the timed runs (an HF-only --workers 1 run is always added: "
+                        "the reference the data-bins must equal byte for byte)")
+    p.add_argument("--profile", action="store_true", help="only profile one --workers 1 run (cProfile, self time)")
     args = p.parse_args(argv)
     for f in args.inputs + [args.vocab]:
         if not Path(f).exists():
@@ -187,30 +220,46 @@ def main(argv=None) -> int:
     import data_prep.pipeline  # noqa: F401
 
     try:
-        rates, cpus = {}, {}
-        manifest = None
-        for w in (1, 2):
+        if args.profile:
+            profile_workers(args.inputs, args.format, args.vocab, args.engine, work / "profile")
+            return 0
+        rates, cpus, outs = {}, {}, {}
+        for key in ((args.engine, 1), (args.engine, 2), ("hf", 1)):
+            engine, w = key
             best = None
             for r in range(args.repeats):
-                out = work / f"ours_w{w}_{r}"
-                secs, cpu, manifest = run_ours(args.inputs, args.format, args.vocab, w, out)
+                out = work / f"ours_{engine}_w{w}_{r}"
+                secs, cpu, manifest = run_ours(args.inputs, args.format, args.vocab, w, out, engine)
                 if best is None or secs < best:
                     best, best_cpu = secs, cpu
             docs = manifest["counts"]["documents_read"]
-            rates[w], cpus[w] = nbytes / best, best_cpu
-            cpu_rate = nbytes / best_cpu
-            print(f"alum-prep --workers {w}: {best:.2f} s  {nbytes / best / 1e6:.3f} MB/s  {docs / best:.1f} docs/s  "
-                  f"(CPU {best_cpu:.2f} s = {cpu_rate / 1e6:.3f} MB per CPU-s; {manifest['counts']['tokens']} tokens, "
+            rates[key], cpus[key], outs[key] = nbytes / best, best_cpu, out
+            used = manifest["encoding"]["engine"]
+            print(f"alum-prep --workers {w} --tokenizer-engine {engine} (encoded with {used}): {best:.2f} s  "
+                  f"{nbytes / best / 1e6:.3f} MB/s  {docs / best:.1f} docs/s  (CPU {best_cpu:.2f} s = "
+                  f"{nbytes / best_cpu / 1e6:.3f} MB per CPU-s; {manifest['counts']['tokens']} tokens, "
                   f"{manifest['counts']['sentences']} sentences)")
-        print(f"alum-prep scaling 2 vs 1 workers: {rates[2] / rates[1]:.2f}x (wall clock; CPU seconds above show "
+            if engine != "hf":
+                print(f"  engine choice: {manifest['encoding']['reason']}")
+        ref_files = databin_files(outs[("hf", 1)])
+        same = all(databin_files(outs[k]) == ref_files for k in outs)
+        print(f"databins_identical_to_hf={same}")
+        if not same:
+            print("FAIL: a data-bin differs from the HF-only run", file=sys.stderr)
+            return 1
+        one, two, hf1 = (args.engine, 1), (args.engine, 2), ("hf", 1)
+        print(f"alum-prep scaling 2 vs 1 workers: {rates[two] / rates[one]:.2f}x (wall clock; CPU seconds above show "
               "the work done, which a loaded machine does not change)")
-        print(f"cpu_overhead_2_vs_1={cpus[2] / cpus[1]:.3f}")
-        print(f"prep_scaling_2_vs_1={rates[2] / rates[1]:.3f}")
+        print(f"engine_speedup_vs_hf={rates[one] / rates[hf1]:.3f}")
+        print(f"cpu_overhead_2_vs_1={cpus[two] / cpus[one]:.3f}")
+        print(f"prep_scaling_2_vs_1={rates[two] / rates[one]:.3f}")
+        rates = {1: rates[one], 2: rates[two], "hf": rates[hf1]}
+        cpus = {1: cpus[one], 2: cpus[two], "hf": cpus[hf1]}
+        ref = outs[hf1]
         if importlib.util.find_spec("fairseq") is None:
             print("fairseq not installed: no fairseq-preprocess comparison (bash scripts/setup.sh installs it)")
             print("prep_speedup_vs_fairseq=nan")
             return 0
-        ref = work / "ours_w1_0"
         best_total = None
         for r in range(args.repeats):
             fw = work / f"fairseq_{r}"
@@ -239,6 +288,7 @@ def main(argv=None) -> int:
         print(f"speedup, equal resources (alum-prep --workers 1 / fairseq recipe --workers 1, one core each): "
               f"{rates[1] / fr:.2f}x wall, {best_cpu / ours_cpu[1]:.2f}x CPU seconds")
         print(f"for information: alum-prep --workers 2 / fairseq recipe --workers 1: {rates[2] / fr:.2f}x wall")
+        print(f"prep_speedup_vs_fairseq_hf_engine={rates['hf'] / fr:.3f}")
         print(f"prep_speedup_vs_fairseq={rates[1] / fr:.3f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -13,13 +13,24 @@ rounds so that drift in machine load hits all three alike, and reports the media
 (c) ``alum``      the project's ALUM step, K = 1 (clean + noisy + adversarial forwards, input-only ascent
                   backward, one backward through two graphs; floor 8/3 = 2.67x a standard step)
 
-Goals (issue 3): ``standard_speedup_vs_hf`` >= 1.3 and ``alum_over_standard`` <= 2.75.  The last two lines
-are exactly ``standard_speedup_vs_hf=<float>`` and ``alum_over_standard=<float>``.
+Then (unless ``--no-compile``) ``train.compile``: the standard and the ALUM step, each eager and with the
+encoder layers compiled (:func:`alum_pretrain.families.compile_encoder`, as ``--train.compile true``), from
+the same weights, on the same batches and masks, dropout 0 (compiled dropout draws other random numbers).
+The first compiled step is timed alone (``compile_first_step_s_*``: tracing + code generation); the
+losses of every timed step must agree within 1e-5 (``compile_losses_max_diff``; exit 1 otherwise).
+``compile_speedup_standard`` / ``compile_speedup_alum``: eager / compiled median step time;
+``alum_over_standard_compiled``: the ALUM/standard ratio with both compiled.
+
+Goals: ``standard_speedup_vs_hf`` >= 1.3 and ``alum_over_standard`` <= 2.75.  The last lines are
+``standard_speedup_vs_hf=``, ``alum_over_standard=`` and (with compile) ``compile_speedup_standard=``,
+``compile_speedup_alum=``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import statistics
 import sys
 import time
@@ -33,6 +44,7 @@ from alum_pretrain.adversarial import ALUMConfig  # noqa: E402
 from alum_pretrain.engine.optim import build_optimizer  # noqa: E402
 from alum_pretrain.engine.config import OptimConfig  # noqa: E402
 from alum_pretrain.engine.step import Masker, PretrainStep  # noqa: E402
+from alum_pretrain.families import compile_encoder  # noqa: E402
 from alum_pretrain.masking import STREAM_ALUM, sample_generators  # noqa: E402
 from alum_pretrain.masking import MaskingConfig  # noqa: E402
 from alum_pretrain.models import PretrainModel, build_scratch_model  # noqa: E402
@@ -75,6 +87,9 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median reported)")
     p.add_argument("--steps", type=int, default=10 if cuda else 3, help="steps per method per round")
     p.add_argument("--warmup", type=int, default=3 if cuda else 1)
+    p.add_argument("--no-compile", action="store_true", help="skip the train.compile comparison")
+    p.add_argument("--compile-steps", type=int, default=10 if cuda else 4,
+                   help="timed steps per variant and round in the compile comparison")
     args = p.parse_args(argv)
 
     dev = torch.device(args.device)
@@ -164,6 +179,73 @@ def main(argv=None) -> int:
     print("spread (min-max ms): " + ", ".join(f"{k} {1e3 * min(v):.1f}-{1e3 * max(v):.1f}" for k, v in times.items()))
     print(f"standard_speedup_vs_hf={med['hf'] / med['standard']:.3f}")
     print(f"alum_over_standard={med['alum'] / med['standard']:.3f}")
+    if args.no_compile:
+        return 0
+    return compile_figures(args, dev, batch, mask_id, pad_id, masker, amp)
+
+
+def compile_figures(args, dev, batch, mask_id, pad_id, masker, amp) -> int:
+    """Eager vs ``train.compile`` for the standard and the ALUM step (module docstring); prints the lines."""
+    B = args.batch_size
+    sample_ids = torch.arange(B)
+    torch.manual_seed(1)
+    hf0 = build_scratch_model(args.preset, args.vocab, pad_id, nsp=True, dropout=0.0).to(dev)
+    variants = {}
+    for kind, alum in (("standard", ALUMConfig(alpha=0.0)), ("alum", ALUMConfig(k_steps=1))):
+        for compiled in (False, True):
+            hf = copy.deepcopy(hf0)
+            if compiled:
+                compile_encoder(hf)
+            model = PretrainModel(hf)
+            variants[(kind, compiled)] = {"step": PretrainStep(model, alum, nsp=True), "model": model,
+                                          "opt": build_optimizer(model, OptimConfig(lr=1e-5), dev),
+                                          "n": 0, "losses": [], "times": []}
+
+    def one_step(v, kind):
+        v["n"] += 1
+        mb = masker(batch, args.mask_rate, v["n"], sample_ids)
+        d = {k: (x.to(dev) if torch.is_tensor(x) else x) for k, x in mb.items() if k != "sample_ids"}
+        gens = sample_generators(0, v["n"], sample_ids, STREAM_ALUM, dev) if kind == "alum" else None
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        with amp if amp is not None else contextlib.nullcontext():
+            loss, _ = v["step"](d, alum_on=kind == "alum", mlm_denom=float(mb["n_masked"]), nsp_denom=float(B),
+                                alum_generators=gens)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(v["model"].parameters(), 1.0)
+        v["opt"].step()
+        v["opt"].zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t, loss.item()
+
+    first = {}
+    for (kind, compiled), v in variants.items():  # step 1 alone: compilation happens here
+        first[(kind, compiled)] = one_step(v, kind)[0]
+        for _ in range(args.warmup):
+            one_step(v, kind)
+    for _ in range(args.rounds):  # interleaved: machine load hits all four alike
+        for (kind, compiled), v in variants.items():
+            for _ in range(args.compile_steps):
+                dt, loss = one_step(v, kind)
+                v["times"].append(dt)
+                v["losses"].append(loss)
+    med = {k: statistics.median(v["times"]) for k, v in variants.items()}
+    diff = max(abs(a - b) for kind in ("standard", "alum")
+               for a, b in zip(variants[(kind, False)]["losses"], variants[(kind, True)]["losses"]))
+    print(f"compile (dropout 0, {args.rounds} rounds x {args.compile_steps} steps, median ms/step): " + ", ".join(
+        f"{k} {'compiled' if c else 'eager'} {1e3 * m:.1f}" for (k, c), m in med.items()))
+    for kind in ("standard", "alum"):
+        print(f"compile_first_step_s_{kind}={first[(kind, True)]:.2f} (eager first step {first[(kind, False)]:.2f} s)")
+    print(f"compile_losses_max_diff={diff:.2e} over {len(variants[('alum', True)]['losses'])} timed steps each")
+    print(f"alum_over_standard_eager_dropout0={med[('alum', False)] / med[('standard', False)]:.3f}")
+    print(f"alum_over_standard_compiled={med[('alum', True)] / med[('standard', True)]:.3f}")
+    print(f"compile_speedup_standard={med[('standard', False)] / med[('standard', True)]:.3f}")
+    print(f"compile_speedup_alum={med[('alum', False)] / med[('alum', True)]:.3f}")
+    if diff > 1e-5:
+        print(f"FAIL: compiled and eager losses differ by {diff:.2e} (> 1e-5)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -2,7 +2,7 @@
 
 Options are of two kinds: those that change the output (recorded in the manifest's
 ``config`` and its ``fingerprint``; a re-run with different values is refused unless ``--overwrite``)
-and those that change only speed or display (``workers``, ``progress``; free to change on a re-run).
+and those that change only speed or display (``workers``, ``progress``, ``tokenizer_engine``; free to change on a re-run).
 """
 
 from __future__ import annotations
@@ -69,6 +69,13 @@ class PrepConfig:
     tokenizer_train_sentences: int = opt(10_000_000, "at most this many sentences are used to train a tokenizer (the first ones of the corpus)")
     workers: int = opt(1, "worker processes for cleaning, sentence splitting and tokenization (1 = all in this process)", speed_only=True)
     progress: bool = opt(True, "show tqdm progress bars (docs/s and MB/s)", speed_only=True)
+    tokenizer_engine: str = opt(
+        "auto",
+        "encoding engine: 'auto' = kitoken when it loads the tokenizer and gives HF's ids on a sample of this input "
+        "(checked every run; else HF, saying why), 'hf' = HF tokenizers only, 'kitoken' = kitoken or an error; "
+        "the ids written are HF's either way",
+        choices=("auto", "hf", "kitoken"), speed_only=True,
+    )
 
     def __post_init__(self):
         if not self.inputs:
@@ -125,6 +132,8 @@ class PrepConfig:
             )
         if not self.segment_mb > 0:
             raise ValueError(f"--segment-mb must be > 0, got {self.segment_mb}")
+        if self.tokenizer_engine not in ("auto", "hf", "kitoken"):
+            raise ValueError(f"--tokenizer-engine must be auto, hf or kitoken, got {self.tokenizer_engine!r}")
         if self.tokenizer_train_sentences < 1:
             raise ValueError(f"--tokenizer-train-sentences must be >= 1, got {self.tokenizer_train_sentences}")
 

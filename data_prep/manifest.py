@@ -1,7 +1,8 @@
 """alum-prep's ``manifest.json``: what the data-bin holds, how it was made, and how far a run got.
 
 The manifest records the command, the result-changing options and the inputs (their ``fingerprint``
-decides whether a re-run resumes or is refused), the tokenizer, every segment's counters and part files,
+decides whether a re-run resumes or is refused), the tokenizer, the encoding engine of the last run
+(:func:`encoding_record`), every segment's counters and part files,
 and every shard's files with their sizes and SHA-256.  It is rewritten atomically after each step, so a
 killed run leaves the last consistent state.  :func:`read_existing_manifest` is the one place that reads
 an existing manifest back (to resume).
@@ -129,3 +130,10 @@ def shard_dicts(out: Path, num_shards: int) -> None:
         if dst.is_file() and not dst.is_symlink() and dst.read_bytes() == data:
             continue
         write_bytes(dst, data, durable=True)
+
+
+def encoding_record(choice: dict) -> dict:
+    """The manifest's ``encoding``: the engine that encoded the data-bin's tokens and why it was chosen
+    (``choice`` from :func:`data_prep.engines.choose`).  The ids are HF ``tokenizers``' ids either way."""
+    keep = ("engine", "requested", "reason", "sample_sentences", "kitoken_version", "source")
+    return {k: choice[k] for k in keep if k in choice}

@@ -252,10 +252,10 @@ class Preparer:
         return iter(Reader(files, c.format, Decoder(c.on_decode_error), c.json_key, text_column=c.text_column,
                            title_column=c.title_column, keep_headings=c.keep_headings))
 
-    def initargs(self, tokenizer_file, dtype):
+    def initargs(self, tokenizer_file, dtype, engine: str = "hf"):
         c = self.cfg
         return (c.format, c.keep_headings, c.min_doc_chars, tokenizer_file, c.max_tokens, dtype, c.sentence_splitter,
-                c.max_garbage_frac)
+                c.max_garbage_frac, engine)
 
     def _merge_shards(self):
         merge_shards(self)

@@ -23,6 +23,7 @@ from alum_pretrain.data.databin import FAIRSEQ_NSPECIAL
 from alum_pretrain.data.indexed import IndexedDatasetBuilder, MMapIndexedDataset, merge
 
 from . import work
+from .corpus_tokenizer import encoding_engine
 from .manifest import SPLITS, file_record, save_npy, split_files, verify_files
 from .readers import Decoder
 
@@ -117,9 +118,10 @@ class Streamer:
             return
         salt_split = f"alum-prep-split-{self.cfg.seed}".encode()
         tokenizer_file = str(self.prep.out / "tokenizer" / "tokenizer.json")
+        engine = encoding_engine(self.prep, self.files, tokenizer_file)
         t0 = time.time()
         try:
-            with work.Runner(self.cfg.workers, self.prep.initargs(tokenizer_file, self.dtype.name)) as runner:
+            with work.Runner(self.cfg.workers, self.prep.initargs(tokenizer_file, self.dtype.name, engine)) as runner:
                 if self.cfg.progress:  # created after the pool: no thread exists when the workers fork
                     from tqdm import tqdm
 

@@ -2,7 +2,8 @@
 
 A worker converts markup to text (WikiText markers, wikitext via ``wikiextractor``), cleans
 (:func:`data_prep.clean.clean_text`), splits sentences (:mod:`data_prep.clean`) and encodes all sentences
-of a chunk with one ``encode_batch`` call of the fast tokenizer.  :class:`Runner` maps a function over
+of a chunk with one ``encode_batch`` call of the encoding engine (:mod:`data_prep.engines`: HF
+``tokenizers`` or kitoken, whichever :func:`data_prep.engines.choose` picked for the run).  :class:`Runner` maps a function over
 chunks in input order, in this process (``workers=1``) or in a pool of worker processes; each worker is
 one process on one core (the tokenizer's own thread pool is off, :data:`SINGLE_THREAD_ENV`).
 """
@@ -22,6 +23,7 @@ import numpy as np
 
 from alum_pretrain.data.databin import FAIRSEQ_NSPECIAL
 
+from . import engines
 from .clean import SPLITTERS, clean_text
 from .hygiene import is_garbled
 from .readers import WIKITEXT_HEADING_RE, WIKITEXT_TITLE_RE
@@ -39,7 +41,8 @@ _W: dict = {}
 
 
 def _init_worker(fmt: str, keep_headings: bool, min_doc_chars: int, tokenizer_file: str | None,
-                 max_tokens: int, dtype: str | None, splitter: str = "rules", max_garbage_frac: float = 1.0) -> None:
+                 max_tokens: int, dtype: str | None, splitter: str = "rules", max_garbage_frac: float = 1.0,
+                 engine: str = "hf") -> None:
     # One worker = one core: the Rust tokenizer must not run its own thread pool beside the workers.
     os.environ.update(SINGLE_THREAD_ENV)
     _W.clear()
@@ -47,9 +50,7 @@ def _init_worker(fmt: str, keep_headings: bool, min_doc_chars: int, tokenizer_fi
               splitter=SPLITTERS[splitter](), dtype=np.dtype(dtype) if dtype else None, tok=None,
               max_garbage_frac=max_garbage_frac)
     if tokenizer_file is not None:
-        from tokenizers import Tokenizer
-
-        _W["tok"] = Tokenizer.from_file(tokenizer_file)
+        _W["tok"] = engines.load(engine, tokenizer_file)
 
 
 def to_plain_text(fmt: str, raw: str, keep_headings: bool) -> str:
@@ -136,8 +137,7 @@ def work_encode(texts: list[str]) -> dict:
         digests.append(hashlib.blake2b(cleaned.encode("utf-8"), digest_size=16).digest())
         per_doc_sents.append(sents)
     flat = [s for sents in per_doc_sents for s in sents]
-    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
-    ids = [e.ids for e in encode(flat, add_special_tokens=False)] if flat else []
+    ids = tok.encode_batch(flat)
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     # Items never split the flat token stream differently: an empty sentence adds no item, an overlong one
     # is cut into consecutive chunks of max_tokens, so only the item sizes need a per-sentence rule.

@@ -418,3 +418,84 @@ def test_random_pool_and_tables(databin):
     vocab = tok.get_vocab()
     assert bool(t.continuation[vocab["##s"]]) and not bool(t.continuation[vocab["the"]])
     assert bool(t.special[vocab["[MASK]"]]) and not bool(t.continuation[vocab["[SEP]"]])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pairs grouped by length
+# ----------------------------------------------------------------------------------------------------------
+
+GROUPED = dict(mode="pairs", nsp=True, max_seq_len=MAX_LEN, group_by_length=True, pad_to_max_len=False,
+               pad_to_multiple_of=None)
+
+
+def padded_fraction(batches: list[dict]) -> float:
+    att = [b["attention_mask"] for b in batches]
+    return 1.0 - sum(int(a.sum()) for a in att) / sum(a.numel() for a in att)
+
+
+def test_pair_lengths_are_the_built_lengths(databin):
+    from alum_pretrain.data.plans import pair_lengths
+
+    ld = build_loader(databin, "train", mode="pairs", nsp=True, max_seq_len=MAX_LEN, seed=3, pad_to_multiple_of=None)
+    plan = ld.plan(0)
+    sizes = {k: ld.builder.dataset(k).sizes for k in set(plan["shard"].tolist())}
+    want = pair_lengths(plan, sizes, MAX_LEN - 3)
+    got = [int(ld.builder.batch(plan[i:i + 1])["attention_mask"].sum()) for i in range(len(plan))]
+    assert want.tolist() == got
+
+
+def test_grouped_plan_holds_the_same_samples_and_drops_the_same(databin):
+    for epoch in (0, 1):
+        plain = build_loader(databin, "train", mode="pairs", nsp=True, max_seq_len=MAX_LEN, seed=3, batch_size=8)
+        grouped = build_loader(databin, "train", seed=3, batch_size=8, **GROUPED)
+        a, b = plain.plan(epoch), grouped.plan(epoch)
+        assert sorted(a.tolist()) == sorted(b.tolist())
+        rem = plain.stats.remainder_samples
+        assert rem == grouped.stats.remainder_samples
+        assert a[len(a) - rem:].tolist() == b[len(b) - rem:].tolist()  # drop_last drops the same samples
+        assert a.tolist() != b.tolist()
+
+
+def test_grouping_cuts_padding_and_is_deterministic(databin):
+    plain = dict(mode="pairs", nsp=True, max_seq_len=MAX_LEN, pad_to_multiple_of=None)
+    before = padded_fraction(take(build_loader(databin, "train", seed=5, batch_size=8, **plain), 6))
+    a = take(build_loader(databin, "train", seed=5, batch_size=8, **GROUPED), 6)
+    after = padded_fraction(a)
+    assert after < before / 2, (before, after)
+    assert same(a, take(build_loader(databin, "train", seed=5, batch_size=8, **GROUPED), 6))
+    assert not same(a, take(build_loader(databin, "train", seed=6, batch_size=8, **GROUPED), 6))
+
+
+def test_grouped_resume_mid_epoch_continues_exactly(databin):
+    kw = dict(batch_size=8, seed=7, **GROUPED)
+    ref = build_loader(databin, "train", **kw)
+    per_epoch = batches_in_epoch(ref, 0)
+    uninterrupted = take(ref, per_epoch + 3)
+    k = per_epoch - 2
+    first = build_loader(databin, "train", **kw)
+    head = take(first, k)
+    resumed = build_loader(databin, "train", **kw)
+    resumed.load_state_dict(first.state_dict())
+    assert same(head + take(resumed, len(uninterrupted) - k), uninterrupted)
+
+
+def test_grouped_resume_with_another_world_size_keeps_the_epoch(databin):
+    kw = dict(seed=1, **GROUPED, )
+    kw["pad_to_max_len"] = True  # equal shapes, so rank halves concatenate
+    ref = take(build_loader(databin, "train", batch_size=8, **kw), 4)
+    first = build_loader(databin, "train", batch_size=8, **kw)
+    take(first, 2)
+    halves = []
+    for r in range(2):
+        ld = build_loader(databin, "train", batch_size=4, rank=r, world_size=2, **kw)
+        ld.load_state_dict(first.state_dict())
+        halves.append(take(ld, 2))
+    for g in range(2):
+        assert torch.equal(torch.cat([halves[0][g]["input_ids"], halves[1][g]["input_ids"]]), ref[2 + g]["input_ids"])
+
+
+def test_resume_refuses_a_different_grouping(databin):
+    a = build_loader(databin, "train", seed=1, **GROUPED)
+    b = build_loader(databin, "train", seed=1, mode="pairs", nsp=True, max_seq_len=MAX_LEN)
+    with pytest.raises(ValueError, match="group_by_length"):
+        b.load_state_dict(a.state_dict())

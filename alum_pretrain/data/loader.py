@@ -17,6 +17,13 @@ Resume: :meth:`PretrainLoader.state_dict` is ``{"epoch", "position", "offset", .
 counts *global* samples consumed in the epoch; :meth:`load_state_dict` continues at exactly that sample
 without reading the skipped data (the plan is recomputed, nothing is replayed).  A different world size
 or batch size on resume continues at the same global sample.
+
+Length grouping (``group_by_length``, pairs mode, shuffled splits): the epoch's plan is reordered so that
+each global batch holds pairs of similar length (:func:`~alum_pretrain.data.plans.group_by_length`), and a
+batch is padded to its longest pair rather than ``max_seq_len`` (set ``pad_to_max_len=False``).  The plan
+is still a function of (seed, epoch) and the global batch size, holds the same samples, and is cut into
+the same contiguous global batches, so resuming is unchanged; on a resume with another batch or world
+size the resumed epoch keeps the grouping it was started with (``group_batch`` in the state).
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import numpy as np
 import torch
 
 from .databin import DataBin
-from .plans import PlanStats, plan_blocks, plan_pairs, shard_rng
+from .plans import PlanStats, group_by_length, pair_lengths, plan_blocks, plan_pairs, shard_rng
 from .samples import MODES, SampleBuilder
 from .tokens import TokenTables, build_token_tables
 
@@ -62,7 +69,7 @@ class PretrainLoader:
     def __init__(self, databin: DataBin, split: str, *, mode: str, nsp: bool, max_seq_len: int, batch_size: int,
                  seed: int, rank: int, world_size: int, shard_mode: str, short_seq_prob: float, cross_doc: bool,
                  shuffle: bool, drop_last: bool, epochs: int | None, pad_to_multiple_of: int | None,
-                 pad_to_max_len: bool, num_workers: int, tables: TokenTables | None):
+                 pad_to_max_len: bool, num_workers: int, tables: TokenTables | None, group_by_length: bool = False):
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: choose one of {MODES} (--data.mode)")
         if shard_mode not in SHARD_MODES:
@@ -95,6 +102,9 @@ class PretrainLoader:
         self.drop_last = bool(drop_last)
         self.epochs = epochs
         self.num_workers = int(num_workers)
+        self.group_by_length = bool(group_by_length) and mode == "pairs" and self.shuffle
+        self._resume_group: tuple[int, int] | None = None  # (epoch, global batch) of a resumed grouped epoch
+        self.group_batch = 0  # global batch size the current plan was grouped with (0 = not grouped)
         self.shards = [k for k in range(databin.num_shards) if databin.has_split(k, split)]
         if not self.shards:
             raise ValueError(f"{databin.path}: no shard has a {split!r} split (expected shardK/{split}.idx)")
@@ -152,6 +162,8 @@ class PretrainLoader:
             raise ValueError(f"{self.databin.path} split {self.split!r}, epoch {epoch}: no samples could be built "
                              f"(stats {stats})")
         gb = self.batch_size * self.world_size
+        if self.group_by_length:
+            plan = self._grouped(plan, epoch, gb)
         stats.samples = len(plan)
         stats.remainder_samples = len(plan) % gb if self.drop_last else 0
         self._plan_epoch, self._plan, self.stats = epoch, plan, stats
@@ -159,6 +171,15 @@ class PretrainLoader:
             log.info("%s/%s epoch %d shards %s: %s", self.databin.path, self.split, epoch,
                      self.shards_for_epoch(epoch), stats)
         return plan
+
+    def _grouped(self, plan: np.ndarray, epoch: int, gb: int) -> np.ndarray:
+        """``plan`` reordered into global batches of similar-length pairs (module docstring)."""
+        if self._resume_group is not None and self._resume_group[0] == epoch:
+            gb = self._resume_group[1]
+        sizes = {k: self.builder.dataset(k).sizes for k in np.unique(plan["shard"]).tolist()}
+        rng = np.random.RandomState([self.seed, epoch, 2**31 - 1, 2])
+        self.group_batch = gb
+        return plan[group_by_length(pair_lengths(plan, sizes, self.max_seq_len - 3), gb, rng)]
 
     def _rank_rows(self, n: int, offset: int) -> np.ndarray:
         """Plan indices this rank takes for the global batch starting at ``offset``."""
@@ -221,6 +242,9 @@ class PretrainLoader:
             "split": self.split,
             "batch_size": self.batch_size,
             "world_size": self.world_size,
+            "group_by_length": self.group_by_length,
+            "group_batch": (self.group_batch if self._plan_epoch == self.epoch else self.batch_size * self.world_size)
+            if self.group_by_length else 0,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -231,8 +255,17 @@ class PretrainLoader:
                     f"data loader state was saved with {key}={state[key]!r} but this run has {getattr(self, key)!r}; "
                     "resuming would change the data order — restore the original setting or start a new run"
                 )
+        if "offset" in state and bool(state.get("group_by_length", False)) != self.group_by_length:
+            raise ValueError(
+                f"data loader state was saved with group_by_length={bool(state.get('group_by_length', False))} but "
+                f"this run has {self.group_by_length} (--data.group_by_length); resuming would change the data "
+                "order — restore the original setting or start a new run"
+            )
         self.epoch = int(state["epoch"])
         self.offset = int(state["offset"])
+        if self.group_by_length and state.get("group_batch"):
+            self._resume_group = (self.epoch, int(state["group_batch"]))
+            self._plan_epoch = None  # re-plan with the resumed grouping
         same_layout = state.get("batch_size") == self.batch_size and state.get("world_size") == self.world_size
         if same_layout:
             self.position = int(state["position"])
@@ -264,6 +297,7 @@ def build_loader(
     pad_to_max_len: bool = False,
     num_workers: int = 0,
     tables: TokenTables | None = None,
+    group_by_length: bool = False,
 ) -> PretrainLoader:
     """Build a :class:`PretrainLoader` over ``split`` of ``databin``.
 
@@ -283,6 +317,8 @@ def build_loader(
     pad_to_max_len: pad every batch to max_seq_len instead.
     num_workers: build batches in this many DataLoader worker processes (same stream as 0).
     tables: precomputed :class:`TokenTables` (default: built from the data-bin's tokenizer).
+    group_by_length: pairs mode, shuffled splits: global batches of similar-length pairs (module docstring);
+        use with ``pad_to_max_len=False`` to pad each batch only to its longest pair.
     """
     if not isinstance(databin, DataBin):
         databin = DataBin(databin)
@@ -292,7 +328,7 @@ def build_loader(
         world_size=world_size, shard_mode=shard_mode, short_seq_prob=short_seq_prob, cross_doc=cross_doc,
         shuffle=is_train if shuffle is None else shuffle, drop_last=is_train if drop_last is None else drop_last,
         epochs=epochs, pad_to_multiple_of=pad_to_multiple_of, pad_to_max_len=pad_to_max_len,
-        num_workers=num_workers, tables=tables,
+        num_workers=num_workers, tables=tables, group_by_length=group_by_length,
     )
 
 

@@ -288,3 +288,42 @@ def plan_blocks(sizes: np.ndarray, doc_starts: np.ndarray, *, shard: int, block:
     plan["start"] = starts
     plan["end"] = ends
     return plan
+
+
+#: length grouping sorts this many global batches of the shuffled plan together (fairseq's batch_by_size
+#: sorts the whole epoch; a window keeps the content of neighbouring batches random)
+GROUP_WINDOW_BATCHES = 64
+
+
+def pair_lengths(plan: np.ndarray, sizes_of: dict[int, np.ndarray], max_num_tokens: int) -> np.ndarray:
+    """Sequence length of every :data:`PAIR_DTYPE` row as built: ``min(len A + len B, max_num_tokens) + 3``
+    (``[CLS] A [SEP] B [SEP]``; truncation only trims).  ``sizes_of[shard]``: the shard's item sizes."""
+    out = np.zeros(len(plan), dtype=np.int64)
+    for shard in np.unique(plan["shard"]).tolist():
+        sel = plan["shard"] == shard
+        rows = plan[sel]
+        prefix = np.zeros(len(sizes_of[shard]) + 1, dtype=np.int64)
+        np.cumsum(np.asarray(sizes_of[shard], dtype=np.int64), out=prefix[1:])
+        len_a = np.where(rows["a_cut"] >= 0, rows["a_cut"], prefix[rows["a_hi"]] - prefix[rows["a_lo"]])
+        len_b = prefix[rows["b_hi"]] - prefix[rows["b_lo"]] - rows["b_skip"]
+        out[sel] = np.minimum(len_a + len_b, max_num_tokens) + 3
+    return out
+
+
+def group_by_length(lengths: np.ndarray, global_batch: int, rng: np.random.RandomState,
+                    window: int = GROUP_WINDOW_BATCHES) -> np.ndarray:
+    """A permutation of ``range(len(lengths))`` whose consecutive ``global_batch`` slices hold samples of
+    similar length: each window of ``window`` global batches of the (already shuffled) order is sorted by
+    length (stable) and cut into global batches, then the order of all full batches of the epoch is
+    shuffled with ``rng``.  The last ``len % global_batch`` samples keep their place at the end (what
+    ``drop_last`` drops is unchanged)."""
+    n = len(lengths)
+    n_full = n - n % global_batch
+    span = max(1, window) * global_batch
+    batches = [lo + np.argsort(lengths[lo:min(lo + span, n_full)], kind="stable")
+               for lo in range(0, n_full, span)]
+    if not batches:
+        return np.arange(n, dtype=np.int64)
+    b = np.concatenate(batches).reshape(-1, global_batch)
+    b = b[rng.permutation(len(b))]
+    return np.concatenate([b.ravel(), np.arange(n_full, n, dtype=np.int64)])

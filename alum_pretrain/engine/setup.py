@@ -145,7 +145,8 @@ def build_run(cfg: TrainConfig, env: D.DistEnv) -> Run:
     if tc.compile:  # speed only: the encoder has static shapes (B, max_seq_len, H) -> one graph
         M.compile_encoder(model.hf)
 
-    step_module: torch.nn.Module = PretrainStep(model, cfg.alum, cfg.data.nsp)
+    step_module: torch.nn.Module = PretrainStep(model, cfg.alum, cfg.data.nsp,
+                                                unmasked_when_unpadded=cfg.data.mode == "blocks")
     if env.distributed and tc.engine == "ddp":
         step_module = DDP(step_module, device_ids=[env.device.index] if env.device.type == "cuda" else None,
                           broadcast_buffers=False)
@@ -166,7 +167,9 @@ def build_run(cfg: TrainConfig, env: D.DistEnv) -> Run:
 
     common = dict(mode=cfg.data.mode, nsp=cfg.data.nsp, max_seq_len=cfg.data.max_seq_len, batch_size=tc.batch_size,
                   seed=tc.seed, rank=env.rank, world_size=env.world_size, shard_mode=cfg.data.shard_mode,
-                  pad_to_max_len=True, num_workers=resolve_num_workers(tc.num_workers, env.device), tables=tables)
+                  num_workers=resolve_num_workers(tc.num_workers, env.device), tables=tables)
+    grouped = cfg.data.group_by_length and cfg.data.mode == "pairs"
+    common.update(group_by_length=grouped, pad_to_max_len=not grouped)
     loader = build_loader(databin, "train", **common)
     valid = valid_state0 = None
     if any(databin.has_split(k, cfg.data.valid_split) for k in range(databin.num_shards)):

@@ -65,14 +65,19 @@ class Masker(TokenMasker):
                 "masked_pos": masked_pos, "mlm_targets": flat.index_select(0, masked_pos), "sample_ids": sample_ids,
                 # host-side counts for the logs (no device sync later)
                 "n_tokens": int(batch["attention_mask"].sum()), "n_maskable": int((~special).sum()),
-                "n_masked": int(masked_pos.numel())}
+                "n_masked": int(masked_pos.numel()),
+                # no padding (every blocks batch but a stream's last block): the encoder gets no mask at all
+                "padded": bool(int(batch["attention_mask"].sum()) < batch["attention_mask"].numel())}
 
 
 class PretrainStep(nn.Module):
     """forward(batch, ...) -> (loss, metrics); wraps a ``PretrainModel`` (``embed`` + ``heads_from_embeds``).
 
     ``batch``: ``input_ids`` (B, T) masked, ``masked_pos`` / ``mlm_targets`` (N,) from :class:`Masker`,
-    ``attention_mask`` (B, T), ``token_type_ids`` (B, T), ``next_sentence_label`` (B,) when NSP is on.
+    ``attention_mask`` (B, T), ``token_type_ids`` (B, T), ``next_sentence_label`` (B,) when NSP is on;
+    ``padded`` (host bool from :class:`Masker`): with ``unmasked_when_unpadded`` (alum-train sets it in
+    blocks mode) a batch without padding reaches the encoder with no attention mask (the same logits up to
+    float rounding; on GPU SDPA may then use its flash kernel).
     ``mlm_denom`` / ``nsp_denom``: the global masked-token and sequence counts of the optimizer step
     divided by the world size (the factor that turns DDP's gradient average into a global mean).
     ``alum_generators``: per-sample generators for the ALUM random start (or None = global RNG).
@@ -82,11 +87,12 @@ class PretrainStep(nn.Module):
     them over micro-batches and averaging over ranks gives the step's mlm / nsp / adv.
     """
 
-    def __init__(self, model: nn.Module, alum: ALUMConfig, nsp: bool):
+    def __init__(self, model: nn.Module, alum: ALUMConfig, nsp: bool, unmasked_when_unpadded: bool = False):
         super().__init__()
         self.model = model
         self.alum = alum
         self.nsp = nsp
+        self.unmasked_when_unpadded = unmasked_when_unpadded
 
     def forward(self, batch: dict, *, alum_on: bool, mlm_denom: float, nsp_denom: float,
                 alum_generators: Optional[list] = None, baseline: bool = False) -> tuple[torch.Tensor, dict]:
@@ -95,8 +101,10 @@ class PretrainStep(nn.Module):
         tt = batch.get("token_type_ids")  # (B, T) or None
         masked_index = batch["masked_pos"]  # (N,) flat positions into B*T (row-major)
 
+        enc_mask = None if self.unmasked_when_unpadded and not batch.get("padded", True) else attn
+
         def heads(e: torch.Tensor, with_nsp: bool):
-            return model.heads_from_embeds(e, attn, tt, masked_index, with_nsp)  # ((N, V), (B, 2)|None)
+            return model.heads_from_embeds(e, enc_mask, tt, masked_index, with_nsp)  # ((N, V), (B, 2)|None)
 
         # clean pass from the word embeddings (the ALUM perturbation point); the adversarial passes' dropout
         # context (alum.adv_dropout) is captured right before its first dropout draw
