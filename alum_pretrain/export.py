@@ -39,6 +39,7 @@ from .atomic import atomic_dir
 from .engine.checkpoint import CHECKPOINTS_DIR, MODEL_DIR, STATE_FILE, latest_checkpoint, list_checkpoints, step_of
 from .integrity import (IntegrityError, check_structure, first_nonfinite, safe_torch_load,
                         verify_checksums)
+from .export_target import ExportTargetError, check_export_target, write_export_marker
 from .families import family_of
 from .model_card import model_card
 from .models import load_hf_model
@@ -213,8 +214,10 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, tokenizer: str | 
 
     model_dir, step, run = resolve_checkpoint(ckpt)
     out = Path(out)
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
-        raise ExportError(f"{out}: already exists; choose another OUT or pass --overwrite")
+    try:
+        check_export_target(out, ckpt, overwrite)  # (before anything is loaded or written)
+    except ExportTargetError as e:
+        raise ExportError(str(e)) from e
     if not from_zero_shards:  # (the ZeRO-shard path rebuilds and checks the weights from the shards itself)
         verify_source(model_dir, step)
     cfg = load_run_config(step, run, trust=trust)
@@ -252,6 +255,7 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, tokenizer: str | 
         card = model_card(model, cfg, step=step_of(step) if step is not None else None, run=run,
                           source=f"a {(cfg.get('train') or {}).get('engine', 'native')} checkpoint")
         (tmp / "README.md").write_text(card, encoding="utf-8")
+        write_export_marker(tmp, str(ckpt), step=step_of(step) if step is not None else None)
     log.info("exported %s (%s, %d tensors) with tokenizer %s -> %s", model_dir, type(model).__name__, n, tok_src, out)
     return out
 
@@ -271,7 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", metavar="DIR", default=None,
                    help="tokenizer folder to ship with the model (default: the run's data.path/tokenizer, else "
                         "model.init_from)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it already exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if it is an earlier export (a folder holding alum_export.json, or only an "
+                        "export's files); a run, a checkpoint, a data-bin or any other folder is never replaced")
     p.add_argument("--from-zero-shards", action="store_true",
                    help="DeepSpeed checkpoints (--train.engine=deepspeed): rebuild the fp32 weights from every "
                         "rank's ZeRO shard in step-N/deepspeed/ with DeepSpeed's zero_to_fp32 instead of reading "
