@@ -3,8 +3,10 @@
 Every export carries a marker file, :data:`EXPORT_MARKER` (``alum_export.json``: what was exported, when,
 and the files written).  Before anything is loaded, :func:`check_export_target` refuses an OUT that
 
-* is, or lies inside, a training run (a folder with ``checkpoints/``, ``train_state.pt``, or a run's
-  ``config.yaml`` + ``log.jsonl``), or is or lies inside a data-bin (``manifest.json``);
+* is a training run (a folder with ``checkpoints/``, or a run's ``config.yaml`` + ``log.jsonl``), a
+  checkpoint (``train_state.pt``) or a data-bin (``manifest.json``), or lies inside a checkpoint, a run's
+  ``checkpoints/`` or a data-bin (a new export inside a run folder, ``RUN/hf``, is fine, but there only a
+  folder holding the marker is replaced);
 * contains the checkpoint being exported, or any folder (an export holds only files);
 * exists, is not empty and is not an export, even with ``--overwrite``.
 
@@ -96,17 +98,31 @@ def is_export(out: Path) -> bool:
     return "config.json" in names and any(n.endswith(".safetensors") for n in names)
 
 
+def _refuse_place(out: Path, resolved: Path) -> bool:
+    """Refuse an OUT that is a run, a checkpoint or a data-bin, or lies inside a checkpoint, a run's
+    ``checkpoints/`` or a data-bin; returns whether OUT lies inside a run (elsewhere)."""
+    inside_run = False
+    for d in (resolved, *resolved.parents):
+        what = _run_or_databin(d, d == resolved) if d.is_dir() else None
+        if what is None and d != resolved and d.name == "checkpoints" and _run_or_databin(d.parent, False):
+            what = "the checkpoints/ folder of a training run"
+        if what is None:
+            continue
+        if d != resolved and what.startswith("a training run"):
+            inside_run = True  # RUN/hf: a new export may go there, but only an export is replaced
+            continue
+        where = "is" if d == resolved else f"lies inside {d}, which is"
+        raise ExportTargetError(f"{out}: refusing to export here: OUT {where} {what}; exporting would "
+                                "replace or mix with it. Choose an OUT outside it (e.g. a sibling folder "
+                                "RUN-hf or RUN/hf)")
+    return inside_run
+
+
 def check_export_target(out: str | Path, source: str | Path | None, overwrite: bool) -> None:
     """Refuse an OUT the export must not write or replace (see the module docstring)."""
     out = Path(out)
     resolved = out.resolve()
-    for d in (resolved, *resolved.parents):
-        what = _run_or_databin(d, d == resolved) if d.is_dir() else None
-        if what is not None:
-            where = "is" if d == resolved else f"lies inside {d}, which is"
-            raise ExportTargetError(f"{out}: refusing to export here: OUT {where} {what}; exporting would "
-                                    "replace or mix with it. Choose an OUT outside any run and data-bin "
-                                    "(e.g. a sibling folder RUN-hf)")
+    inside_run = _refuse_place(out, resolved)
     if source is not None:
         src = Path(source).resolve()
         if src == resolved or resolved in src.parents:
@@ -118,7 +134,7 @@ def check_export_target(out: str | Path, source: str | Path | None, overwrite: b
         raise ExportTargetError(f"{out}: is a file, not a folder; choose another OUT")
     if not overwrite:
         raise ExportTargetError(f"{out}: already exists; choose another OUT or pass --overwrite")
-    if not is_export(out):
+    if not is_export(out) or (inside_run and export_marker(out) is None):
         odd = sorted(e.name + ("/" if e.is_dir() else "") for e in out.iterdir()
                      if e.is_dir() or not any(fnmatch.fnmatch(e.name, p) for p in _EXPORT_FILES))
         raise ExportTargetError(f"{out}: --overwrite replaces only an earlier export (a folder holding "

@@ -41,16 +41,32 @@ def _export(args, capsys) -> tuple[int, str]:
     return rc, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("target", ["run", "checkpoints", "step", "databin", "above-databin", "inside-run"])
+@pytest.mark.parametrize("target", ["run", "checkpoints", "step", "databin", "above-databin", "inside-run",
+                                    "inside-databin"])
 def test_export_refuses_to_replace_a_run_or_a_data_bin(trained, tmp_path, capsys, target):
     root = trained.parent
+    if target == "inside-run":  # a run's own folder that is not an export (a new RUN/hf export is fine)
+        (trained / "hf").mkdir(exist_ok=True)
+        (trained / "hf" / "config.json").write_text("{}")
+        (trained / "hf" / "model.safetensors").write_bytes(b"")
     before = snapshot(root)
     out = {"run": trained, "checkpoints": trained / "checkpoints", "step": trained / "checkpoints" / "step-1",
-           "databin": root / "data-bin", "above-databin": root, "inside-run": trained / "hf"}[target]
+           "databin": root / "data-bin", "above-databin": root, "inside-run": trained / "hf",
+           "inside-databin": root / "data-bin" / "hf"}[target]
     rc, err = _export([trained, out, "--overwrite"], capsys)
     assert rc != 0
     assert "refusing to export here" in err or "replaces only an earlier export" in err, err
     assert snapshot(root) == before  # the run and the data-bin are byte-identical
+    shutil.rmtree(trained / "hf", ignore_errors=True)
+
+
+def test_a_new_export_may_go_inside_the_run_folder(trained, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    assert _export([run, run / "hf"], capsys)[0] == 0
+    assert _export([run, run / "hf", "--overwrite"], capsys)[0] == 0  # holds the marker
+    (run / "hf" / "alum_export.json").unlink()  # inside a run only the marker counts
+    assert _export([run, run / "hf", "--overwrite"], capsys)[0] != 0
 
 
 def test_overwrite_replaces_an_export_and_only_an_export(trained, tmp_path, capsys):
