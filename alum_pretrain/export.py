@@ -6,9 +6,11 @@ CKPT may be (the contract with the native engine, :mod:`alum_pretrain.engine.che
     RUN/checkpoints/step-N/           one checkpoint: model/ (save_model output) + train_state.pt
     RUN/checkpoints/step-N/model/     the model folder itself (config.json + model.safetensors)
 
-The run's ``RUN/config.yaml`` (or the ``config`` saved in ``train_state.pt``) gives ``data.path``, whose
-``tokenizer/`` folder is copied next to the weights; for continual pre-training without a data-bin
-tokenizer, the tokenizer of ``model.init_from`` is used; ``--tokenizer DIR`` overrides both.
+The tokenizer shipped is the one the run trained with: ``RUN/tokenizer/``, copied into the run when it
+started (:mod:`alum_pretrain.run_identity`).  Runs from before that copy existed fall back to the
+``tokenizer/`` folder of ``data.path`` in ``RUN/config.yaml`` (or the ``config`` saved in
+``train_state.pt``) when its fingerprint matches ``RUN/identity.json``, else to ``model.init_from``;
+``--tokenizer DIR`` overrides them only when its vocabulary equals the run's.
 
 OUT (written to a temporary folder beside it, renamed when complete)::
 
@@ -43,6 +45,8 @@ from .export_target import ExportTargetError, check_export_target, write_export_
 from .families import family_of
 from .model_card import model_card
 from .models import load_hf_model
+from .run_identity import (IDENTITY_FILE, RUN_TOKENIZER, check_same_vocabulary, has_tokenizer,
+                           tokenizer_sha256)
 
 log = logging.getLogger("alum_pretrain.export")
 
@@ -108,17 +112,40 @@ def load_run_config(step: Path | None, run: Path | None, trust: bool = False) ->
 
 
 def _has_tokenizer(d: Path) -> bool:
-    return d.is_dir() and any((d / f).is_file() for f in ("tokenizer.json", "vocab.txt", "vocab.json",
-                                                          "sentencepiece.bpe.model", "spiece.model"))
+    return has_tokenizer(d)
+
+
+def run_identity_of(run: Path | None) -> dict | None:
+    """The fingerprint ``RUN/identity.json`` records (None for runs written before it existed)."""
+    import json
+
+    try:
+        return json.loads((run / IDENTITY_FILE).read_text(encoding="utf-8")) if run is not None else None
+    except (OSError, ValueError):
+        return None
+
+
+def _checked_override(d: Path, run_tok: Path | None) -> Path:
+    if not _has_tokenizer(d):
+        raise ExportError(f"--tokenizer {d}: no tokenizer files there (tokenizer.json, vocab.txt, ...)")
+    if run_tok is not None:
+        try:
+            check_same_vocabulary(run_tok, d)
+        except ValueError as e:
+            raise ExportError(str(e)) from e
+    return d
 
 
 def find_tokenizer(cfg: dict[str, Any], run: Path | None, override: str | None) -> Path:
-    """Where the tokenizer comes from: --tokenizer, else data.path/tokenizer, else model.init_from."""
+    """Where the tokenizer comes from: the run's own copy ``RUN/tokenizer`` (what it trained with), else
+    data.path/tokenizer when its fingerprint is the run's, else model.init_from; ``--tokenizer`` must have
+    the same vocabulary as the run's copy."""
+    run_tok = run / RUN_TOKENIZER if run is not None and has_tokenizer(run / RUN_TOKENIZER) else None
     if override:
-        d = Path(override)
-        if not _has_tokenizer(d):
-            raise ExportError(f"--tokenizer {d}: no tokenizer files there (tokenizer.json, vocab.txt, ...)")
-        return d
+        return _checked_override(Path(override), run_tok)
+    if run_tok is not None:
+        return run_tok
+    identity = run_identity_of(run)
     tried = []
     data_path = (cfg.get("data") or {}).get("path") if isinstance(cfg.get("data"), dict) else None
     init_from = (cfg.get("model") or {}).get("init_from") if isinstance(cfg.get("model"), dict) else None
@@ -131,8 +158,13 @@ def find_tokenizer(cfg: dict[str, Any], run: Path | None, override: str | None) 
         for c in cands:
             for d in (c / "tokenizer", c) if base == data_path else (c,):
                 tried.append(str(d))
-                if _has_tokenizer(d):
-                    return d
+                if not _has_tokenizer(d):
+                    continue
+                if identity and identity.get("tokenizer_sha256") not in (None, tokenizer_sha256(d)):
+                    raise ExportError(f"{d}: not the tokenizer this run was trained with (its sha256 "
+                                      f"{tokenizer_sha256(d)[:16]}, the run's {identity['tokenizer_sha256'][:16]}); "
+                                      "pass --tokenizer with the original tokenizer folder")
+                return d
     raise ExportError("cannot find the tokenizer for this checkpoint (tried: "
                       + (", ".join(tried) if tried else "nothing — the run config has no data.path")
                       + "); pass --tokenizer DIR (the data-bin's tokenizer/ folder)")

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from ..atomic import fsync_dir
+from ..run_identity import check_same_identity
 from ..config import config_from_dict, config_to_dict, diff_configs
 from ..integrity import (IntegrityError, apply_umask, check_structure, first_nonfinite, safe_torch_load,
                          verify_checksums, write_checksums)
@@ -263,22 +264,47 @@ def restore(run) -> int:
 
 
 def check_resumable(run, ckpt: Path, state: dict) -> None:
-    """ValueError unless ``state`` (of ``ckpt``) was written with the same result-changing config and global
-    batch as ``run``."""
+    """ValueError unless ``state`` (of ``ckpt``) was written with the same result-changing config, global
+    batch, data-bin and tokenizer as ``run``."""
+    check_state(run.cfg, run.global_batch, run.identity, ckpt, state)
+
+
+def check_state(cfg: TrainConfig, global_batch: int, identity: dict | None, ckpt: Path, state: dict) -> None:
+    """:func:`check_resumable` from the parts of a run (usable before the run is built)."""
+    if identity is not None:  # first: another vocabulary makes every other comparison moot
+        check_same_identity(state.get("identity"), identity, ckpt, cfg.data.path)
     saved = config_from_dict(TrainConfig, state["config"])
-    bad = diff_configs(saved, run.cfg, ignore=SPEED_ONLY)
+    # With a recorded fingerprint the data-bin is compared by content, so it may have moved.
+    ignore = SPEED_ONLY + (("data.path",) if state.get("identity") and identity is not None else ())
+    bad = diff_configs(saved, cfg, ignore=ignore)
     if bad:
         key = bad[0]
-        sv, nv = _get(config_to_dict(saved), key), _get(config_to_dict(run.cfg), key)
+        sv, nv = _get(config_to_dict(saved), key), _get(config_to_dict(cfg), key)
         raise ValueError(
             f"{ckpt}: cannot resume: --{key} was {sv!r} in the checkpointed run but is {nv!r} now "
             f"({len(bad)} result-changing key(s) differ: {', '.join(bad)}); restore the original value or use "
             "a new --train.output_dir")
-    if state["global_batch"] != run.global_batch:
+    if state["global_batch"] != global_batch:
         raise ValueError(
             f"{ckpt}: cannot resume: the global batch was {state['global_batch']} sequences and is now "
-            f"{run.global_batch} (--train.batch_size x --train.grad_accum x world size, or "
+            f"{global_batch} (--train.batch_size x --train.grad_accum x world size, or "
             "--train.global_batch_size); keep the global batch to resume")
+
+
+def check_before_start(cfg: TrainConfig, out: Path, global_batch: int, identity: dict | None) -> None:
+    """Refuse a resume that :func:`restore` would refuse, before the run folder is touched.
+
+    Checks the newest complete checkpoint of ``out`` (a damaged one is left to :func:`restore`, which
+    falls back past it and re-checks the one it takes)."""
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        return
+    try:
+        state = load_state(ckpt, trust=cfg.train.trust_checkpoint)
+    except IntegrityError:
+        return
+    if isinstance(state, dict) and "config" in state and "global_batch" in state:
+        check_state(cfg, global_batch, identity, ckpt, state)
 
 
 def _get(d: dict, dotted: str):
