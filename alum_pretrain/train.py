@@ -8,8 +8,9 @@ Usage::
 
 The loop below reads top to bottom: mask -> forward (clean + ALUM in one module) -> backward -> clip ->
 step -> log / evaluate / checkpoint.  Everything else is a component in :mod:`alum_pretrain.engine`.
-An existing run in ``train.output_dir`` is resumed from its latest checkpoint; SIGTERM/SIGUSR1 finish
-the current step, save a checkpoint and exit 0; ``OUTPUT/COMPLETED`` marks a finished run.
+An existing run in ``train.output_dir`` is resumed from its latest checkpoint; SIGTERM/SIGUSR1 and Ctrl-C
+(SIGINT; a second one stops at once without saving) finish the current step, save a checkpoint and exit
+0; ``OUTPUT/COMPLETED`` marks a finished run.
 A step whose loss or gradient norm is NaN/Inf is skipped (no update, no LR-schedule step; ``nonfinite_skipped``
 in the log); ``train.max_nonfinite`` of them in a row stop the run with exit code 3 naming the last good
 checkpoint.  Resume verifies checkpoints (checksums, safe loading, finite weights) and falls back past
@@ -40,6 +41,8 @@ _STOP = {"signal": None}
 
 
 def _on_signal(signum, _frame):  # finish the current step, save, exit 0 (SLURM requeue / preemption)
+    if signum == signal.SIGINT and _STOP["signal"] == signal.SIGINT:
+        raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving
     _STOP["signal"] = signum
 
 
@@ -135,7 +138,7 @@ def run_training(cfg: TrainConfig) -> dict:
     # Handlers first: a preemption signal that arrives while the process group or the model is being
     # set up is remembered and honoured after the first step (save, exit 0) instead of being lost.
     _STOP["signal"] = None
-    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     env = None
     failed = True  # until train() returns: the exception path must not run collectives (D.cleanup)
     try:
