@@ -32,7 +32,7 @@ from .engine import distributed as D
 from .engine.config import TrainConfig
 from .engine.metrics import LOG, DeltaShareWatch
 from .engine.plot import plot_run
-from .engine.checkpoint import last_good_checkpoint, restore, save
+from .engine.checkpoint import last_good_checkpoint, nan_remedy, restore, save
 from .engine.setup import build_run
 from .engine.step import NonFiniteError, evaluate
 from .masking import STREAM_ALUM, sample_generators
@@ -104,8 +104,7 @@ def train(cfg: TrainConfig, env: D.DistEnv) -> dict:
             raise NonFiniteError(
                 f"step {step}: the loss or gradient norm was NaN/Inf for {nonfinite_run} consecutive steps "
                 f"(--train.max_nonfinite={tc.max_nonfinite}); those updates were skipped; "
-                f"{last_good_checkpoint(run)} - resume from it with a lower --optim.lr (or fp32 / bf16 "
-                "instead of fp16)")
+                f"{last_good_checkpoint(run)}; {nan_remedy(run, step - nonfinite_run + 1)}")
         if run.valid is not None and ((tc.eval_every and step % tc.eval_every == 0) or step == tc.max_steps):
             run.logger.log(evaluate(run, step), write=pbar.write)
         stopped = D.any_rank(env, _STOP["signal"] is not None)
