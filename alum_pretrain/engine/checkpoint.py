@@ -381,9 +381,9 @@ def check_before_start(cfg: TrainConfig, out: Path, global_batch: int, identity:
     ckpt = chosen_checkpoint(cfg, out) or latest_checkpoint(out)
     if ckpt is None:
         return
-    try:
-        state = load_state(ckpt, trust=cfg.train.trust_checkpoint)
-    except IntegrityError:
+    try:  # memory-mapped: the optimizer state is not read, only the config and fingerprint
+        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - damaged, or needs --train.trust_checkpoint: restore() decides
         return
     if isinstance(state, dict) and "config" in state and "global_batch" in state:
         check_state(cfg, global_batch, identity, ckpt, state)

@@ -131,7 +131,7 @@ def build_run(cfg: TrainConfig, env: D.DistEnv) -> Run:
     if cfg.data.verify == "size" or env.local_rank == 0:
         verify_databin(databin, cfg.data.verify, log=LOG.info if env.is_main else None)
     tokenizer = databin.tokenizer()
-    validate_databin(databin, tokenizer, full=cfg.data.verify == "full")
+    validate_databin(databin, tokenizer, full=cfg.data.verify == "full" and env.local_rank == 0)
     identity = data_identity(databin, databin.tokenizer_dir)
     # Everything that can refuse a resume runs before the run folder is touched.
     check_before_start(cfg, out, global_batch, identity)
