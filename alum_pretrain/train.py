@@ -60,6 +60,12 @@ def train(cfg: TrainConfig, env: D.DistEnv) -> dict:
     nonfinite_run = 0  # consecutive skipped steps
     if step == 0 and run.valid is not None:  # the baseline (e.g. of a continual pre-training run)
         run.logger.log(evaluate(run, 0), write=pbar.write)
+    if step < tc.max_steps and D.any_rank(env, _STOP["signal"] is not None):  # during setup / the baseline
+        run.logger.info(f"signal {_STOP['signal']} received before the first step: nothing to save, exiting "
+                        "(resume by re-running)")
+        pbar.close()
+        run.logger.close()
+        return {"step": step, "completed": False, "stopped": True}
     while step < tc.max_steps:
         # ---- masking (per sample, from (seed, step, global sample index); on the host) -------------
         rate = cfg.masking.rate_at(step, tc.max_steps)

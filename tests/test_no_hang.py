@@ -48,3 +48,21 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_0(small, tmp_path):
     assert "signal 2 received" in output or "signal Signals.SIGINT" in output, output[-2000:]
     ckpts = sorted((out / "checkpoints").glob("step-*"))
     assert len(ckpts) == 1 and not ckpts[0].name.endswith(".tmp")
+
+
+def test_a_signal_during_setup_exits_before_the_first_step(small, tmp_path, monkeypatch):
+    import os
+
+    import alum_pretrain.train as T
+
+    real = T.build_run
+
+    def build_then_preempted(cfg, env):
+        run = real(cfg, env)
+        os.kill(os.getpid(), signal.SIGUSR1)  # arrives while the data is planned / the model is built
+        return run
+
+    monkeypatch.setattr(T, "build_run", build_then_preempted)
+    out = tmp_path / "run"
+    assert run_train(small, out, 50, "--train.eval_every=0") == 0
+    assert not list(out.glob("checkpoints/step-*")) and not (out / "COMPLETED").exists()
