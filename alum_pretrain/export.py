@@ -287,7 +287,8 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, tokenizer: str | 
         card = model_card(model, cfg, step=step_of(step) if step is not None else None, run=run,
                           source=f"a {(cfg.get('train') or {}).get('engine', 'native')} checkpoint")
         (tmp / "README.md").write_text(card, encoding="utf-8")
-        write_export_marker(tmp, str(ckpt), step=step_of(step) if step is not None else None)
+        write_export_marker(tmp, str(ckpt), step=step_of(step) if step is not None else None,
+                            trained_on=run_identity_of(run), tokenizer_from=str(tok_src))
     log.info("exported %s (%s, %d tensors) with tokenizer %s -> %s", model_dir, type(model).__name__, n, tok_src, out)
     return out
 

@@ -85,6 +85,8 @@ def test_a_re_prepared_data_bin_is_refused_naming_both_fingerprints_and_nothing_
 
     assert export([str(out), str(db.parent / "hf")]) == 0
     assert _ids(db.parent / "hf") == original
+    marker = json.loads((db.parent / "hf" / "alum_export.json").read_text())
+    assert marker["trained_on"] == saved and marker["tokenizer_from"] == str(out / "tokenizer")
     # a --tokenizer with another vocabulary is refused
     assert export([str(out), str(db.parent / "hf2"), "--tokenizer", str(db / "tokenizer")]) == 2
     assert "vocabulary differs" in capsys.readouterr().err and not (db.parent / "hf2").exists()
