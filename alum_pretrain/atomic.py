@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["atomic_file", "atomic_dir", "write_text", "write_bytes", "write_json", "fsync_dir",
-           "current_umask", "apply_umask"]
+           "current_umask", "apply_umask", "clean_stale_temps"]
 
 
 def current_umask() -> int:
@@ -105,13 +105,55 @@ def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 1, dur
     return write_text(path, json.dumps(obj, indent=indent) + "\n", durable=durable)
 
 
+def _owner_tag() -> str:
+    """``host-pid`` of this process, as it appears in the name of its temporary folders."""
+    import re
+    import socket
+
+    return f"{re.sub(r'[^A-Za-z0-9_-]', '_', socket.gethostname())}-{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def clean_stale_temps(out: str | os.PathLike) -> list[Path]:
+    """Remove the temporary folders of earlier :func:`atomic_dir` writes of ``out`` that were killed before
+    they could clean up (``.OUT.HOST-PID.*.tmp`` of a process of this host that no longer runs, and the
+    ``.OUT.old`` left between the two renames while ``OUT`` exists); returns what was removed."""
+    out = Path(out)
+    host = _owner_tag().rsplit("-", 1)[0]
+    removed = []
+    for p in out.parent.glob(f".{out.name}.*.tmp") if out.parent.is_dir() else ():
+        tag = p.name[len(out.name) + 2:].split(".", 1)[0]
+        h, _, pid = tag.rpartition("-")
+        if p.is_dir() and h == host and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    old = out.with_name(f".{out.name}.old")
+    if old.is_dir() and out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        removed.append(old)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike, *, durable: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary folder beside ``out``; it replaces ``out`` (an existing folder is removed)
-    when the block succeeds and is removed when it fails, so ``out`` is never half-written."""
+    when the block succeeds and is removed when it fails, so ``out`` is never half-written.
+
+    The temporary is named ``.OUT.HOST-PID.XXXX.tmp``: one left by a killed process (``kill -9``, a node
+    lost) is removed by the next write of ``out`` (:func:`clean_stale_temps`)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    clean_stale_temps(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{_owner_tag()}.", suffix=".tmp", dir=out.parent))
     try:
         yield tmp
         apply_umask(tmp)

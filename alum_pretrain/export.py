@@ -6,9 +6,11 @@ CKPT may be (the contract with the native engine, :mod:`alum_pretrain.engine.che
     RUN/checkpoints/step-N/           one checkpoint: model/ (save_model output) + train_state.pt
     RUN/checkpoints/step-N/model/     the model folder itself (config.json + model.safetensors)
 
-The run's ``RUN/config.yaml`` (or the ``config`` saved in ``train_state.pt``) gives ``data.path``, whose
-``tokenizer/`` folder is copied next to the weights; for continual pre-training without a data-bin
-tokenizer, the tokenizer of ``model.init_from`` is used; ``--tokenizer DIR`` overrides both.
+The tokenizer shipped is the one the run trained with: ``RUN/tokenizer/``, copied into the run when it
+started (:mod:`alum_pretrain.run_identity`).  Runs from before that copy existed fall back to the
+``tokenizer/`` folder of ``data.path`` in ``RUN/config.yaml`` (or the ``config`` saved in
+``train_state.pt``) when its fingerprint matches ``RUN/identity.json``, else to ``model.init_from``;
+``--tokenizer DIR`` overrides them only when its vocabulary equals the run's.
 
 OUT (written to a temporary folder beside it, renamed when complete)::
 
@@ -39,9 +41,12 @@ from .atomic import atomic_dir
 from .engine.checkpoint import CHECKPOINTS_DIR, MODEL_DIR, STATE_FILE, latest_checkpoint, list_checkpoints, step_of
 from .integrity import (IntegrityError, check_structure, first_nonfinite, safe_torch_load,
                         verify_checksums)
+from .export_target import ExportTargetError, check_export_target, write_export_marker
 from .families import family_of
 from .model_card import model_card
 from .models import load_hf_model
+from .run_identity import (IDENTITY_FILE, RUN_TOKENIZER, check_same_vocabulary, has_tokenizer,
+                           tokenizer_sha256)
 
 log = logging.getLogger("alum_pretrain.export")
 
@@ -107,17 +112,40 @@ def load_run_config(step: Path | None, run: Path | None, trust: bool = False) ->
 
 
 def _has_tokenizer(d: Path) -> bool:
-    return d.is_dir() and any((d / f).is_file() for f in ("tokenizer.json", "vocab.txt", "vocab.json",
-                                                          "sentencepiece.bpe.model", "spiece.model"))
+    return has_tokenizer(d)
+
+
+def run_identity_of(run: Path | None) -> dict | None:
+    """The fingerprint ``RUN/identity.json`` records (None for runs written before it existed)."""
+    import json
+
+    try:
+        return json.loads((run / IDENTITY_FILE).read_text(encoding="utf-8")) if run is not None else None
+    except (OSError, ValueError):
+        return None
+
+
+def _checked_override(d: Path, run_tok: Path | None) -> Path:
+    if not _has_tokenizer(d):
+        raise ExportError(f"--tokenizer {d}: no tokenizer files there (tokenizer.json, vocab.txt, ...)")
+    if run_tok is not None:
+        try:
+            check_same_vocabulary(run_tok, d)
+        except ValueError as e:
+            raise ExportError(str(e)) from e
+    return d
 
 
 def find_tokenizer(cfg: dict[str, Any], run: Path | None, override: str | None) -> Path:
-    """Where the tokenizer comes from: --tokenizer, else data.path/tokenizer, else model.init_from."""
+    """Where the tokenizer comes from: the run's own copy ``RUN/tokenizer`` (what it trained with), else
+    data.path/tokenizer when its fingerprint is the run's, else model.init_from; ``--tokenizer`` must have
+    the same vocabulary as the run's copy."""
+    run_tok = run / RUN_TOKENIZER if run is not None and has_tokenizer(run / RUN_TOKENIZER) else None
     if override:
-        d = Path(override)
-        if not _has_tokenizer(d):
-            raise ExportError(f"--tokenizer {d}: no tokenizer files there (tokenizer.json, vocab.txt, ...)")
-        return d
+        return _checked_override(Path(override), run_tok)
+    if run_tok is not None:
+        return run_tok
+    identity = run_identity_of(run)
     tried = []
     data_path = (cfg.get("data") or {}).get("path") if isinstance(cfg.get("data"), dict) else None
     init_from = (cfg.get("model") or {}).get("init_from") if isinstance(cfg.get("model"), dict) else None
@@ -130,8 +158,13 @@ def find_tokenizer(cfg: dict[str, Any], run: Path | None, override: str | None) 
         for c in cands:
             for d in (c / "tokenizer", c) if base == data_path else (c,):
                 tried.append(str(d))
-                if _has_tokenizer(d):
-                    return d
+                if not _has_tokenizer(d):
+                    continue
+                if identity and identity.get("tokenizer_sha256") not in (None, tokenizer_sha256(d)):
+                    raise ExportError(f"{d}: not the tokenizer this run was trained with (its sha256 "
+                                      f"{tokenizer_sha256(d)[:16]}, the run's {identity['tokenizer_sha256'][:16]}); "
+                                      "pass --tokenizer with the original tokenizer folder")
+                return d
     raise ExportError("cannot find the tokenizer for this checkpoint (tried: "
                       + (", ".join(tried) if tried else "nothing — the run config has no data.path")
                       + "); pass --tokenizer DIR (the data-bin's tokenizer/ folder)")
@@ -213,8 +246,10 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, tokenizer: str | 
 
     model_dir, step, run = resolve_checkpoint(ckpt)
     out = Path(out)
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
-        raise ExportError(f"{out}: already exists; choose another OUT or pass --overwrite")
+    try:
+        check_export_target(out, ckpt, overwrite)  # (before anything is loaded or written)
+    except ExportTargetError as e:
+        raise ExportError(str(e)) from e
     if not from_zero_shards:  # (the ZeRO-shard path rebuilds and checks the weights from the shards itself)
         verify_source(model_dir, step)
     cfg = load_run_config(step, run, trust=trust)
@@ -252,6 +287,8 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, tokenizer: str | 
         card = model_card(model, cfg, step=step_of(step) if step is not None else None, run=run,
                           source=f"a {(cfg.get('train') or {}).get('engine', 'native')} checkpoint")
         (tmp / "README.md").write_text(card, encoding="utf-8")
+        write_export_marker(tmp, str(ckpt), step=step_of(step) if step is not None else None,
+                            trained_on=run_identity_of(run), tokenizer_from=str(tok_src))
     log.info("exported %s (%s, %d tensors) with tokenizer %s -> %s", model_dir, type(model).__name__, n, tok_src, out)
     return out
 
@@ -271,7 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", metavar="DIR", default=None,
                    help="tokenizer folder to ship with the model (default: the run's data.path/tokenizer, else "
                         "model.init_from)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it already exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if it is an earlier export (a folder holding alum_export.json, or only an "
+                        "export's files); a run, a checkpoint, a data-bin or any other folder is never replaced")
     p.add_argument("--from-zero-shards", action="store_true",
                    help="DeepSpeed checkpoints (--train.engine=deepspeed): rebuild the fp32 weights from every "
                         "rank's ZeRO shard in step-N/deepspeed/ with DeepSpeed's zero_to_fp32 instead of reading "

@@ -50,6 +50,22 @@ def final_validation(run: Optional[Path]) -> dict[str, float]:
     return {k: float(last[k]) for k in ("step", "valid_mlm", "valid_acc") if isinstance(last.get(k), (int, float))}
 
 
+def resume_overrides_of(run: Optional[Path]) -> list[dict]:
+    """The ``"kind": "resume_override"`` records of ``RUN/log.jsonl`` (result-changing keys a resume changed)."""
+    if run is None or not (Path(run) / "log.jsonl").is_file():
+        return []
+    out = []
+    with open(Path(run) / "log.jsonl", encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and rec.get("kind") == "resume_override":
+                out.append(rec)
+    return out
+
+
 def corpus_names(data_path: Any, limit: int = 10) -> list[str]:
     """Names of the corpus files a data-bin was prepared from (``manifest.json`` inputs), basenames only."""
     if not data_path:
@@ -140,6 +156,11 @@ def model_card(model, cfg: dict, *, step: Optional[int], run: Optional[Path], so
         + f"Exported by `alum-export` from {source}" + (f" at step {step}." if step is not None else "."),
         "", "## Training recipe", "", *_recipe(cfg), "",
     ]
+    overrides = resume_overrides_of(run)
+    if overrides:
+        body += ["Changed on resume (`--train.resume_override`; the recipe above gives the final values): "
+                 + "; ".join(f"at step {r.get('step')}, `{r.get('key')}` {r.get('was')} → {r.get('now')}"
+                             for r in overrides) + ".", ""]
     if data:
         body += [f"Corpus files: {', '.join(data)}.", ""]
     if valid:

@@ -8,8 +8,9 @@ Usage::
 
 The loop below reads top to bottom: mask -> forward (clean + ALUM in one module) -> backward -> clip ->
 step -> log / evaluate / checkpoint.  Everything else is a component in :mod:`alum_pretrain.engine`.
-An existing run in ``train.output_dir`` is resumed from its latest checkpoint; SIGTERM/SIGUSR1 finish
-the current step, save a checkpoint and exit 0; ``OUTPUT/COMPLETED`` marks a finished run.
+An existing run in ``train.output_dir`` is resumed from its latest checkpoint; SIGTERM/SIGUSR1 and Ctrl-C
+(SIGINT; a second one stops at once without saving) finish the current step, save a checkpoint and exit
+0; ``OUTPUT/COMPLETED`` marks a finished run.
 A step whose loss or gradient norm is NaN/Inf is skipped (no update, no LR-schedule step; ``nonfinite_skipped``
 in the log); ``train.max_nonfinite`` of them in a row stop the run with exit code 3 naming the last good
 checkpoint.  Resume verifies checkpoints (checksums, safe loading, finite weights) and falls back past
@@ -31,7 +32,7 @@ from .engine import distributed as D
 from .engine.config import TrainConfig
 from .engine.metrics import LOG, DeltaShareWatch
 from .engine.plot import plot_run
-from .engine.checkpoint import last_good_checkpoint, restore, save
+from .engine.checkpoint import last_good_checkpoint, nan_remedy, restore, save
 from .engine.setup import build_run
 from .engine.step import NonFiniteError, evaluate
 from .masking import STREAM_ALUM, sample_generators
@@ -40,6 +41,8 @@ _STOP = {"signal": None}
 
 
 def _on_signal(signum, _frame):  # finish the current step, save, exit 0 (SLURM requeue / preemption)
+    if signum == signal.SIGINT and _STOP["signal"] == signal.SIGINT:
+        raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving
     _STOP["signal"] = signum
 
 
@@ -57,6 +60,12 @@ def train(cfg: TrainConfig, env: D.DistEnv) -> dict:
     nonfinite_run = 0  # consecutive skipped steps
     if step == 0 and run.valid is not None:  # the baseline (e.g. of a continual pre-training run)
         run.logger.log(evaluate(run, 0), write=pbar.write)
+    if step < tc.max_steps and D.any_rank(env, _STOP["signal"] is not None):  # during setup / the baseline
+        run.logger.info(f"signal {_STOP['signal']} received before the first step: nothing to save, exiting "
+                        "(resume by re-running)")
+        pbar.close()
+        run.logger.close()
+        return {"step": step, "completed": False, "stopped": True}
     while step < tc.max_steps:
         # ---- masking (per sample, from (seed, step, global sample index); on the host) -------------
         rate = cfg.masking.rate_at(step, tc.max_steps)
@@ -101,8 +110,7 @@ def train(cfg: TrainConfig, env: D.DistEnv) -> dict:
             raise NonFiniteError(
                 f"step {step}: the loss or gradient norm was NaN/Inf for {nonfinite_run} consecutive steps "
                 f"(--train.max_nonfinite={tc.max_nonfinite}); those updates were skipped; "
-                f"{last_good_checkpoint(run)} - resume from it with a lower --optim.lr (or fp32 / bf16 "
-                "instead of fp16)")
+                f"{last_good_checkpoint(run)}; {nan_remedy(run, step - nonfinite_run + 1)}")
         if run.valid is not None and ((tc.eval_every and step % tc.eval_every == 0) or step == tc.max_steps):
             run.logger.log(evaluate(run, step), write=pbar.write)
         stopped = D.any_rank(env, _STOP["signal"] is not None)
@@ -135,7 +143,7 @@ def run_training(cfg: TrainConfig) -> dict:
     # Handlers first: a preemption signal that arrives while the process group or the model is being
     # set up is remembered and honoured after the first step (save, exit 0) instead of being lost.
     _STOP["signal"] = None
-    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     env = None
     failed = True  # until train() returns: the exception path must not run collectives (D.cleanup)
     try:

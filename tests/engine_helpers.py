@@ -39,7 +39,8 @@ def split_sentences(paragraph: str) -> list[str]:
     return [s for s in _SENT.split(paragraph) if s.strip()]
 
 
-def make_stdlib_databin(out: Path, n_docs: int = 120, vocab_size: int = 1000) -> Path:
+def make_stdlib_databin(out: Path, n_docs: int = 120, vocab_size: int = 1000, permute_seed: int | None = None) -> Path:
+    """``permute_seed``: the same tokens under other ids (another vocabulary of the same size)."""
     from tokenizers import BertWordPieceTokenizer
     from transformers import BertTokenizerFast
 
@@ -51,6 +52,12 @@ def make_stdlib_databin(out: Path, n_docs: int = 120, vocab_size: int = 1000) ->
     wp.train_from_iterator((s for d in docs for s in d), vocab_size=vocab_size, min_frequency=2,
                            special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], show_progress=False)
     vocab = wp.get_vocab()
+    if permute_seed is not None:
+        import random
+
+        rest = sorted((t for t, i in vocab.items() if i >= 5), key=vocab.get)
+        random.Random(permute_seed).shuffle(rest)
+        vocab = {**{t: i for t, i in vocab.items() if i < 5}, **{t: 5 + k for k, t in enumerate(rest)}}
     tok = BertTokenizerFast(vocab=vocab, do_lower_case=True)
     return make_databin(out, [{"train": docs[:-12], "valid": docs[-12:]}], None, tokenizer=tok)
 

@@ -142,8 +142,12 @@ def test_existing_output_needs_overwrite_and_missing_tokenizer_is_explained(tmp_
     (tmp_path / "hf" / "keep.txt").write_text("x")
     with pytest.raises(ExportError, match="--overwrite"):
         export(run, tmp_path / "hf")
-    export(run, tmp_path / "hf", overwrite=True)
-    assert not (tmp_path / "hf" / "keep.txt").exists()
+    with pytest.raises(ExportError, match="replaces only an earlier export"):  # never a user's own folder
+        export(run, tmp_path / "hf", overwrite=True)
+    assert (tmp_path / "hf" / "keep.txt").read_text() == "x"
+    (tmp_path / "hf" / "keep.txt").unlink()
+    export(run, tmp_path / "hf")
+    export(run, tmp_path / "hf", overwrite=True)  # an earlier export is replaced
     (run / "config.yaml").write_text(yaml.safe_dump({"data": {"path": str(tmp_path / "moved")}}))
     with pytest.raises(ExportError, match="--tokenizer"):
         export(run, tmp_path / "hf2")

@@ -132,6 +132,23 @@ def test_resume_refuses_other_method(tiny_dir, sst_files, tmp_path):
         finetune(cfg_for(tiny_dir, train, dev, tmp_path / "r", **{"run.method": "freelb"}))
 
 
+def test_resume_refuses_a_changed_lr_or_training_file_and_records_what_was_used(tiny_dir, sst_files, tmp_path):
+    train, dev, _ = sst_files
+    out = tmp_path / "r"
+    finetune(cfg_for(tiny_dir, train, dev, out, **{"run.stop_after_epochs": 1}))
+    before = (out / "results.json").read_bytes()
+    with pytest.raises(ValueError, match=r"--optim.lr was 0.001, now 0.0005"):
+        finetune(cfg_for(tiny_dir, train, dev, out, **{"optim.lr": 5e-4}))
+    other = tmp_path / "other_train.tsv"
+    other.write_text(Path(train).read_text(encoding="utf-8"), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"--data.train was"):
+        finetune(cfg_for(tiny_dir, other, dev, out))
+    assert (out / "results.json").read_bytes() == before  # nothing recorded for the refused runs
+    res = finetune(cfg_for(tiny_dir, train, dev, out, **{"run.log_every": 3}))  # bookkeeping may change
+    assert [h["epoch"] for h in res["history"]] == [0, 1]
+    assert json.loads((out / "results.json").read_text())["config"]["optim"]["lr"] == 1e-3
+
+
 def test_pairs_and_regression_with_smart(tiny_dir, tmp_path):
     rows = [{"s1": f"a man plays {w}", "s2": f"someone plays {w}", "score": float(i % 5)}
             for i, w in enumerate(["guitar", "piano", "drums", "flute", "violin", "cello"])]

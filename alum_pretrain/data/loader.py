@@ -200,6 +200,13 @@ class PretrainLoader:
             plan = self.plan(self.epoch)
             n = len(plan)
             gb = self.batch_size * self.world_size
+            if self.drop_last and n < gb:  # would loop over epochs forever without a batch
+                raise ValueError(
+                    f"{self.databin.path} split {self.split!r}, epoch {self.epoch} (shard(s) "
+                    f"{self.shards_for_epoch(self.epoch)}): only {n} samples, fewer than one global batch of "
+                    f"{gb} (--train.batch_size={self.batch_size} x {self.world_size} process(es)); lower "
+                    "--train.batch_size (--train.grad_accum or --train.global_batch_size keep a large global "
+                    "batch), shorten --data.max_seq_len, or prepare more data")
             offsets = []
             off = self.offset
             while off < n:

@@ -35,11 +35,12 @@ import numpy as np
 import torch
 
 from ..atomic import fsync_dir
+from ..run_identity import check_same_identity
 from ..config import config_from_dict, config_to_dict, diff_configs
 from ..integrity import (IntegrityError, apply_umask, check_structure, first_nonfinite, safe_torch_load,
                          verify_checksums, write_checksums)
 from . import distributed as D
-from .config import SPEED_ONLY, TrainConfig
+from .config import SPEED_ONLY, TrainConfig, resume_overrides
 from .metrics import LOG
 from .step import NonFiniteError
 
@@ -216,6 +217,24 @@ def newest_intact_checkpoint(output_dir: str | os.PathLike, warn: Callable[[str]
 # ---- a run's save and resume (the engine's own part is its stepper's save/load) --------------------
 
 
+def nan_remedy(run, first_bad_step: int | None = None) -> str:
+    """The command that resumes a diverged run with a lower learning rate from the newest checkpoint whose
+    weights were written before the divergence began (step ``first_bad_step - 2`` or earlier: the update of
+    the step before the first non-finite one may already have produced the weights that overflow)."""
+    lr = run.cfg.optim.lr / 10
+    before = [(s, p) for s, p in list_checkpoints(run.out) if first_bad_step is None or s <= first_bad_step - 2]
+    start = f" --train.resume_from={before[-1][0]}" if before and first_bad_step is not None else ""
+    if not before:
+        return (f"no checkpoint precedes the divergence: start again with a lower learning rate in a new run "
+                f"folder: alum-train --config {run.out / 'config.yaml'} --optim.lr={lr:g} "
+                f"--train.output_dir={run.out}-lr{lr:g}")
+    where = f"from {before[-1][1].name}" if start else "from the newest checkpoint"
+    return (f"resume it {where} with a lower learning rate (the same launcher, e.g. torchrun/sbatch, for several "
+            f"processes): alum-train --config {run.out / 'config.yaml'} --optim.lr={lr:g} "
+            f"--train.resume_override=optim.lr{start} (with fp16, --train.precision cannot change on resume: "
+            "bf16/fp32 need a new --train.output_dir)")
+
+
 def last_good_checkpoint(run) -> str:
     """A sentence naming the newest checkpoint of ``run.out`` (for the error that stops a diverged run)."""
     ck = latest_checkpoint(run.out)
@@ -230,7 +249,7 @@ def save(run, step: int) -> None:
     bad = first_nonfinite(run.model.named_parameters())
     if bad is not None:
         raise NonFiniteError(f"step {step}: parameter {bad} holds NaN/Inf; no checkpoint written; "
-                             f"{last_good_checkpoint(run)} - resume from it with a lower --optim.lr")
+                             f"{last_good_checkpoint(run)}; {nan_remedy(run)}")
     run.stepper.save(step)
 
 
@@ -239,7 +258,13 @@ def restore(run) -> int:
     env = run.env
     trust = run.cfg.train.trust_checkpoint
     found = (None, None, [])
-    if env.is_main:  # verify newest-first; damaged ones are named and skipped (verify_checkpoint)
+    chosen = chosen_checkpoint(run.cfg, run.out)
+    if env.is_main and chosen is not None:  # --train.resume_from: that one or an error
+        try:
+            found = (chosen, verify_checkpoint(chosen, trust=trust), [])
+        except IntegrityError as e:
+            raise ValueError(f"--train.resume_from={run.cfg.train.resume_from}: {e}") from e
+    elif env.is_main:  # verify newest-first; damaged ones are named and skipped (verify_checkpoint)
         found = newest_intact_checkpoint(run.out, LOG.warning, trust=trust)
     ckpt, problems = D.broadcast_object(env, (found[0], found[2]))
     if ckpt is None:
@@ -251,34 +276,117 @@ def restore(run) -> int:
     state = found[1] if env.is_main else load_state(ckpt, trust=trust)
     check_resumable(run, ckpt, state)
     run.stepper.load(ckpt, state)  # weights and optimizer state (DDP) or the DeepSpeed engine
+    apply_resume_overrides(run, state)
     run.loader.load_state_dict(state["loader"])
     rngs = state["rng"]
     if len(rngs) == env.world_size:
         set_rng_state(rngs[env.rank])
     else:
         run.logger.info(f"world size changed ({len(rngs)} -> {env.world_size}): dropout RNG streams are re-seeded")
+    if chosen is not None and env.is_main:
+        set_aside_newer(run, int(state["step"]))
     run.logger.resume_at(int(state["step"]))
     run.logger.info(f"resumed from {ckpt} at step {state['step']}")
     return int(state["step"])
 
 
+def apply_resume_overrides(run, state: dict) -> None:
+    """Apply and record the ``--train.resume_override`` keys whose value differs from the checkpoint's.
+
+    ``optim.lr``: every parameter group's base and current learning rate are scaled by new/old, so the
+    schedule keeps its shape at the new peak; ``train.max_steps``: the schedule (built for the new length)
+    sets the current rate for the resumed step, and the masking curriculum follows the new length."""
+    saved = state["config"]
+    changed = {k: (_get(saved, k), _get(config_to_dict(run.cfg), k)) for k in resume_overrides(run.cfg.train)}
+    changed = {k: v for k, v in changed.items() if v[0] != v[1]}
+    if not changed:
+        return
+    sched = run.scheduler
+    if "optim.lr" in changed:
+        ratio = float(changed["optim.lr"][1]) / float(changed["optim.lr"][0])
+        for g in run.optimizer.param_groups:
+            g["initial_lr"] = g.get("initial_lr", g["lr"]) * ratio
+        sched.base_lrs = [b * ratio for b in sched.base_lrs]
+    for g, base, fn in zip(run.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+        g["lr"] = base * fn(sched.last_epoch)
+    sched._last_lr = [g["lr"] for g in run.optimizer.param_groups]  # what get_last_lr() reports
+    for key, (was, now) in changed.items():
+        run.logger.event({"step": int(state["step"]), "kind": "resume_override", "key": key, "was": was, "now": now})
+        run.logger.info(f"resume override at step {state['step']}: --{key} {was} -> {now}")
+
+
 def check_resumable(run, ckpt: Path, state: dict) -> None:
-    """ValueError unless ``state`` (of ``ckpt``) was written with the same result-changing config and global
-    batch as ``run``."""
+    """ValueError unless ``state`` (of ``ckpt``) was written with the same result-changing config, global
+    batch, data-bin and tokenizer as ``run``."""
+    check_state(run.cfg, run.global_batch, run.identity, ckpt, state)
+
+
+def check_state(cfg: TrainConfig, global_batch: int, identity: dict | None, ckpt: Path, state: dict) -> None:
+    """:func:`check_resumable` from the parts of a run (usable before the run is built)."""
+    if identity is not None:  # first: another vocabulary makes every other comparison moot
+        check_same_identity(state.get("identity"), identity, ckpt, cfg.data.path)
     saved = config_from_dict(TrainConfig, state["config"])
-    bad = diff_configs(saved, run.cfg, ignore=SPEED_ONLY)
+    # With a recorded fingerprint the data-bin is compared by content, so it may have moved.
+    ignore = SPEED_ONLY + (("data.path",) if state.get("identity") and identity is not None else ())
+    ignore += tuple(resume_overrides(cfg.train))
+    if resume_overrides(cfg.train) and cfg.train.engine != "ddp":
+        raise ValueError(f"--train.resume_override={cfg.train.resume_override}: supported by the ddp engine "
+                         "only (DeepSpeed restores its own schedule); restore the original values")
+    bad = diff_configs(saved, cfg, ignore=ignore)
     if bad:
         key = bad[0]
-        sv, nv = _get(config_to_dict(saved), key), _get(config_to_dict(run.cfg), key)
+        sv, nv = _get(config_to_dict(saved), key), _get(config_to_dict(cfg), key)
         raise ValueError(
             f"{ckpt}: cannot resume: --{key} was {sv!r} in the checkpointed run but is {nv!r} now "
             f"({len(bad)} result-changing key(s) differ: {', '.join(bad)}); restore the original value or use "
             "a new --train.output_dir")
-    if state["global_batch"] != run.global_batch:
+    if state["global_batch"] != global_batch:
         raise ValueError(
             f"{ckpt}: cannot resume: the global batch was {state['global_batch']} sequences and is now "
-            f"{run.global_batch} (--train.batch_size x --train.grad_accum x world size, or "
+            f"{global_batch} (--train.batch_size x --train.grad_accum x world size, or "
             "--train.global_batch_size); keep the global batch to resume")
+
+
+def chosen_checkpoint(cfg: TrainConfig, out: Path) -> Path | None:
+    """The checkpoint ``--train.resume_from`` names (None when unset); ValueError when it is not one of
+    this run's complete checkpoints."""
+    v = str(cfg.train.resume_from or "").strip()
+    if not v:
+        return None
+    p = checkpoints_dir(out) / f"step-{v}" if v.isdigit() else Path(v)
+    mine = {c.resolve(): c for _s, c in list_checkpoints(out)}
+    if p.resolve() not in mine:
+        have = ", ".join(c.name for _s, c in list_checkpoints(out)) or "none"
+        raise ValueError(f"--train.resume_from={v}: not a complete checkpoint of {out} (its checkpoints: {have})")
+    return mine[p.resolve()]
+
+
+def set_aside_newer(run, step: int) -> None:
+    """Rename the checkpoints newer than ``step`` to ``abandoned-step-N`` (kept; never resumed from)."""
+    for s, p in list_checkpoints(run.out):
+        if s > step:
+            dst = p.with_name(f"abandoned-{p.name}")
+            if dst.exists():
+                shutil.rmtree(dst)
+            os.replace(p, dst)
+            run.logger.event({"step": step, "kind": "resume_from", "abandoned": str(dst)})
+            run.logger.info(f"resuming from step {step}: {p} renamed {dst.name}")
+
+
+def check_before_start(cfg: TrainConfig, out: Path, global_batch: int, identity: dict | None) -> None:
+    """Refuse a resume that :func:`restore` would refuse, before the run folder is touched.
+
+    Checks the newest complete checkpoint of ``out`` (a damaged one is left to :func:`restore`, which
+    falls back past it and re-checks the one it takes)."""
+    ckpt = chosen_checkpoint(cfg, out) or latest_checkpoint(out)
+    if ckpt is None:
+        return
+    try:  # memory-mapped: the optimizer state is not read, only the config and fingerprint
+        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - damaged, or needs --train.trust_checkpoint: restore() decides
+        return
+    if isinstance(state, dict) and "config" in state and "global_batch" in state:
+        check_state(cfg, global_batch, identity, ckpt, state)
 
 
 def _get(d: dict, dotted: str):

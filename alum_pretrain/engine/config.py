@@ -12,7 +12,9 @@ Sections and keys (``alum-train --help`` lists every key with its default)::
 
 Result-changing vs speed-only: :data:`SPEED_ONLY` names the keys that may differ when a
 run resumes from a checkpoint (workers, compile, logging cadence, ...); every other key changes the
-numbers and a mismatch on resume is an error naming the key.
+numbers and a mismatch on resume is an error naming the key, except the keys of
+:data:`RESUME_OVERRIDABLE` (the learning rate, the number of steps) named explicitly in
+``--train.resume_override``, which the resumed run applies and records.
 """
 
 from __future__ import annotations
@@ -158,6 +160,14 @@ class LoopConfig:
     trust_checkpoint: bool = opt(False, "resume checkpoints whose train_state.pt needs the full unpickler "
                                         "(written by versions before weights_only-safe states); only for "
                                         "checkpoints you wrote yourself: unpickling can run code")
+    resume_from: str = opt("", "resume from this checkpoint (a RUN/checkpoints/step-N folder, or N) instead of "
+                               "the newest, e.g. the one before a divergence; newer checkpoints are renamed "
+                               "checkpoints/abandoned-step-N (kept, never resumed from)")
+    resume_override: str = opt("", "result-changing keys this resume may change, space- or comma-separated: "
+                                    "optim.lr (e.g. lower it after a divergence: the schedule keeps its shape, "
+                                    "scaled to the new peak) and train.max_steps (the LR schedule and masking "
+                                    "curriculum are re-planned for the new length); recorded in log.jsonl and "
+                                    "the model card")
 
     def __post_init__(self) -> None:
         if self.engine not in ("ddp", "deepspeed"):
@@ -175,6 +185,10 @@ class LoopConfig:
                 raise _bad(f"train.{key}", v, "must be an integer >= 0")
         if not self.output_dir:
             raise _bad("train.output_dir", self.output_dir, "must name a folder")
+        for key in resume_overrides(self):
+            if key not in RESUME_OVERRIDABLE:
+                raise _bad("train.resume_override", self.resume_override,
+                           f"{key} cannot be overridden on resume (allowed: {', '.join(RESUME_OVERRIDABLE)})")
         try:
             eps = [float(x) for x in str(self.smooth_eps).split(",") if x.strip()]
         except ValueError:
@@ -241,8 +255,19 @@ class TrainConfig:
                            trust_remote_code=self.model.trust_remote_code)
 
 
+# Result-changing keys a user may change on resume, only when named in --train.resume_override.
+RESUME_OVERRIDABLE = ("optim.lr", "train.max_steps")
+
+
+def resume_overrides(cfg: LoopConfig) -> list[str]:
+    """The keys named in ``--train.resume_override`` (space- or comma-separated)."""
+    return [k for k in str(cfg.resume_override or "").replace(",", " ").split() if k]
+
+
 # Keys that only change speed or bookkeeping, never the trained weights: they may differ on resume.
 SPEED_ONLY = (
+    "train.resume_override",
+    "train.resume_from",
     "train.output_dir",
     "train.num_workers",
     "train.compile",

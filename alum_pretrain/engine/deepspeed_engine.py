@@ -283,6 +283,7 @@ def save(run, step: int) -> None:
             "global_batch": run.global_batch,
             "world_size": env.world_size,
             "config": config_to_dict(run.cfg),
+            "identity": run.identity,
             "rng": rngs,
         }
         path = C.save_checkpoint(run.out, step, save_model_and_shards, state, run.cfg.train.keep_last)

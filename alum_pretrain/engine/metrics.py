@@ -145,6 +145,12 @@ class RunLogger:
             self._fh.write(json.dumps({"step": step, "kind": "warning", "message": msg}) + "\n")
             self._fh.flush()
 
+    def event(self, record: dict[str, Any]) -> None:
+        """A bookkeeping record (``{"step", "kind", ...}``) in log.jsonl only: not a metric, not TensorBoard."""
+        if self.enabled:
+            self._fh.write(json.dumps(record) + "\n")
+            self._fh.flush()
+
     def log(self, record: dict[str, Any], console: bool = True, write=None) -> None:
         if not self.enabled:
             return

@@ -20,7 +20,9 @@ from ..config import config_from_dict, config_to_dict, save_yaml
 from ..data.databin import DataBin, verify_databin
 from ..data.loader import build_loader
 from ..data.tokens import build_token_tables
+from ..run_identity import data_identity, record_identity, validate_databin
 from . import distributed as D
+from .checkpoint import check_before_start
 from .config import TrainConfig, resolve_grad_accum
 from .gpu import check_device
 from .metrics import LOG, Accumulator, RunLogger, decoder_flops_per_masked_token, flops_per_token, peak_flops
@@ -56,6 +58,7 @@ class Run:
     decoder_flops: float = 0.0  # per masked token (tied MLM decoder)
     engine: Any = None  # the DeepSpeed engine (= step_module) under --train.engine=deepspeed, else None
     stepper: Optional[Stepper] = None  # the engine's half of each optimizer step and checkpoint
+    identity: Optional[dict] = None  # fingerprint of the data-bin and tokenizer (alum_pretrain.run_identity)
 
     def sample_ids(self, micro: int) -> torch.Tensor:
         """Global index, within the optimizer step, of each row of this rank's micro-batch ``micro``.
@@ -122,14 +125,19 @@ def build_run(cfg: TrainConfig, env: D.DistEnv) -> Run:
     check_device(env.device, tc.precision)  # kernels for this GPU; no bf16 below compute capability 8.0
     cfg = _resolved_config(cfg, grad_accum)
     out = Path(tc.output_dir)
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
     databin = DataBin(cfg.data.path)
     # Sizes (default, every rank: instant) or SHA-256 (--data.verify=full: once per node, each node may
     # read its own copy) of every shard file against manifest.json.
     if cfg.data.verify == "size" or env.local_rank == 0:
         verify_databin(databin, cfg.data.verify, log=LOG.info if env.is_main else None)
-    tables = build_token_tables(databin)
+    tokenizer = databin.tokenizer()
+    validate_databin(databin, tokenizer, full=cfg.data.verify == "full" and env.local_rank == 0)
+    identity = data_identity(databin, databin.tokenizer_dir)
+    # Everything that can refuse a resume runs before the run folder is touched.
+    check_before_start(cfg, out, global_batch, identity)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    tables = build_token_tables(databin, tokenizer)
 
     # Same init on every rank (DDP also broadcasts rank 0's weights); then per-rank dropout streams.
     torch.manual_seed(tc.seed)
@@ -180,6 +188,7 @@ def build_run(cfg: TrainConfig, env: D.DistEnv) -> Run:
     logger = RunLogger(out, env.is_main)
     if env.is_main:
         save_yaml(cfg, out / "config.yaml")
+        record_identity(out, identity, databin.tokenizer_dir)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info(f"model: {n_params / 1e6:.2f}M parameters; world size {env.world_size}; device {env.device}; "
                 f"global batch {global_batch} = {tc.batch_size} x {grad_accum} accum x {env.world_size} ranks; "
@@ -189,7 +198,7 @@ def build_run(cfg: TrainConfig, env: D.DistEnv) -> Run:
     run = Run(cfg=cfg, env=env, out=out, model=model, step_module=step_module, optimizer=optimizer,
               scheduler=scheduler, scaler=scaler, amp_dtype=amp_dtype, loader=loader, valid=valid,
               valid_state0=valid_state0, masker=masker, grad_accum=grad_accum, global_batch=global_batch,
-              logger=logger, gen_device=env.device, engine=engine)
+              logger=logger, gen_device=env.device, engine=engine, identity=identity)
     run.stepper = make_stepper(run)
     run.peak_flops = peak_flops(env.device, tc.precision)
     if run.peak_flops:

@@ -154,6 +154,7 @@ class DDPStepper(Stepper):
             "global_batch": run.global_batch,
             "world_size": run.env.world_size,
             "config": config_to_dict(run.cfg),
+            "identity": run.identity,  # the data-bin and tokenizer fingerprint (alum_pretrain.run_identity)
         }
 
     def load(self, ckpt: Path, state: dict) -> None:

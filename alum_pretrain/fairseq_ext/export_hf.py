@@ -54,6 +54,7 @@ from typing import Any, Optional
 import torch
 
 from ..atomic import atomic_dir
+from ..export_target import ExportTargetError, check_export_target, write_export_marker
 from ..data.databin import FAIRSEQ_NSPECIAL, MANIFEST, DataBin
 from ..model_card import model_card
 
@@ -315,8 +316,10 @@ def export_fairseq(ckpt: str | os.PathLike, out: str | os.PathLike, *, tokenizer
     from transformers import AutoTokenizer, RobertaConfig, RobertaForMaskedLM
 
     out = Path(out)
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
-        raise FairseqExportError(f"{out}: already exists; choose another OUT or pass --overwrite")
+    try:
+        check_export_target(out, ckpt, overwrite)  # (before anything is loaded or written)
+    except ExportTargetError as e:
+        raise FairseqExportError(str(e)) from e
     sd, model_cfg, task_cfg = load_checkpoint(ckpt, trust=trust)
     root, tok_dir = find_databin(task_cfg, tokenizer)
     if not tok_dir.is_dir():
@@ -366,5 +369,6 @@ def export_fairseq(ckpt: str | os.PathLike, out: str | os.PathLike, *, tokenizer
         card += (f"\nFairseq token id = tokenizer id + {id_offset}; max positions {tok.model_max_length}."
                  + (" NSP head: `nsp_head.safetensors` (see `nsp_head.json`)." if nsp else "") + "\n")
         (tmp / "README.md").write_text(card, encoding="utf-8")
+        write_export_marker(tmp, str(ckpt), engine="fairseq")
     log.info("exported fairseq checkpoint %s -> %s (RobertaForMaskedLM%s)", ckpt, out, " + NSP head" if nsp else "")
     return out

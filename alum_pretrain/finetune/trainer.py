@@ -334,6 +334,37 @@ def _build_job(cfg: FinetuneConfig) -> _Job:
 # the steps of the loop
 # -------------------------------------------------------------------------------------------------
 
+# Keys that change no trained number: they may differ when a run resumes from OUT/checkpoint.pt.
+RESUME_FREE = ("run.out", "run.resume", "run.device", "run.predictions_format", "run.log_every", "run.progress",
+               "run.stop_after_epochs", "run.max_nonfinite", "run.trust_checkpoint", "optim.eval_batch_size",
+               "data.test")
+_PATH_KEYS = ("model.path", "model.tokenizer", "data.train", "data.dev", "rift.wordnet_dir")
+
+
+def check_same_settings(saved: dict, cfg: FinetuneConfig, ckpt_path: Path) -> None:
+    """ValueError naming every result-changing key (learning rate, training file, ...) whose value differs
+    from the one ``checkpoint.pt`` was written with: a resume never uses one value and records another."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    def norm(k: str, v: Any) -> Any:
+        if k in _PATH_KEYS and isinstance(v, str) and v:
+            return str(Path(v).resolve())
+        return list(v) if isinstance(v, tuple) else v
+
+    was, now = flat(saved), flat(json.loads(json.dumps(config_to_dict(cfg))))
+    diff = sorted(k for k in set(was) | set(now)
+                  if k not in RESUME_FREE and norm(k, was.get(k)) != norm(k, now.get(k)))
+    if diff:
+        shown = "; ".join(f"--{k} was {was.get(k)!r}, now {now.get(k)!r}" for k in diff[:5])
+        raise ValueError(f"{ckpt_path}: cannot resume: {shown} ({len(diff)} result-changing setting(s) differ); "
+                         "restore the original values to resume, or start over with another --out or "
+                         "--run.resume=never")
+
+
 def _resume(job: _Job) -> tuple[int, list, Optional[dict]]:
     """-> (first epoch to run, history, best) restored from ``OUT/checkpoint.pt`` (``resume=auto``), or a
     fresh start; ValueError when the checkpoint belongs to another method, task or model."""
@@ -348,6 +379,7 @@ def _resume(job: _Job) -> tuple[int, list, Optional[dict]]:
         if was[key] != now[key]:
             raise ValueError(f"{ckpt_path} was written by a run with {key}={was[key]!r}, this run has "
                              f"{now[key]!r}: use another --out or --run.resume=never")
+    check_same_settings(state["config"], cfg, ckpt_path)
     job.model.load_state_dict(state["model"])
     job.optimizer.load_state_dict(state["optimizer"])
     job.scheduler.load_state_dict(state["scheduler"])
