@@ -358,3 +358,29 @@ def test_trainer_ddp_two_processes_keep_ranks_in_sync(tmp_path):
     mlm = json.loads((tmp_path / "mlm-rank0.json").read_text())
     assert mlm["world"] == 2 and mlm["wrapped"] and all(mlm["wrapped"])
     assert all(h["adv"] > 0 for h in mlm["logs"] if "loss" in h and "train_runtime" not in h)
+
+
+@pytest.mark.parametrize("alum_kw,check", [
+    (dict(adv_dropout="shared", noise_std=0.0, k_steps=0), "zero"),     # delta = 0, same masks: R = 0 exactly
+    (dict(adv_dropout="off"), "positive"),
+    (dict(objective="rdrop"), "positive"),
+    (dict(adv_dropout="shared", scale="rel", epsilon=0.05, step_size=0.05), "share1"),
+])
+def test_alum_trainer_dropout_modes_and_rdrop(tokenizer, tmp_path, alum_kw, check):
+    """alum.adv_dropout / alum.objective / alum.scale through the Trainer integration (dropout 0.1 on)."""
+    from alum_pretrain.hf import AlumTrainer
+
+    collator = DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm_probability=0.15)
+    trainer = AlumTrainer(model=tiny_mlm(tokenizer), args=make_args(tmp_path, max_steps=3),
+                          train_dataset=mlm_dataset(tokenizer), data_collator=collator,
+                          alum=ALUMConfig(alpha=1.0, log_baseline=True, **alum_kw))
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h and "eval_loss" not in h]
+    assert len(logs) == 3 and all(math.isfinite(h["loss"]) for h in logs)
+    for h in logs:
+        if check == "zero":
+            assert h["adv"] == 0.0 and h["adv_dropout"] == 0.0
+        elif check == "share1":
+            assert h["adv"] > 0 and h["adv_dropout"] == 0.0 and h["adv_share"] == 1.0
+        else:
+            assert h["adv"] > 0

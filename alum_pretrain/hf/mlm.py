@@ -46,6 +46,7 @@ from ..adversarial import ALUMConfig
 from ..masking import IGNORE_INDEX, STREAM_ALUM, sample_generators
 from ..models import PretrainModel
 from ..objective import Normalizers, pretrain_objective
+from ..passes import AdversarialPasses
 from .curriculum import MaskingCurriculumCallback
 from .logs import MetricLogMixin
 
@@ -136,11 +137,13 @@ class AlumTrainer(MetricLogMixin, Trainer):
 
         with self.accelerator.autocast():
             embeds = pm.embed(ids, tt)  # (B, T, H) the perturbation point
+            # the adversarial passes' dropout context (alum.adv_dropout), captured before the clean pass draws
+            passes = AdversarialPasses.capture(self.alum.adv_dropout, pm, embeds.device) if alum_on else None
             clean = self._clean_pass(model, pm, embeds, inputs, masked_pos, use_nsp)
             loss, metrics = pretrain_objective(
                 heads, embeds, clean, mlm_targets=flat.index_select(0, masked_pos),
                 nsp_labels=nsp_labels if use_nsp else None, pad_mask=attn.bool(), alum=self.alum, alum_on=alum_on,
-                norm=Normalizers(mlm=mlm_denom, nsp=nsp_denom), generators=gens)
+                norm=Normalizers(mlm=mlm_denom, nsp=nsp_denom), generators=gens, passes=passes)
         self.loss_is_scaled_for_ga = True
         self.accumulate_metrics(metrics, LOGGED)
         self._alum_last = alum_on
