@@ -342,3 +342,16 @@ def test_freelb_random_start_is_scaled_and_masked():
     assert torch.all(d.abs().amax(dim=(1, 2)) > 0.8 * bound)
     d = init_uniform_delta(embeds, batch["attention_mask"], 0.05, "linf", g)
     assert d.abs().max() <= 0.05 and d.abs().max() > 0.04 and torch.all(d[batch["attention_mask"] == 0] == 0)
+
+
+@pytest.mark.parametrize("mode", ["independent", "shared", "off"])
+def test_smart_adversarial_dropout_modes(mode):
+    """SMART fine-tuning takes alum.adv_dropout too: with delta = 0, shared masks give exactly 0, independent
+    masks the dropout disagreement, off the train-vs-eval difference (both > 0)."""
+    model, batch = tiny_model(dropout=0.3), tiny_batch()
+    model.train()
+    cfg = SmartConfig(noise_std=0.0, k_steps=0, adv_dropout=mode)
+    torch.manual_seed(3)
+    m = Smart(cfg).train_step(make_ctx(model), batch)
+    assert (m["adv"].item() == 0.0) == (mode == "shared")
+    assert model.training and all(x.training for x in model.modules())

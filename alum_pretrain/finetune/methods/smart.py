@@ -26,6 +26,7 @@ from typing import ClassVar
 
 from ...adversarial import ALUMConfig, alum_regularizer
 from ...divergence import get_divergence
+from ...passes import AdversarialPasses
 from .base import Method, TrainContext, forward_from_embeds, mse_divergence, task_loss, word_embeddings
 from ...config import opt
 
@@ -54,6 +55,7 @@ class Smart(Method):
 
     def train_step(self, ctx: TrainContext, batch):
         embeds = word_embeddings(ctx.model, batch)                       # (B, T, H)
+        passes = AdversarialPasses.capture(self.alum_cfg.adv_dropout, ctx.model, embeds.device)  # alum.adv_dropout
         logits = forward_from_embeds(ctx.model, embeds, batch)           # (B, C) clean pass
         loss = task_loss(logits, batch["labels"], self.regression)
         metrics = {"task": loss.detach()}
@@ -61,7 +63,7 @@ class Smart(Method):
             r, m = alum_regularizer(lambda e: forward_from_embeds(ctx.model, e, batch), embeds, logits,
                                     self.alum_cfg, pad_mask=batch["attention_mask"],
                                     generator=ctx.generator(1), divergence=self.divergence,
-                                    per_example_scale=True)
+                                    per_example_scale=True, passes=passes)
             loss = loss + self.alum_cfg.alpha * r        # a non-finite term arrives as 0 (adv_nonfinite)
             metrics.update({k: m[k] for k in ("adv", "delta_linf", "ascent_nonfinite", "ascent_zero_grad_frac",
                                                "adv_nonfinite", "adv_dropout") if k in m})
