@@ -85,7 +85,7 @@ def smoothness_json(argv: list[str], dst: Path, log: Path) -> None:
 
     print("+ alum-smoothness " + " ".join(argv), flush=True)
     t0 = time.monotonic()
-    tmp = dst.with_name(dst.name + ".tmp")
+    tmp = dst.with_name(f"{dst.name}.{os.getpid()}.tmp")
     with open(log, "a", encoding="utf-8") as fh, contextlib.redirect_stdout(fh):
         rc = smoothness_main([*argv, "--json", str(tmp)])
     if rc != 0:
@@ -94,12 +94,38 @@ def smoothness_json(argv: list[str], dst: Path, log: Path) -> None:
     print(f"  ({time.monotonic() - t0:.1f} s)", flush=True)
 
 
+def claim(out: Path) -> bool:
+    """True when this process may train ``out``: it takes ``OUT.lock`` (holding its pid), or the lock's owner
+    is gone; False after waiting for another live invocation to finish it (two invocations with the seeds
+    in different orders share the work)."""
+    lock = out.with_name(out.name + ".lock")
+    while True:
+        if (out / "COMPLETED").exists():
+            return False
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            return True
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text() or "0")
+                os.kill(pid, 0)
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                lock.unlink(missing_ok=True)   # its owner was killed: resume the run here
+                continue
+            except PermissionError:
+                pass
+            print(f"  waiting for process {pid}, which trains {out}", flush=True)
+            time.sleep(30)
+
+
 def pretrain(args, out: Path, init_from: Path, steps: int, seed: int, extra: list[str], log: Path,
              export: bool = True) -> Path:
     """One continual pre-training run (skipped when ``out/COMPLETED`` exists) -> its export ``OUT-hf`` (made
     unless ``export`` is false; then the run folder, which alum-smoothness reads as its newest checkpoint)."""
-    if not (out / "COMPLETED").exists():
-        sh([sys.executable, "-m", "alum_pretrain.train", "--data.path", str(args.data_bin), "--data.nsp=false",
+    if not (out / "COMPLETED").exists() and claim(out):
+        sh([sys.executable, "-m", "alum_pretrain.train", "--data.path", str(args.data_bin), "--data.mode", "blocks", "--data.nsp=false",
             "--data.max_seq_len", str(args.seq_len), "--model.init_from", str(init_from),
             "--optim.lr", str(args.lr), "--optim.warmup_ratio", "0.05", "--optim.fresh_lr_mult", str(args.fresh_lr_mult),
             "--train.max_steps", str(steps), "--train.batch_size", str(args.batch_size),
@@ -108,6 +134,7 @@ def pretrain(args, out: Path, init_from: Path, steps: int, seed: int, extra: lis
             "--train.eval_every", str(steps), "--train.eval_batches", str(args.eval_batches),
             "--train.save_every", str(steps), "--train.log_every", str(max(1, min(10, steps // 10))),
             "--train.progress=false", "--train.device", args.device, "--train.output_dir", str(out), *extra], log)
+        out.with_name(out.name + ".lock").unlink(missing_ok=True)
     if not export:
         return out
     hf = out.with_name(out.name + "-hf")
