@@ -37,7 +37,10 @@ Prints the smoothness table, then ``name=value`` lines for scripts: ``smoothness
 Quick CPU run (see docs/what-alum-does.md)::
 
     nice -n 10 python benchmarks/alum_vs_standard.py --init-from MINILM_DIR --out runs/ablation --tasks none \\
-        --shared-steps 150 --arm-steps 60 --batch-size 16 --seq-len 64 --seeds 1,2
+        --shared-steps 120 --arm-steps 30 --batch-size 16 --seq-len 64 --lr 5e-4 --fresh-lr-mult 30 \\
+        --eval-batches 4 --smooth-batches 4 --seeds 1,2
+
+Two invocations with the seeds in different orders (``--seeds 2,1``) and the same ``--out`` share the work.
 """
 
 from __future__ import annotations
@@ -229,6 +232,10 @@ def table(args, figures: dict) -> str:
     return "\n".join(lines)
 
 
+def _div(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
 def _spread(vals: list[float]) -> tuple[float, float, float]:
     return statistics.median(vals), min(vals), max(vals)
 
@@ -247,14 +254,14 @@ def summary_lines(args, figures: dict) -> list[str]:
         stats = {}
         for tag, suffix in tags.items():
             for kind in ("raw", "matched"):
-                stats[f"ratio_{kind}_{arm}{suffix}"] = _spread([a[f"{kind}_{tag}"] / b[f"raw_{tag}"] for a, b in rows])
+                stats[f"ratio_{kind}_{arm}{suffix}"] = _spread([_div(a[f"{kind}_{tag}"], b[f"raw_{tag}"]) for a, b in rows])
         stats[f"mlm_cost_{arm}"] = _spread([a["mlm"] - b["mlm"] for a, b in rows])
         stats[f"acc_diff_{arm}"] = _spread([a["acc"] - b["acc"] for a, b in rows])
         for name, (med, lo, hi) in stats.items():
             lines += [f"{name}={med:.6g}", f"{name}_range={lo:.6g}..{hi:.6g}"]
         lines.append(f"delta_share_{arm}={statistics.fmean(a['delta_share'] for a, _ in rows):.6g}")
         if arm == "alum" and paper in tags:
-            med = statistics.median(a[f"raw_{paper}"] / b[f"raw_{paper}"] for a, b in rows)
+            med = statistics.median(_div(a[f"raw_{paper}"], b[f"raw_{paper}"]) for a, b in rows)
             lines.insert(0, f"smoothness_ratio_alum_over_standard={med:.6g}")
     return lines
 
