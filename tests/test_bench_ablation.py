@@ -42,7 +42,7 @@ def _run(root: Path, data: Path, *extra: str) -> subprocess.CompletedProcess:
            "--out", str(root / "out"), "--tasks", "none", "--arms", "standard,alum_shared", "--seeds", "1,2",
            "--shared-steps", "3", "--arm-steps", "2", "--batch-size", "4", "--seq-len", "32", "--eval-batches", "1",
            "--smooth-batches", "1", "--smooth-batch-size", "4", "--lr", "1e-3", *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=800)
 
 
 def _values(stdout: str) -> dict[str, str]:
