@@ -50,6 +50,23 @@ def final_validation(run: Optional[Path]) -> dict[str, float]:
     return {k: float(last[k]) for k in ("step", "valid_mlm", "valid_acc") if isinstance(last.get(k), (int, float))}
 
 
+def delta_share(run: Optional[Path]) -> Optional[float]:
+    """The mean ``adv_share`` (the part of ALUM's R due to delta rather than dropout) over the training records
+    of ``RUN/log.jsonl`` that carry it, or None."""
+    if run is None or not (Path(run) / "log.jsonl").is_file():
+        return None
+    shares = []
+    with open(Path(run) / "log.jsonl", encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                rec = json.loads(line)
+            except ValueError:  # a torn last line of a killed run
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("adv_share"), (int, float)):
+                shares.append(float(rec["adv_share"]))
+    return sum(shares) / len(shares) if shares else None
+
+
 def resume_overrides_of(run: Optional[Path]) -> list[dict]:
     """The ``"kind": "resume_override"`` records of ``RUN/log.jsonl`` (result-changing keys a resume changed)."""
     if run is None or not (Path(run) / "log.jsonl").is_file():
@@ -92,7 +109,7 @@ def _get(cfg: dict, dotted: str, default: Any = None) -> Any:
     return cur
 
 
-def _recipe(cfg: dict) -> list[str]:
+def _recipe(cfg: dict, run: Optional[Path] = None) -> list[str]:
     if not _get(cfg, "train.max_steps"):
         engine = _get(cfg, "train.engine")
         return [f"- engine: {engine}" if engine else "- (no training configuration was found beside the checkpoint)"]
@@ -107,7 +124,12 @@ def _recipe(cfg: dict) -> list[str]:
     alum = ("off (alpha = 0)" if not a.get("alpha") else
             f"alpha {a.get('alpha')}, epsilon {a.get('epsilon')}, step size {a.get('step_size')}, noise "
             f"{a.get('noise_std')}, K {a.get('k_steps')}, projection {a.get('projection')}, perturbation at "
-            f"{a.get('perturb_at')}, divergence {a.get('divergence')}, from step {a.get('start_step')}")
+            f"{a.get('perturb_at')}, divergence {a.get('divergence')}, from step {a.get('start_step')}; "
+            f"objective {a.get('objective', 'alum')}, adversarial-pass dropout {a.get('adv_dropout', 'independent')}, "
+            f"epsilon scale {a.get('scale', 'abs')}")
+    share = delta_share(run) if a.get("alpha") else None
+    if share is not None:
+        alum += f"; measured share of the ALUM term due to delta (not dropout): {100 * share:.3g} %"
     return [
         f"- steps: {_get(cfg, 'train.max_steps', '?')}; batch: {batch}; max sequence length "
         f"{_get(cfg, 'data.max_seq_len', '?')}; NSP: {_get(cfg, 'data.nsp', '?')}",
@@ -154,7 +176,7 @@ def model_card(model, cfg: dict, *, step: Optional[int], run: Optional[Path], so
         f"{c.num_attention_heads} heads, vocabulary {c.vocab_size}, {params:.1f}M parameters. "
         + (f"Continued from `{base}`. " if base else "Trained from scratch. ")
         + f"Exported by `alum-export` from {source}" + (f" at step {step}." if step is not None else "."),
-        "", "## Training recipe", "", *_recipe(cfg), "",
+        "", "## Training recipe", "", *_recipe(cfg, run), "",
     ]
     overrides = resume_overrides_of(run)
     if overrides:

@@ -50,6 +50,12 @@ def test_shared_dropout_runs_and_its_share_is_all_delta(databin, tmp_path):
                      "--train.eval_every=0") == 0
     recs = read_log(out)
     assert all(r["adv_dropout"] == 0.0 and r["adv_share"] == 1.0 and r["adv"] > 0 for r in recs)
+    # the model card names the setting and the measured delta share
+    from alum_pretrain.export import export
+
+    export(out, tmp_path / "hf")
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "adversarial-pass dropout shared" in card and "due to delta (not dropout): 100 %" in card
 
 
 @pytest.mark.parametrize("extra", [("--alum.adv_dropout=off",), ("--alum.objective=rdrop",)])
