@@ -34,41 +34,8 @@ def public_name(ref: Any) -> str:
     return re.split(r"[/\\]", s)[-1]
 
 
-def final_validation(run: Optional[Path]) -> dict[str, float]:
-    """The last ``"kind": "valid"`` record of ``RUN/log.jsonl`` (``step``, ``valid_mlm``, ``valid_acc``), or {}."""
-    if run is None or not (Path(run) / "log.jsonl").is_file():
-        return {}
-    last: dict = {}
-    with open(Path(run) / "log.jsonl", encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                rec = json.loads(line)
-            except ValueError:  # a torn last line of a killed run
-                continue
-            if isinstance(rec, dict) and rec.get("kind") == "valid" and "valid_mlm" in rec:
-                last = rec
-    return {k: float(last[k]) for k in ("step", "valid_mlm", "valid_acc") if isinstance(last.get(k), (int, float))}
-
-
-def delta_share(run: Optional[Path]) -> Optional[float]:
-    """The mean ``adv_share`` (the part of ALUM's R due to delta rather than dropout) over the training records
-    of ``RUN/log.jsonl`` that carry it, or None."""
-    if run is None or not (Path(run) / "log.jsonl").is_file():
-        return None
-    shares = []
-    with open(Path(run) / "log.jsonl", encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                rec = json.loads(line)
-            except ValueError:  # a torn last line of a killed run
-                continue
-            if isinstance(rec, dict) and isinstance(rec.get("adv_share"), (int, float)):
-                shares.append(float(rec["adv_share"]))
-    return sum(shares) / len(shares) if shares else None
-
-
-def resume_overrides_of(run: Optional[Path]) -> list[dict]:
-    """The ``"kind": "resume_override"`` records of ``RUN/log.jsonl`` (result-changing keys a resume changed)."""
+def _log_records(run: Optional[Path]) -> list[dict]:
+    """The records of ``RUN/log.jsonl`` (none without one; a torn last line of a killed run is skipped)."""
     if run is None or not (Path(run) / "log.jsonl").is_file():
         return []
     out = []
@@ -78,9 +45,28 @@ def resume_overrides_of(run: Optional[Path]) -> list[dict]:
                 rec = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(rec, dict) and rec.get("kind") == "resume_override":
+            if isinstance(rec, dict):
                 out.append(rec)
     return out
+
+
+def final_validation(run: Optional[Path]) -> dict[str, float]:
+    """The last ``"kind": "valid"`` record of ``RUN/log.jsonl`` (``step``, ``valid_mlm``, ``valid_acc``), or {}."""
+    valid = [r for r in _log_records(run) if r.get("kind") == "valid" and "valid_mlm" in r]
+    last = valid[-1] if valid else {}
+    return {k: float(last[k]) for k in ("step", "valid_mlm", "valid_acc") if isinstance(last.get(k), (int, float))}
+
+
+def delta_share(run: Optional[Path]) -> Optional[float]:
+    """The mean ``adv_share`` (the part of ALUM's R due to delta rather than dropout) over the training records
+    of ``RUN/log.jsonl`` that carry it, or None."""
+    shares = [float(r["adv_share"]) for r in _log_records(run) if isinstance(r.get("adv_share"), (int, float))]
+    return sum(shares) / len(shares) if shares else None
+
+
+def resume_overrides_of(run: Optional[Path]) -> list[dict]:
+    """The ``"kind": "resume_override"`` records of ``RUN/log.jsonl`` (result-changing keys a resume changed)."""
+    return [r for r in _log_records(run) if r.get("kind") == "resume_override"]
 
 
 def corpus_names(data_path: Any, limit: int = 10) -> list[str]:
