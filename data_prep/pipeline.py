@@ -38,6 +38,7 @@ import numpy as np
 
 from alum_pretrain.data.databin import FAIRSEQ_NSPECIAL
 from alum_pretrain.data.indexed import best_dtype
+from alum_pretrain.runlock import lock_folder
 
 from . import tokenizer as toks
 from .config import PrepConfig
@@ -102,6 +103,11 @@ class Preparer:
         fingerprint, inputs, tok_src = manifest_fingerprint(cfg, files)
         existed = self.out.exists()
         created = first_missing(self.out)
+        # One alum-prep per --out (alum_pretrain.runlock): a second one stops here, before touching anything.
+        with lock_folder(self.out, tool="alum-prep", command=" ".join(map(str, self.command))):
+            return self._claimed_run(files, fingerprint, inputs, tok_src, existed, created)
+
+    def _claimed_run(self, files, fingerprint, inputs, tok_src, existed, created) -> dict:
         resume = claim_output(self.out, fingerprint, self.overwrite, self.warn)
         try:
             return self._run(files, fingerprint, inputs, tok_src, resume)
