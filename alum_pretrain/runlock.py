@@ -71,7 +71,7 @@ def _busy_message(folder: Path, tool: str, info: dict, mode: str, stale_s: float
     how = ("the lock is released when that process exits, kill -9 included"
            if mode == "flock" else
            f"the lock is taken over {stale_s:.0f} s after that process stops refreshing it")
-    return (f"{tool}: {folder} is in use by {who}; {how}. Wait for it to finish, stop it, or choose another "
+    return (f"{folder} is in use by {who}; {how}. Wait for it to finish, stop it, or choose another "
             f"output folder - two processes in one folder would interleave their writes")
 
 

@@ -13,7 +13,8 @@ the current step, save a checkpoint and exit 0; ``OUTPUT/COMPLETED`` marks a fin
 process on the same ``train.output_dir`` exits 2 at once naming the first (:mod:`alum_pretrain.runlock`).
 A step whose loss or gradient norm is NaN/Inf is skipped (no update, no LR-schedule step; ``nonfinite_skipped``
 in the log); ``train.max_nonfinite`` of them in a row stop the run with exit code 3 naming the last good
-checkpoint.  Resume verifies checkpoints (checksums, safe loading, finite weights) and falls back past
+checkpoint.  A checkpoint write that runs out of disk space exits 4 naming the folder, the bytes needed and
+the last intact checkpoint (a warning comes earlier when free space is short).  Resume verifies checkpoints (checksums, safe loading, finite weights) and falls back past
 damaged ones (:mod:`alum_pretrain.engine.checkpoint`).
 """
 
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 
 from .atomic import write_json
 from .config import parse_config
+from .diskspace import DiskFullError
 from .engine import distributed as D
 from .engine.config import TrainConfig
 from .engine.metrics import LOG, DeltaShareWatch
@@ -167,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as exc:  # diverged: nothing non-finite was checkpointed
         print(f"alum-train: error: {exc}", file=sys.stderr)
         return 3
+    except DiskFullError as exc:  # the half-written checkpoint is removed; the previous one is intact
+        print(f"alum-train: error: {exc}", file=sys.stderr)
+        return 4
     return 0
 
 
