@@ -211,6 +211,9 @@ def install() -> bool:
             mod.validate_and_save = _wrap_validate_and_save(mod.validate_and_save)
     from fairseq import checkpoint_utils
 
+    from .strict import install_strict
+
+    install_strict(mods)  # non-finite updates skipped and counted; data errors one line (exit 2 / 3)
     if not hasattr(checkpoint_utils.verify_checkpoint_directory, "__wrapped__"):
         checkpoint_utils.verify_checkpoint_directory = _locking_verify(checkpoint_utils.verify_checkpoint_directory)
     if not isinstance(checkpoint_utils.PathManager, _AtomicCopyPathManager):
