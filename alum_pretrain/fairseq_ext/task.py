@@ -45,7 +45,6 @@ from fairseq.data import (
     NumSamplesDataset,
     PrependTokenDataset,
     RightPadDataset,
-    SortDataset,
     TokenBlockDataset,
     data_utils,
 )
@@ -58,7 +57,8 @@ from alum_pretrain.data.databin import MANIFEST, DataBin
 from alum_pretrain.data.tokens import build_token_tables
 from alum_pretrain.masking import IGNORE_INDEX, STREAM_EVAL_MASK, STREAM_MASK, TokenMasker
 
-from .datasets import FairseqIds, HostIdsDataset, NSPPairDataset, NSPSampleDataset, SentenceChunkDataset, load_doc_starts
+from .datasets import (FairseqIds, HostIdsSortDataset, NSPPairDataset, NSPSampleDataset, SentenceChunkDataset,
+                       load_doc_starts)
 from .strict import SKIP_FLAG
 
 logger = logging.getLogger(__name__)
@@ -251,7 +251,7 @@ class AlumMaskedLMTask(FairseqTask):
         logger.info("loaded %d %s samples from %s", len(dataset), self.cfg.sample_mode, prefix)
         with data_utils.numpy_seed(self.cfg.seed + epoch):
             shuffle = np.random.permutation(len(dataset))
-        self.datasets[split] = SortDataset(HostIdsDataset(dataset), sort_order=[shuffle, sizes])
+        self.datasets[split] = HostIdsSortDataset(dataset, sort_order=[shuffle, sizes])
 
     # ---------------------------------------------------------------- model
 
