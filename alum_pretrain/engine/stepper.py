@@ -187,7 +187,10 @@ class DeepSpeedStepper(Stepper):
         return DS.optimizer_step(self.run.engine)  # unscale, clip, step, schedule, zero_grad in engine.step()
 
     def update(self, skip: bool) -> None:
-        """Nothing left: the engine's step (in :meth:`clip`) already updated, or skipped a non-finite update."""
+        """The engine's step (in :meth:`clip`) already updated, or skipped a non-finite update; an fp16
+        overflow (finite loss: not ``skip``) still steps the LR schedule, as under DDP."""
+        if not skip:
+            DS.schedule_after_overflow(self.run.engine)
 
     def save(self, step: int) -> None:  # every rank also writes its ZeRO shard into the same step-N folder
         DS.save(self.run, step)
