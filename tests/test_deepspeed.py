@@ -370,7 +370,8 @@ def test_fp16_overflow_advances_the_lr_schedule_like_ddp(tmp_path):
         args = train_args(databin, out, 6, *COMMON, "--train.eval_every=0", "--train.precision=fp16",
                           "--optim.warmup_ratio=0.34", *flags)
         r = subprocess.run([sys.executable, "tests/ds_nan_probe.py", *args], cwd=str(ROOT), capture_output=True,
-                           text=True, timeout=300, env=subprocess_env(OVERFLOW_STEPS="3,4", MICRO_PER_STEP="1"))
+                           text=True, timeout=300, env=subprocess_env(OVERFLOW_STEPS="3,4", MICRO_PER_STEP="1",
+                                                                   PROBE_COUNT="train"))
         assert r.returncode == 0, r.stderr[-4000:]
         logs[name] = read_log(out)
     # An overflow step: DDP counts it in overflow_skipped; DeepSpeed's log has no norm for it (the loss scaler
