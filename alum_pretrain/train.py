@@ -10,10 +10,12 @@ The loop below reads top to bottom: mask -> forward (clean + ALUM in one module)
 step -> log / evaluate / checkpoint.  Everything else is a component in :mod:`alum_pretrain.engine`.
 An existing run in ``train.output_dir`` is resumed from its latest checkpoint; SIGTERM/SIGUSR1 and Ctrl-C
 (SIGINT; a second one stops at once without saving) finish the current step, save a checkpoint and exit
-0; ``OUTPUT/COMPLETED`` marks a finished run.
+0; ``OUTPUT/COMPLETED`` marks a finished run.  A second process on the same ``train.output_dir`` exits 2 at
+once naming the first (:mod:`alum_pretrain.runlock`).
 A step whose loss or gradient norm is NaN/Inf is skipped (no update, no LR-schedule step; ``nonfinite_skipped``
 in the log); ``train.max_nonfinite`` of them in a row stop the run with exit code 3 naming the last good
-checkpoint.  Resume verifies checkpoints (checksums, safe loading, finite weights) and falls back past
+checkpoint.  A checkpoint write that runs out of disk space exits 4 naming the folder, the bytes needed and
+the last intact checkpoint (a warning comes earlier when free space is short).  Resume verifies checkpoints (checksums, safe loading, finite weights) and falls back past
 damaged ones (:mod:`alum_pretrain.engine.checkpoint`).
 """
 
@@ -28,12 +30,13 @@ from tqdm.auto import tqdm
 
 from .atomic import write_json
 from .config import parse_config
+from .diskspace import DiskFullError
 from .engine import distributed as D
 from .engine.config import TrainConfig
 from .engine.metrics import LOG, DeltaShareWatch
 from .engine.plot import plot_run
 from .engine.checkpoint import last_good_checkpoint, nan_remedy, restore, save
-from .engine.setup import build_run
+from .engine.setup import build_run, claim_output_dir
 from .engine.step import NonFiniteError, evaluate
 from .masking import STREAM_ALUM, sample_generators
 
@@ -149,7 +152,12 @@ def run_training(cfg: TrainConfig) -> dict:
     try:
         env = D.setup(cfg.train.device)
         setup_logging(env.rank)
-        result = train(cfg, env)
+        lock = claim_output_dir(cfg, env)  # one job per output folder; before anything in it is touched
+        try:
+            result = train(cfg, env)
+        finally:
+            if lock is not None:
+                lock.release()
         failed = False
         return result
     finally:
@@ -169,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as exc:  # diverged: nothing non-finite was checkpointed
         print(f"alum-train: error: {exc}", file=sys.stderr)
         return 3
+    except DiskFullError as exc:  # the half-written checkpoint is removed; the previous one is intact
+        print(f"alum-train: error: {exc}", file=sys.stderr)
+        return 4
     return 0
 
 

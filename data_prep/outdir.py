@@ -1,6 +1,7 @@
 """The output folder of ``alum-prep``: claim it before anything is written (resume the same command's
 data-bin, replace another's only with ``overwrite``, refuse a folder that is not an alum-prep output), and
-remove what a fresh run that failed created.
+remove what a fresh run that failed created.  The folder's lock file (:mod:`alum_pretrain.runlock`, taken
+before :func:`claim_output`) is never deleted while held.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from alum_pretrain.data.databin import MANIFEST
+from alum_pretrain.runlock import LOCK_NAME
 
 from .manifest import failed_start, read_existing_manifest
 
@@ -24,7 +26,7 @@ def claim_output(out: Path, fingerprint: str, overwrite: bool, warn: Callable[[s
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a folder; choose another --out")
     mpath = out / MANIFEST
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()):
         if not mpath.exists():
             raise ValueError(
                 f"{out}: folder is not empty and has no {MANIFEST} (not an alum-prep output); "
@@ -38,7 +40,7 @@ def claim_output(out: Path, fingerprint: str, overwrite: bool, warn: Callable[[s
             # was killed at its start must not block the corrected command.
             warn(f"{out}: replacing the leftovers of an earlier run that stopped before completing any "
                  f"work ({' '.join(map(str, old.get('command', ['?'])))})")
-            shutil.rmtree(out)
+            clear_folder(out)
         elif not overwrite:
             raise ValueError(
                 f"{out}: holds a data-bin made by a different command or different inputs "
@@ -46,7 +48,7 @@ def claim_output(out: Path, fingerprint: str, overwrite: bool, warn: Callable[[s
                 "or choose another --out"
             )
         else:
-            shutil.rmtree(out)
+            clear_folder(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write_test.tmp"
@@ -55,6 +57,17 @@ def claim_output(out: Path, fingerprint: str, overwrite: bool, warn: Callable[[s
     except OSError as e:
         raise PermissionError(f"{out}: output folder is not writable ({e.strerror or e}); choose another --out") from None
     return None
+
+
+def clear_folder(out: Path) -> None:
+    """Delete everything in ``out`` except this process's lock file (which must stay where it is)."""
+    for p in out.iterdir():
+        if p.name == LOCK_NAME:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 def first_missing(out: Path) -> Optional[Path]:

@@ -38,6 +38,8 @@ import numpy as np
 
 from alum_pretrain.data.databin import FAIRSEQ_NSPECIAL
 from alum_pretrain.data.indexed import best_dtype
+from alum_pretrain.diskspace import disk_full_error, is_disk_full, tree_bytes
+from alum_pretrain.runlock import lock_folder
 
 from . import tokenizer as toks
 from .config import PrepConfig
@@ -102,6 +104,11 @@ class Preparer:
         fingerprint, inputs, tok_src = manifest_fingerprint(cfg, files)
         existed = self.out.exists()
         created = first_missing(self.out)
+        # One alum-prep per --out (alum_pretrain.runlock): a second one stops here, before touching anything.
+        with lock_folder(self.out, tool="alum-prep", command=" ".join(map(str, self.command))):
+            return self._claimed_run(files, fingerprint, inputs, tok_src, existed, created)
+
+    def _claimed_run(self, files, fingerprint, inputs, tok_src, existed, created) -> dict:
         resume = claim_output(self.out, fingerprint, self.overwrite, self.warn)
         try:
             return self._run(files, fingerprint, inputs, tok_src, resume)
@@ -112,7 +119,21 @@ class Preparer:
             elif resume is None:
                 self.warn(f"{len(done)} completed segment(s) kept in {self.out}; fix the cause and re-run the same "
                            "command to resume")
+            if is_disk_full(e):
+                raise self._disk_full(e, len(done)) from e
             raise
+
+    def _disk_full(self, exc: BaseException, n_done: int) -> Exception:
+        """The disk-full error: temporaries removed, the space needed estimated from the parts written so far
+        (the parts and the merged shards coexist until the end), what is kept for the resume."""
+        parts = tree_bytes(self.parts)
+        nseg = max(1, int(self.manifest.get("num_segments") or 1))
+        needed = int(2 * parts * nseg / max(1, n_done)) if parts else None
+        if self.out.is_dir():
+            self._remove_tmp()
+        intact = (f"{n_done} of {nseg} completed segment(s) are kept for the resume" if self.out.is_dir() and n_done
+                  else "nothing was kept")
+        return disk_full_error(self.out, "the data-bin", needed, intact, exc)
 
     def _run(self, files, fingerprint, inputs, tok_src, resume) -> dict:
         cfg = self.cfg

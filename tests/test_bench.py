@@ -7,6 +7,7 @@ reuses every run, a corrupt results.json is recovered without retraining, and a 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -326,3 +327,19 @@ def test_failed_run_is_recorded_and_others_kept(setup, monkeypatch, tmp_path):
     monkeypatch.setattr(T, "finetune", real)
     again = B.bench(str(d / "suite.yaml"), cks, str(work), device="cpu", progress=False)
     assert again["failed"] == [] and [r["reused"] for r in again["runs"]].count(False) == 1
+
+
+def test_a_second_bench_on_the_same_out_is_refused(setup, capsys):
+    """One alum-bench per --out (alum_pretrain/runlock.py); an array task locks only its own run folder."""
+    from alum_pretrain.runlock import lock_folder
+
+    d, cks, out, res, adv = setup
+    argv = ["--checkpoints", *cks, "--suite", str(d / "suite.yaml"), "--out", str(out), "--device", "cpu",
+            "--no-progress"]
+    with lock_folder(out, tool="test", command="the first alum-bench"):
+        assert B.main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"{out} is in use by PID {os.getpid()}" in err and "the first alum-bench" in err
+        one = B.bench(str(d / "suite.yaml"), cks, str(out), run_index=5, device="cpu", progress=False)
+        assert len(one["runs"]) == 1  # another task's run folder is free
+    assert B.main(argv) == 0  # released: the same command runs (every run reused)

@@ -465,9 +465,13 @@ def test_environment_failure_after_work_keeps_it_for_the_resume(tmp_path, vocab,
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(pipeline.Preparer, "_merge_shards", full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match="No space left") as e:
         run([f], out, vocab, segment_mb=0.002)
     assert "completed segment(s) kept" in capsys.readouterr().err
+    msg = str(e.value)  # one clear message: the folder, the bytes needed, what is kept
+    assert msg.startswith(f"{out}: no space left on the device while writing the data-bin")
+    assert "it needs about" in msg and "completed segment(s) are kept for the resume" in msg
+    assert not list(out.rglob("*.tmp"))
     done = json.loads((out / "manifest.json").read_text())["segments"]
     assert len(done) >= 2 and all(s["status"] == "complete" for s in done.values())
     monkeypatch.setattr(pipeline.Preparer, "_merge_shards", real)

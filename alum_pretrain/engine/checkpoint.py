@@ -37,6 +37,7 @@ import torch
 from ..atomic import fsync_dir
 from ..run_identity import check_same_identity
 from ..config import config_from_dict, config_to_dict, diff_configs
+from ..diskspace import disk_full_error, is_disk_full, space_warning, tree_bytes
 from ..integrity import (IntegrityError, apply_umask, check_structure, first_nonfinite, safe_torch_load,
                          verify_checksums, write_checksums)
 from . import distributed as D
@@ -114,9 +115,43 @@ def set_rng_state(st: dict[str, Any]) -> None:
 
 def save_checkpoint(output_dir: str | os.PathLike, step: int, save_model_fn: Callable[[Path], None],
                     state: dict[str, Any], keep_last: int) -> Path:
-    """Write ``checkpoints/step-N`` atomically (rank 0 only) and prune to the newest ``keep_last``."""
+    """Write ``checkpoints/step-N`` atomically (rank 0 only) and prune to the newest ``keep_last``.
+
+    Disk space: a warning comes before the write when less is free than the previous checkpoint's size, and
+    after it when the next one will not fit; a write that runs out of space removes ``step-N.tmp`` and
+    raises :class:`~alum_pretrain.diskspace.DiskFullError` naming the folder, the bytes needed and the last
+    intact checkpoint (which a re-run resumes from)."""
     root = checkpoints_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
+    prev = latest_checkpoint(output_dir)
+    prev_bytes = tree_bytes(prev) if prev is not None else 0
+    warning = space_warning(root, f"checkpoint step-{step}", prev_bytes)
+    if warning:
+        LOG.warning(warning)
+    tmp = root / f"step-{step}.tmp"
+    try:
+        final = _write_checkpoint(root, step, save_model_fn, state)
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        written = tree_bytes(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        intact = (f"the last intact checkpoint is {prev}" if prev is not None
+                  else "no checkpoint was written before this one")
+        raise disk_full_error(root, f"checkpoint step-{step}", max(prev_bytes, written) or None, intact,
+                              e) from e
+    for _s, p in list_checkpoints(output_dir)[:-keep_last]:
+        shutil.rmtree(p, ignore_errors=True)
+    for p in root.glob("step-*.tmp"):  # leftovers of killed saves
+        shutil.rmtree(p, ignore_errors=True)
+    warning = space_warning(root, "the next checkpoint", tree_bytes(final))
+    if warning:
+        LOG.warning(warning)
+    return final
+
+
+def _write_checkpoint(root: Path, step: int, save_model_fn: Callable[[Path], None], state: dict[str, Any]) -> Path:
+    """``step-N.tmp`` written, verified and renamed to ``step-N``."""
     final = root / f"step-{step}"
     tmp = root / f"step-{step}.tmp"
     if tmp.exists():
@@ -137,10 +172,6 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, save_model_fn: Cal
         shutil.rmtree(final)
     os.replace(tmp, final)
     fsync_dir(root)
-    for _s, p in list_checkpoints(output_dir)[:-keep_last]:
-        shutil.rmtree(p, ignore_errors=True)
-    for p in root.glob("step-*.tmp"):  # leftovers of killed saves
-        shutil.rmtree(p, ignore_errors=True)
     return final
 
 

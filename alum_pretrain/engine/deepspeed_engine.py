@@ -231,6 +231,18 @@ def optimizer_step(engine) -> tuple[torch.Tensor, float]:
     return torch.as_tensor(norm, dtype=torch.float32).detach().reshape(()), lr
 
 
+def schedule_after_overflow(engine) -> bool:
+    """Step the LR schedule for an update that DeepSpeed skipped as an fp16 overflow; True when it did.
+
+    DeepSpeed skips the schedule together with the update, while DDP's GradScaler skips only the update and
+    its schedule steps on (``DDPStepper.update``); stepping it here gives both engines the same LR sequence.
+    Call it only for an update the run does not skip itself (finite loss)."""
+    if engine.was_step_applied() or engine.lr_scheduler is None:
+        return False
+    engine.lr_scheduler.step()
+    return True
+
+
 def grad_scaler(engine):
     """The fp16 GradScaler inside the ZeRO optimizer (torch_autocast mode), or None."""
     opt = engine.optimizer

@@ -21,6 +21,7 @@ from ..data.databin import DataBin, verify_databin
 from ..data.loader import build_loader
 from ..data.tokens import build_token_tables
 from ..run_identity import data_identity, record_identity, validate_databin
+from ..runlock import FolderBusyError, RunLock, lock_folder
 from . import distributed as D
 from .checkpoint import check_before_start
 from .config import TrainConfig, resolve_grad_accum
@@ -206,6 +207,25 @@ def build_run(cfg: TrainConfig, env: D.DistEnv) -> Run:
         emb = model.word_embeddings().weight
         run.decoder_flops = decoder_flops_per_masked_token(emb.shape[1], emb.shape[0])
     return run
+
+
+def claim_output_dir(cfg: TrainConfig, env: D.DistEnv) -> Optional[RunLock]:
+    """Lock ``train.output_dir`` for this job before anything in it is touched (:mod:`alum_pretrain.runlock`).
+
+    Only rank 0 takes the lock; its verdict is broadcast so that every rank of a refused job raises the same
+    :class:`~alum_pretrain.runlock.FolderBusyError` (exit 2) instead of waiting in a collective.  Returns
+    the lock on rank 0 (release it when the run ends), None elsewhere.
+    """
+    lock, busy = None, None
+    if env.is_main:
+        try:
+            lock = lock_folder(cfg.train.output_dir, tool="alum-train")
+        except FolderBusyError as exc:
+            busy = str(exc)
+    busy = D.broadcast_object(env, busy)
+    if busy:
+        raise FolderBusyError(busy)
+    return lock
 
 
 def resolve_num_workers(num_workers: int, device: torch.device) -> int:

@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import models as M
 from ..config import config_to_dict
+from ..diskspace import DiskFullError
 from . import checkpoint as C
 from . import deepspeed_engine as DS
 from . import distributed as D
@@ -133,14 +134,22 @@ class DDPStepper(Stepper):
     def save(self, step: int) -> None:
         run = self.run
         rngs = D.gather_objects(run.env, C.rng_state())
+        full = None  # rank 0's disk-full message, shared so that every rank stops with it
         if run.env.is_main:
             state = self.train_state(step)
             state["rng"] = rngs
-            path = C.save_checkpoint(run.out, step, lambda d: M.save_model(run.model, d), state,
-                                     run.cfg.train.keep_last)
-            run.logger.info(f"saved {path}")
-        if run.env.distributed:
-            torch.distributed.barrier(group=run.env.control_group)
+            try:
+                path = C.save_checkpoint(run.out, step, lambda d: M.save_model(run.model, d), state,
+                                         run.cfg.train.keep_last)
+                run.logger.info(f"saved {path}")
+            except DiskFullError as exc:
+                if not run.env.distributed:
+                    raise
+                full = str(exc)
+        if run.env.distributed:  # also the barrier: every rank leaves after rank 0's write
+            full = D.broadcast_object(run.env, full)
+            if full:
+                raise DiskFullError(full)
 
     def train_state(self, step: int) -> dict:
         """``train_state.pt`` of a DDP checkpoint, without the RNG states."""
@@ -179,7 +188,10 @@ class DeepSpeedStepper(Stepper):
         return DS.optimizer_step(self.run.engine)  # unscale, clip, step, schedule, zero_grad in engine.step()
 
     def update(self, skip: bool) -> None:
-        """Nothing left: the engine's step (in :meth:`clip`) already updated, or skipped a non-finite update."""
+        """The engine's step (in :meth:`clip`) already updated, or skipped a non-finite update; an fp16
+        overflow (finite loss: not ``skip``) still steps the LR schedule, as under DDP."""
+        if not skip:
+            DS.schedule_after_overflow(self.run.engine)
 
     def save(self, step: int) -> None:  # every rank also writes its ZeRO shard into the same step-N folder
         DS.save(self.run, step)

@@ -45,8 +45,9 @@ gradient), ``ascent_zero_grad_frac`` (fraction of real tokens whose ascent gradi
 ``adv_dropout`` (R at delta = 0 under the same dropout masks: ``adv - adv_dropout`` is the adversarial
 share).
 
-**Random start.**  Each sample's delta is drawn from ``sample_generators(seed, update, sample ids)``, so the
-result does not depend on how a batch is split over workers or ``--update-freq``.  ``--alum-perturb-at
+**Random start.**  Each sample's delta is drawn from ``sample_generators(seed, update, sample ids)`` on the
+batch's device, so the result does not depend on how a batch is split over workers or ``--update-freq``.  The
+ids are the host copy that the task's batches carry (``host_ids``): no device-to-host read per batch.  ``--alum-perturb-at
 embedding_output`` perturbs the embedding block's output after its dropout (as the native engine).
 """
 
@@ -97,6 +98,15 @@ def refuse_pure_half(cfg, alpha: float) -> None:
             f"embeds + delta is rounded to 16 bits and the 1e-5 ALUM perturbation disappears (half a bf16 ulp at "
             f"|e| = 0.05 is ~1e-4). Use --amp instead (fp32 weights, fp16 autocast; V100), or the native engine "
             f"with --train.precision bf16 for bf16 (A100/H100); --alum-alpha 0 trains plain MLM in any precision.")
+
+
+def host_sample_ids(sample: dict, batch_size: int) -> torch.Tensor:
+    """The batch's sample ids on the host: ``host_ids`` (set by the alum_masked_lm task's collater), else
+    ``id`` (other tasks; read back from the device if fairseq moved it there), else ``0..B-1``."""
+    if sample.get("host_ids") is not None:
+        return torch.as_tensor(sample["host_ids"])
+    ids = sample.get("id")
+    return ids.cpu() if ids is not None else torch.arange(batch_size)
 
 
 def unwrap(model):
@@ -213,9 +223,10 @@ class AlumMaskedLMCriterion(FairseqCriterion):
         # Random start keyed per sample by (seed, update, sample id), as the native engine: identical after
         # resume and whatever the batch split.  Without the update number (other tasks) the global RNG,
         # which fairseq reseeds every update.
-        ids = sample.get("id")
+        # The ids come from the host copy the task's batches carry (no device->host read); the generators
+        # live on the batch's device, as the native engine's do.
         gens = None if update is None else sample_generators(
-            self.seed, int(update), ids if ids is not None else torch.arange(src.shape[0]), STREAM_ALUM)
+            self.seed, int(update), host_sample_ids(sample, src.shape[0]), STREAM_ALUM, src.device)
         # fairseq divides by the summed sample_size (masked tokens): sums for MLM, NSP mean x sample_size
         n = sample_size.float()
         norm = Normalizers(mlm=1.0, nsp=(nsp_target.numel() / n) if use_nsp else 1.0)

@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 import torch
-from fairseq.data import FairseqDataset, data_utils
+from fairseq.data import FairseqDataset, SortDataset, data_utils
 
 from alum_pretrain.data.plans import PlanStats, plan_pairs, shard_rng
 from alum_pretrain.data.samples import SampleBuilder
@@ -55,6 +55,36 @@ class _SizedDataset(FairseqDataset):
 
     def size(self, index):
         return int(self._sizes[index])
+
+
+class FairseqIds:
+    """The native reader of one shard and split (:meth:`DataBin.split <alum_pretrain.data.databin.DataBin.split>`,
+    range-checked against the vocabulary) as fairseq ids: item ``i`` is a LongTensor of tokenizer ids +
+    ``id_offset``.  An id outside the vocabulary raises the native engine's
+    :class:`~alum_pretrain.data.databin.DataIntegrityError` naming the shard, split and item."""
+
+    def __init__(self, reader, id_offset: int):
+        self.reader = reader
+        self.id_offset = int(id_offset)
+        self.sizes = reader.sizes
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(self.reader[int(i)] + self.id_offset)
+
+
+class HostIdsSortDataset(SortDataset):
+    """fairseq's ``SortDataset`` whose batches also carry ``host_ids``: the sample ids as a NumPy array, which
+    fairseq leaves on the host when it moves the batch to the GPU, so the criterion keys the per-sample ALUM
+    noise without reading ``id`` back from the device (a synchronisation per batch)."""
+
+    def collater(self, samples):
+        batch = super().collater(samples)
+        if batch and torch.is_tensor(batch.get("id")):
+            batch["host_ids"] = batch["id"].numpy().copy()
+        return batch
 
 
 class SentenceChunkDataset(_SizedDataset):

@@ -18,6 +18,9 @@ SIGTERM at the limit or on preemption) either is ignored or kills the run, and e
   there ({"signal", "num_updates", "checkpoint"}) after the checkpoint, atomically.  It tells a job script
   that an exit status 0 means "stopped on a signal, resume me", not "reached --max-update"
   (``launch/templates/job.sbatch`` removes it before the step and requeues when it exists);
+* ``--save-dir`` is locked for the process (:mod:`alum_pretrain.runlock`) when fairseq first checks it
+  (``checkpoint_utils.verify_checkpoint_directory``, master process only): a second fairseq-train on the
+  same folder exits 2 at once naming the first; a killed run's lock is released by the kernel;
 * ``checkpoint_last.pt`` is made atomic: fairseq writes the first checkpoint file of a save through a
   ``.tmp`` file + rename (``torch_persistent_save``) but *copies* it onto the others (``checkpoint_last.pt``
   after ``checkpoint_E_U.pt``) with ``PathManager.copy`` = ``shutil.copyfile`` in place, so a kill during
@@ -171,6 +174,28 @@ class _AtomicCopyPathManager:
         return True
 
 
+_locks: list = []  # the --save-dir lock of this process, held until it exits
+
+
+def _locking_verify(original):
+    """``verify_checkpoint_directory`` (called by the master process only, before anything is saved) that
+    first locks ``--save-dir`` for this process (:mod:`alum_pretrain.runlock`); a second fairseq-train on
+    the same folder prints why and exits 2."""
+    def verify_checkpoint_directory(save_dir: str) -> None:
+        from ..runlock import FolderBusyError, lock_folder
+
+        if not _locks:
+            try:
+                _locks.append(lock_folder(save_dir, tool="fairseq-train"))
+            except FolderBusyError as exc:
+                print(f"fairseq-train: error: {exc}", file=sys.stderr, flush=True)
+                raise SystemExit(2) from None
+        return original(save_dir)
+
+    verify_checkpoint_directory.__wrapped__ = original
+    return verify_checkpoint_directory
+
+
 def install() -> bool:
     """Install the handlers and patches once, in a fairseq-train process only; True when installed."""
     global _installed
@@ -186,6 +211,11 @@ def install() -> bool:
             mod.validate_and_save = _wrap_validate_and_save(mod.validate_and_save)
     from fairseq import checkpoint_utils
 
+    from .strict import install_strict
+
+    install_strict(mods)  # non-finite updates skipped and counted; data errors one line (exit 2 / 3)
+    if not hasattr(checkpoint_utils.verify_checkpoint_directory, "__wrapped__"):
+        checkpoint_utils.verify_checkpoint_directory = _locking_verify(checkpoint_utils.verify_checkpoint_directory)
     if not isinstance(checkpoint_utils.PathManager, _AtomicCopyPathManager):
         checkpoint_utils.PathManager = _AtomicCopyPathManager(checkpoint_utils.PathManager)
     for sig in STOP_SIGNALS:

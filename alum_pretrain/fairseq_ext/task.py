@@ -45,7 +45,6 @@ from fairseq.data import (
     NumSamplesDataset,
     PrependTokenDataset,
     RightPadDataset,
-    SortDataset,
     TokenBlockDataset,
     data_utils,
 )
@@ -58,7 +57,9 @@ from alum_pretrain.data.databin import MANIFEST, DataBin
 from alum_pretrain.data.tokens import build_token_tables
 from alum_pretrain.masking import IGNORE_INDEX, STREAM_EVAL_MASK, STREAM_MASK, TokenMasker
 
-from .datasets import NSPPairDataset, NSPSampleDataset, SentenceChunkDataset, load_doc_starts
+from .datasets import (FairseqIds, HostIdsSortDataset, NSPPairDataset, NSPSampleDataset, SentenceChunkDataset,
+                       load_doc_starts)
+from .strict import SKIP_FLAG
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +86,9 @@ class AlumMaskedLMConfig(_MaskingOptions):
                 "sentences are split, never dropped); none = fixed-size blocks ignoring sentence ends"})
     short_seq_prob: float = field(default=0.1, metadata={
         "help": "pairs mode: probability of a shorter random target length (BERT: 0.1)"})
+    max_nonfinite: int = field(default=5, metadata={
+        "help": "skip (no update) an update whose gradient norm is NaN/Inf and stop (exit 3) after this many in "
+                "a row, like alum-train's --train.max_nonfinite (fp16/AMP overflows keep the loss scaler's handling)"})
     seed: int = II("common.seed")
     max_update: int = II("optimization.max_update")
 
@@ -138,6 +142,7 @@ class AlumMaskedLMTask(FairseqTask):
         super().__init__(cfg)
         self.dictionary = dictionary
         self.root, self.shards, self.manifest = root, shards, databin.manifest
+        self.databin = databin
         self.id_offset = databin.id_offset
         self.tokenizer_vocab_size = databin.vocab_size
         special = {k: v + self.id_offset for k, v in databin.special_ids.items()}
@@ -221,9 +226,10 @@ class AlumMaskedLMTask(FairseqTask):
             dataset = NSPSampleDataset(pairs, pad)
             sizes = pairs.sizes
         else:
-            base = data_utils.load_indexed_dataset(prefix, self.source_dictionary, combine=False)
-            if base is None:
+            if not indexed.exists(prefix):
                 raise missing
+            # the native reader: ids outside the vocabulary fail with the native engine's error
+            base = FairseqIds(self.databin.split(shard_index(shard), split), self.id_offset)
             block = self.cfg.tokens_per_sample - 1  # one less for [CLS]
             chunks = SentenceChunkDataset(base, load_doc_starts(prefix, len(base)), block, self.sep_idx)
             blocks = TokenBlockDataset(chunks, chunks.sizes, block, pad=pad, eos=self.sep_idx,
@@ -245,7 +251,7 @@ class AlumMaskedLMTask(FairseqTask):
         logger.info("loaded %d %s samples from %s", len(dataset), self.cfg.sample_mode, prefix)
         with data_utils.numpy_seed(self.cfg.seed + epoch):
             shuffle = np.random.permutation(len(dataset))
-        self.datasets[split] = SortDataset(dataset, sort_order=[shuffle, sizes])
+        self.datasets[split] = HostIdsSortDataset(dataset, sort_order=[shuffle, sizes])
 
     # ---------------------------------------------------------------- model
 
@@ -292,6 +298,14 @@ class AlumMaskedLMTask(FairseqTask):
         out["n_maskable"] = (~special).sum()  # a device tensor: no host sync in the task
         out["update_num"] = int(step)
         return out
+
+    def optimizer_step(self, optimizer, model, update_num):
+        """``optimizer.step()``, or nothing for an update whose gradient norm was NaN/Inf
+        (:mod:`alum_pretrain.fairseq_ext.strict` zeroed its gradients and flagged it)."""
+        if getattr(optimizer, SKIP_FLAG, False):
+            setattr(optimizer, SKIP_FLAG, False)
+            return
+        super().optimizer_step(optimizer, model, update_num)
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         rate = self.train_mask_rate(update_num)

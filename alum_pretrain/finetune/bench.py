@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..atomic import write_json, write_text
+from ..runlock import lock_folder
 from ..config import add_dataclass_arguments, dataclass_from_args, opt
 from .bench_report import markdown_table, summarise
 from .bench_runs import (Run, evaluate_labelled_set, evaluate_set, execute, finished_results, load_sets,
@@ -80,7 +81,13 @@ def bench(suite_path: str, checkpoints: list[str], out: str, *, run_index: Optio
         runs = [runs[run_index]]
     for run in runs:   # a run that finished with other settings is refused before any work is done
         finished_results(run)
-    outp.mkdir(parents=True, exist_ok=True)
+    # One alum-bench per --out (alum_pretrain.runlock); the tasks of a SLURM array share --out by design
+    # and each locks only its own run folder.
+    with lock_folder(outp if run_index is None else runs[0].dir, tool="alum-bench"):
+        return _bench_runs(suite_path, suite, cks, outp, runs, sets, run_index, device, progress)
+
+
+def _bench_runs(suite_path, suite, cks, outp, runs, sets, run_index, device, progress) -> dict:
     records, failed = [], []
     try:
         from tqdm.auto import tqdm
