@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -36,7 +37,7 @@ from .engine.config import TrainConfig
 from .engine.metrics import LOG, DeltaShareWatch
 from .engine.plot import plot_run
 from .engine.checkpoint import last_good_checkpoint, nan_remedy, restore, save
-from .engine.setup import build_run, claim_output_dir
+from .engine.setup import Checked, build_run, check_inputs, claim_output_dir
 from .engine.step import NonFiniteError, evaluate
 from .masking import STREAM_ALUM, sample_generators
 
@@ -49,9 +50,9 @@ def _on_signal(signum, _frame):  # finish the current step, save, exit 0 (SLURM 
     _STOP["signal"] = signum
 
 
-def train(cfg: TrainConfig, env: D.DistEnv) -> dict:
+def train(cfg: TrainConfig, env: D.DistEnv, checked: Optional[Checked] = None) -> dict:
     """Run (or resume) training; returns ``{"step", "completed", "stopped"}``."""
-    run = build_run(cfg, env)  # model, DDP step module, optimizer, schedule, scaler, loaders, logger
+    run = build_run(cfg, env, checked)  # model, DDP step module, optimizer, schedule, scaler, loaders, logger
     step = restore(run)  # 0, or the step of the latest checkpoint in train.output_dir
     tc = cfg.train
     batches = run.batches()
@@ -152,9 +153,12 @@ def run_training(cfg: TrainConfig) -> dict:
     try:
         env = D.setup(cfg.train.device)
         setup_logging(env.rank)
-        lock = claim_output_dir(cfg, env)  # one job per output folder; before anything in it is touched
+        # A refused start or resume changes nothing on disk: check first, then lock the folder (one job per
+        # output folder), then build the run in it.
+        checked = check_inputs(cfg, env)
+        lock = claim_output_dir(cfg, env)
         try:
-            result = train(cfg, env)
+            result = train(cfg, env, checked)
         finally:
             if lock is not None:
                 lock.release()

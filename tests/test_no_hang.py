@@ -57,8 +57,8 @@ def test_a_signal_during_setup_exits_before_the_first_step(small, tmp_path, monk
 
     real = T.build_run
 
-    def build_then_preempted(cfg, env):
-        run = real(cfg, env)
+    def build_then_preempted(cfg, env, checked=None):
+        run = real(cfg, env, checked)
         os.kill(os.getpid(), signal.SIGUSR1)  # arrives while the data is planned / the model is built
         return run
 

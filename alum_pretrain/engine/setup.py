@@ -118,14 +118,26 @@ def _resolved_config(cfg: TrainConfig, grad_accum: int) -> TrainConfig:
     return config_from_dict(TrainConfig, d)
 
 
-def build_run(cfg: TrainConfig, env: D.DistEnv) -> Run:
+@dataclass
+class Checked:
+    """What :func:`check_inputs` established: the resolved config and the data-bin it may train on."""
+
+    cfg: TrainConfig
+    grad_accum: int
+    global_batch: int
+    databin: DataBin
+    tokenizer: Any
+    identity: dict
+
+
+def check_inputs(cfg: TrainConfig, env: D.DistEnv) -> Checked:
+    """Everything that can refuse a start or a resume, run before the run folder (or its lock) is touched."""
     tc = cfg.train
     if not cfg.data.path:
         raise ValueError("--data.path is required: the data-bin folder written by `alum-prep`")
     grad_accum, global_batch = resolve_grad_accum(tc, env.world_size)
     check_device(env.device, tc.precision)  # kernels for this GPU; no bf16 below compute capability 8.0
     cfg = _resolved_config(cfg, grad_accum)
-    out = Path(tc.output_dir)
     databin = DataBin(cfg.data.path)
     # Sizes (default, every rank: instant) or SHA-256 (--data.verify=full: once per node, each node may
     # read its own copy) of every shard file against manifest.json.
@@ -134,8 +146,17 @@ def build_run(cfg: TrainConfig, env: D.DistEnv) -> Run:
     tokenizer = databin.tokenizer()
     validate_databin(databin, tokenizer, full=cfg.data.verify == "full" and env.local_rank == 0)
     identity = data_identity(databin, databin.tokenizer_dir)
-    # Everything that can refuse a resume runs before the run folder is touched.
-    check_before_start(cfg, out, global_batch, identity)
+    check_before_start(cfg, Path(tc.output_dir), global_batch, identity)
+    return Checked(cfg, grad_accum, global_batch, databin, tokenizer, identity)
+
+
+def build_run(cfg: TrainConfig, env: D.DistEnv, checked: Optional[Checked] = None) -> Run:
+    """The run of ``cfg``; ``checked``: :func:`check_inputs`'s result when the caller ran it (before locking)."""
+    checked = checked if checked is not None else check_inputs(cfg, env)
+    cfg, grad_accum, global_batch = checked.cfg, checked.grad_accum, checked.global_batch
+    databin, tokenizer, identity = checked.databin, checked.tokenizer, checked.identity
+    tc = cfg.train
+    out = Path(tc.output_dir)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
     tables = build_token_tables(databin, tokenizer)
