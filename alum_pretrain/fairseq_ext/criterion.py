@@ -275,6 +275,9 @@ class AlumMaskedLMCriterion(FairseqCriterion):
             metrics.log_scalar("adv", total("adv") / sample_size, sample_size)
             if any("adv_dropout" in log for log in logging_outputs):
                 metrics.log_scalar("adv_dropout", total("adv_dropout") / sample_size, sample_size)
+                # the part of R due to delta rather than to dropout disagreement (as the native log's adv_share)
+                metrics.log_derived("adv_share", lambda m: (m["adv"].avg - m["adv_dropout"].avg) / m["adv"].avg
+                                    if m["adv"].avg > 0 else 0.0)
         alum_n = total("alum_n")
         if alum_n > 0:
             metrics.log_scalar("ascent_nonfinite", total("ascent_nonfinite"), 1, round=0)
