@@ -414,3 +414,19 @@ def test_criterion_dropout_modes_rdrop_and_relative_scale(databin):
     assert r_off > 0 and r_off != pytest.approx(r_ind)
     r_rel, _ = term("--alum-scale", "rel", "--alum-epsilon", "0.05", "--alum-step-size", "0.05", "--dropout", "0")
     assert 0 < r_rel < float("inf")
+
+
+@pytest.mark.fairseq
+@requires_fairseq
+def test_reduce_metrics_reports_the_delta_share():
+    from fairseq.logging import metrics
+
+    from alum_pretrain.fairseq_ext.criterion import AlumMaskedLMCriterion
+
+    logs = [{"loss": 8.0, "mlm_loss": 6.0, "adv": 0.4, "adv_dropout": 0.3, "alum_n": 1, "sample_size": 2,
+             "nsentences": 2, "alum_on": 2}]
+    with metrics.aggregate() as agg:
+        AlumMaskedLMCriterion.reduce_metrics(logs)
+        vals = agg.get_smoothed_values()
+    assert vals["adv"] == pytest.approx(0.2) and vals["adv_dropout"] == pytest.approx(0.15)
+    assert vals["adv_share"] == pytest.approx(0.25)
