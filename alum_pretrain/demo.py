@@ -16,16 +16,19 @@ that visibly learns.
    minutes learns little more than word frequencies.
 3. **Prepare** the corpus with :func:`data_prep.prepare` into ``OUT/data-bin`` (the model's vocabulary, or a
    trained one for ``scratch``; one shard; 2 % of the documents held out for validation).
-4. **Pre-train**: standard steps first, ALUM (alpha 10, K 1) for the last fifth.  Continual: 25 % of the
-   tokens masked per sequence (80/10/10) - more labelled positions per step for the fresh head at the same
-   cost; the evaluation below still masks BERT's 15 %.
-5. **Export** the final checkpoint to ``OUT/hf`` (a HuggingFace folder) with :mod:`alum_pretrain.export`.
+4. **Pre-train** under the paper's 5 % -> 25 % masking curriculum (both kinds; the evaluation below masks
+   BERT's 15 %): standard steps first, then ALUM (alpha 10, K 1) for the last fifth, delta-only
+   (:data:`DEMO_ALUM`: the adversarial passes replay the clean pass's dropout masks, epsilon = eta = 2 % of
+   each token's embedding RMS); a checkpoint is kept at the step ALUM starts.
+5. **Export** the final checkpoint to ``OUT/hf`` (a HuggingFace folder) with :mod:`alum_pretrain.export`, and
+   the one where ALUM started to ``OUT/hf-alum-start``.
 6. **Evaluate and summarise** (one screen, also ``OUT/summary.json``): corpus and data-bin statistics; MLM
    accuracy of the exported model on the held-out split (15 % of tokens selected, 80/10/10, a fixed seed)
    overall and at ``[MASK]``-replaced positions only, beside the unigram baseline (always predicting the
    most frequent training token) on the same positions; the MLM (and NSP) curves' start and end; and
    ``fill-mask`` probes on held-out sentences (one word each, chosen at random) with the true word shown
-   beside the top 5.
+   beside the top 5; the masking rates, ALUM's ``adv`` and its delta share, and the held-out accuracy and
+   eval-mode smoothness (:mod:`alum_pretrain.smoothness`) where ALUM started beside the final model's.
 
 Outputs in ``OUT``: ``corpus.txt`` (when built from the stdlib), ``data-bin/``, ``run/`` (``log.jsonl``,
 ``plot.png``, ``tb/``, ``checkpoints/``, ``config.yaml``), ``hf/``, ``summary.json``.  Re-running reuses
