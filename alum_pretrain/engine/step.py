@@ -165,8 +165,8 @@ def smoothness_due(tc, step: int) -> bool:
         return False
     if step == tc.max_steps:
         return True
-    k = step // tc.eval_every if tc.eval_every else 0  # evaluations so far at a multiple of eval_every
-    return (step == 0 or step % max(tc.eval_every, 1) == 0) and k % tc.smooth_every == 0
+    k = step // tc.eval_every if tc.eval_every else 0  # the index of this evaluation (step 0 is the 0th)
+    return k % tc.smooth_every == 0
 
 
 def smoothness(run) -> dict:
