@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="alum-demo", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Example: alum-demo --out demo_out   (about 10 minutes on 2 CPU cores; prints a summary and writes "
+        epilog="Example: alum-demo --out demo_out   (about 4 minutes on 2 idle CPU cores; prints a summary and writes "
                "demo_out/summary.json)")
     p.add_argument("--out", required=True, help="output folder (created; re-running reuses finished parts)")
     p.add_argument("--corpus", default=None,
