@@ -292,8 +292,7 @@ def project(delta: torch.Tensor, epsilon, kind: str) -> torch.Tensor:
     ``none``: identity.
     """
     if kind == "linf":
-        return delta.clamp(-epsilon, epsilon) if not torch.is_tensor(epsilon) else \
-            torch.maximum(torch.minimum(delta, epsilon), -epsilon)
+        return delta.clamp(-epsilon, epsilon)
     if kind == "l2":
         norm = delta.pow(2).sum(-1, keepdim=True).sqrt()  # (B, T, 1)
         scale = (epsilon / norm.clamp_min(torch.finfo(torch.float32).tiny)).clamp(max=1.0)

@@ -55,6 +55,7 @@ import torch.nn.functional as F
 
 from .adversarial import normalize_grad
 from .masking import IGNORE_INDEX, STREAM_EVAL_MASK, MaskingConfig, TokenMasker
+from .passes import ball_radius, token_scale
 
 log = logging.getLogger("alum_pretrain.smoothness")
 
@@ -190,11 +191,8 @@ def _radius(e: torch.Tensor, real: torch.Tensor, eps: float, cfg: SmoothnessConf
     ε × the sequence's L2 norm."""
     e = e.detach().double() * real.unsqueeze(-1)
     if cfg.ball == "token":
-        if cfg.eps_mode == "rel":
-            scale = e.pow(2).mean(-1, keepdim=True).sqrt() * (e.shape[-1] ** 0.5 if norm == "l2" else 1.0)
-        else:
-            scale = torch.ones_like(e[..., :1])
-        return eps * scale * real.unsqueeze(-1)
+        r = ball_radius(eps, token_scale(e, cfg.eps_mode), norm, e.shape[-1])  # float (abs) or (B, T, 1)
+        return (r if torch.is_tensor(r) else torch.full_like(e[..., :1], r)) * real.unsqueeze(-1)
     if cfg.eps_mode == "rel":
         return eps * e.pow(2).sum((1, 2)).sqrt().view(-1, 1, 1)
     return torch.full((e.shape[0], 1, 1), eps, dtype=torch.float64, device=e.device)
