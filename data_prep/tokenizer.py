@@ -199,10 +199,10 @@ def train(kind: str, sentences: Callable[[], Iterator[str]], vocab_size: int, lo
           byte_fallback: bool = True):
     """Train a tokenizer on the corpus.  ``sentences()`` returns a fresh iterator over cleaned sentences.
 
-    sentencepiece training is reproducible (fixed seed, one thread); ``tokenizers``' WordPiece trainer is
-    not bit-reproducible when candidate pieces tie in frequency (hash-map order), so two trainings on the
-    same corpus may number a few tokens differently.  The trained tokenizer is saved once and reused when
-    a killed run resumes, so one data-bin is always encoded with one tokenizer.
+    sentencepiece training is reproducible (fixed seed, one thread); WordPiece pieces are renumbered
+    canonically (:func:`canonical_vocab`) because ``tokenizers``' trainer numbers tied pieces in hash-map
+    order.  The trained tokenizer is saved once and reused when a killed run resumes, so one data-bin is
+    always encoded with one tokenizer.
 
     sentencepiece models get ``byte_fallback`` (default): 256 ``<0xNN>`` pieces, so a character outside
     the vocabulary (below ``character_coverage``) is encoded as its UTF-8 bytes instead of ``<unk>``;
@@ -221,6 +221,8 @@ def train(kind: str, sentences: Callable[[], Iterator[str]], vocab_size: int, lo
         specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # ids 0..4
         trainer = WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
         tok.train_from_iterator(_capped(sentences(), max_sentences), trainer=trainer)
+        tok.model = WordPiece(canonical_vocab(tok.get_vocab(with_added_tokens=False), len(specials)),
+                              unk_token="[UNK]", continuing_subword_prefix="##")
         return _wrap(tok, BERT_SPECIALS, model_max_length), {"kind": "wordpiece", "lowercase": lowercase}
     if kind in ("spm-unigram", "spm-bpe"):
         import sentencepiece as spm
@@ -243,6 +245,21 @@ def train(kind: str, sentences: Callable[[], Iterator[str]], vocab_size: int, lo
         info["kind"] = kind
         return hf, info
     raise ValueError(f"--train-tokenizer must be one of {', '.join(TRAIN_KINDS)}, got {kind!r}")
+
+
+def canonical_vocab(vocab: dict[str, int], n_specials: int) -> dict[str, int]:
+    """A trained WordPiece ``vocab`` numbered canonically: the ``n_specials`` special tokens keep ids
+    ``0..n_specials-1``, every other piece follows in sorted order.
+
+    ``tokenizers``' WordPiece trainer numbers pieces that tie in frequency in hash-map order, which differs
+    from process to process (the same corpus gave three numberings of one set of pieces in three
+    processes).  Sorting makes the ids a function of the set of pieces; the segmentation (greedy longest
+    match) depends only on that set.  At ties the trainer can also pick other pieces in another process;
+    numbering cannot fix that.
+    """
+    specials = sorted((t for t, i in vocab.items() if i < n_specials), key=vocab.get)
+    rest = sorted(t for t, i in vocab.items() if i >= n_specials)
+    return {t: i for i, t in enumerate(specials + rest)}
 
 
 def _train_spm(spm, sentences, max_sentences, prefix, kind, vocab_size, byte_fallback) -> None:

@@ -45,13 +45,14 @@ def make_stdlib_databin(out: Path, n_docs: int = 120, vocab_size: int = 1000, pe
     from transformers import BertTokenizerFast
 
     from alum_pretrain.demo import stdlib_documents
+    from data_prep.tokenizer import canonical_vocab
     from databin_factory import make_databin
 
     docs = [[s for p in d for s in split_sentences(p)] for d in stdlib_documents(max_docs=n_docs)]
     wp = BertWordPieceTokenizer(lowercase=True)
     wp.train_from_iterator((s for d in docs for s in d), vocab_size=vocab_size, min_frequency=2,
                            special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], show_progress=False)
-    vocab = wp.get_vocab()
+    vocab = canonical_vocab(wp.get_vocab(with_added_tokens=False), 5)  # one numbering in every process
     if permute_seed is not None:
         import random
 

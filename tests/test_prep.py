@@ -492,6 +492,24 @@ def corpus_file(tmp_path_factory):
     return f
 
 
+def test_trained_wordpiece_numbering_does_not_depend_on_the_trainers_order():
+    """tokenizers' WordPiece trainer numbers tied pieces in hash-map order (another order per process):
+    one set of pieces must give one numbering, specials first in their own order."""
+    import random
+
+    from data_prep.tokenizer import canonical_vocab
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    pieces = ["the", "##s", "a", "##ing", "lovelace", "##hed", "i", "pro", "z"]
+    numberings = []
+    for seed in range(4):
+        order = pieces[:]
+        random.Random(seed).shuffle(order)
+        numberings.append(canonical_vocab({t: i for i, t in enumerate(specials + order)}, len(specials)))
+    assert all(n == numberings[0] for n in numberings)
+    assert sorted(numberings[0], key=numberings[0].get) == specials + sorted(pieces)
+
+
 @pytest.mark.parametrize("kind", ["spm-unigram", "spm-bpe"])
 def test_train_sentencepiece_matches_sentencepiece_ids(tmp_path, corpus_file, kind):
     import sentencepiece as spm
