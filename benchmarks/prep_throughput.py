@@ -120,6 +120,15 @@ def run_fairseq(inputs, fmt, vocab, tok_dir, dict_txt, work):
     return t_a, t_b, cpu_seconds() - c0, dest
 
 
+def phase_line(manifest: dict, seconds: float) -> str:
+    """The run's steps (the manifest's ``timing.phases``, wall seconds) and the share of the run outside the
+    ``stream`` step, the part the workers share: what caps the scaling (Amdahl)."""
+    phases = manifest["timing"].get("phases", {})
+    serial = seconds - phases.get("stream", 0.0)
+    return ("phases (wall s): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()) +
+            f"; outside the stream {serial:.2f} s = {serial / seconds:.0%} of {seconds:.2f} s")
+
+
 def databin_files(out: Path) -> dict[str, bytes]:
     """Every file of a data-bin but its manifest (which holds timings and the engine)."""
     return {str(f.relative_to(out)): f.read_bytes() for f in sorted(out.rglob("*"))
@@ -229,9 +238,9 @@ def main(argv=None) -> int:
             best = None
             for r in range(args.repeats):
                 out = work / f"ours_{engine}_w{w}_{r}"
-                secs, cpu, manifest = run_ours(args.inputs, args.format, args.vocab, w, out, engine)
+                secs, cpu, m = run_ours(args.inputs, args.format, args.vocab, w, out, engine)
                 if best is None or secs < best:
-                    best, best_cpu = secs, cpu
+                    best, best_cpu, manifest = secs, cpu, m
             docs = manifest["counts"]["documents_read"]
             rates[key], cpus[key], outs[key] = nbytes / best, best_cpu, out
             used = manifest["encoding"]["engine"]
@@ -241,6 +250,7 @@ def main(argv=None) -> int:
                   f"{manifest['counts']['sentences']} sentences)")
             if engine != "hf":
                 print(f"  engine choice: {manifest['encoding']['reason']}")
+            print(f"  {phase_line(manifest, best)}")
         ref_files = databin_files(outs[("hf", 1)])
         same = all(databin_files(outs[k]) == ref_files for k in outs)
         print(f"databins_identical_to_hf={same}")
