@@ -16,9 +16,11 @@ What is timed (wall clock inside one Python process, imports excluded on both si
   cleaning (NFC, control characters), exact-duplicate filter, rule-based sentence splitting (the default ``rules``), WordPiece
   tokenization, binarization (+ manifest hashing, dict.txt).  With 2 workers the pool start-up is included.
   Runs with ``--tokenizer-engine auto`` (``--engine``; kitoken when its ids match HF's on the run's own
-  sample, which each run checks and times) at 1 and 2 workers, plus one HF-only ``--workers 1`` run: every
+  sample, which each run checks on its workers and times) at 1 and 2 workers, plus one HF-only ``--workers 1`` run: every
   data-bin must equal the HF-only one byte for byte (``databins_identical_to_hf=True``, else exit 1).
-  ``--profile`` prints where a ``--workers 1`` run spends its time instead.
+  Each run prints its steps (the manifest's ``timing.phases``, wall seconds) and the share of its wall time
+  outside the ``stream`` step, which is the serial part that caps the scaling (Amdahl: 2 workers reach
+  1.6x only when it is at most 25 %).  ``--profile`` prints where a ``--workers 1`` run spends its time instead.
 * **fairseq recipe** (what its RoBERTa/BERT instructions do, 1 process each):
   (a) a HuggingFace fast-tokenizer pass writing space-separated word pieces, one input line per output
   line (the role of fairseq's ``multiprocessing_bpe_encoder.py``), then

@@ -109,7 +109,7 @@ class Streamer:
         self.seg = -1  # segment of the last document read
         self.pos = 0  # input position shown by the progress bar
         self.docs = 0
-        self.decided: dict = {}  # "encoding": the engine choice, once made
+        self.choice: dict | None = None  # the engine choice (engines.IdentityCheck.decide), once made
 
     def folder(self, j: int) -> Path:
         return self.prep.parts / f"seg{j:05d}"
@@ -143,7 +143,7 @@ class Streamer:
                         el = max(time.time() - t0, 1e-9)
                         self.bar.set_postfix(docs=self.docs, docs_s=f"{self.docs / el:.0f}", refresh=False)
                 self.prep.mark("stream")
-                if "encoding" not in self.decided:  # a corpus smaller than the sample
+                if self.choice is None:  # a corpus smaller than the sample
                     self.decide(check)
                 if self.cur is not None:
                     self.close_segment()
@@ -186,8 +186,7 @@ class Streamer:
     def decide(self, check: "engines.IdentityCheck") -> None:
         """Record the engine choice (``encoding`` in the manifest, written with the next segment's record)
         and say it (ValueError for a failed ``--tokenizer-engine kitoken``)."""
-        choice = check.decide()
-        self.decided["encoding"] = choice
+        self.choice = choice = check.decide()
         self.manifest["encoding"] = encoding_record(choice)
         if choice["engine"] == "kitoken":
             self.note(f"encoding with kitoken ({choice['reason']})")
@@ -301,6 +300,12 @@ def merge_shards(prep) -> None:
             if not prep.parts.exists():
                 raise ValueError(f"{prep.out}: shard{k} fails verification ({problems[0]}) and its parts are gone; "
                                  "re-run with --overwrite to rebuild")
+            # A one-part shard shares its files with the part (publish_part): check the parts before using them.
+            bad = [p for j, seg in m["segments"].items() for part, files in seg.get("parts", {}).items()
+                   if part.startswith(f"shard{k}/") and (p := verify_files(prep.parts / f"seg{int(j):05d}" / f"shard{k}", files))]
+            if bad:
+                raise ValueError(f"{prep.out}: shard{k} fails verification ({problems[0]}) and so do its parts "
+                                 f"({bad[0]}); re-run with --overwrite to rebuild")
             prep.warn(f"shard{k} fails verification ({problems[0]}); rebuilding it")
         rec = {"shard": k, "status": "running"}
         for split in SPLITS:
