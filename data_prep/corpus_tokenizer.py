@@ -14,11 +14,10 @@ from typing import Iterator
 
 from alum_pretrain.integrity import sha256_file
 
-from . import engines, work
+from . import work
 from . import tokenizer as toks
 from .config import PrepConfig
 from .hygiene import EmptyCorpusError, check_not_mostly_garbage
-from .manifest import encoding_record
 
 
 def given_tokenizer(cfg: PrepConfig):
@@ -119,39 +118,6 @@ def training_sentences(prep, files, path: Path, cap: int) -> Path:
             f"({stats['documents_read']} documents read, all empty, too short or garbled); check --format and the inputs"
         )
     return path
-
-
-def encoding_engine(prep, files, tokenizer_file: str) -> str:
-    """The engine (``hf`` / ``kitoken``) that encodes this run, chosen by :func:`data_prep.engines.choose` on a
-    sample of the run's own cleaned sentences (none for ``--tokenizer-engine hf``); recorded in the manifest's
-    ``encoding`` and logged, with the reason when kitoken was asked for (``auto``) but not taken."""
-    requested = prep.cfg.tokenizer_engine
-    sample = [] if requested == "hf" else sample_sentences(prep, files)
-    choice = engines.choose(requested, tokenizer_file, sample)
-    prep.manifest["encoding"] = encoding_record(choice)
-    prep.save()
-    if choice["engine"] == "kitoken":
-        prep.log(f"encoding with kitoken ({choice['reason']})")
-    elif requested != "hf":
-        prep.log(f"encoding with HF tokenizers: {choice['reason']}")
-    return choice["engine"]
-
-
-def sample_sentences(prep, files, max_chars: int = engines.SAMPLE_CHARS,
-                     max_sentences: int = engines.SAMPLE_SENTENCES) -> list[str]:
-    """The first cleaned sentences of the input (up to ``max_chars`` characters or ``max_sentences``), cleaned
-    and split exactly as the workers do, in this process."""
-    items = ((None, d.text) for d in prep.docs(files) if d.text is not None)
-    out: list[str] = []
-    chars = 0
-    with work.Runner(1, prep.initargs(None, None)) as runner:
-        for _, res in runner.map(work.work_sentences, work.chunks(items)):
-            for sent in (s for sents in res["sents"] for s in sents):
-                out.append(sent)
-                chars += len(sent)
-                if chars >= max_chars or len(out) >= max_sentences:
-                    return out
-    return out
 
 
 def _read_lines(path: Path) -> Iterator[str]:

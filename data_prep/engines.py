@@ -3,10 +3,14 @@
 Both encode with the tokenizer saved in ``OUT/tokenizer/``: HF from its ``tokenizer.json``; kitoken from the
 same ``tokenizer.json`` when it can load it (WordPiece, BPE), else from the ``spm.model`` saved beside it
 (sentencepiece).  kitoken is used only when it gives the very ids HF gives, and that is checked on every
-run, not assumed: :func:`choose` encodes a sample of the run's own cleaned sentences with both engines
-before the bulk work, and picks kitoken only when every id of every sample sentence matches; otherwise
-it names the first differing sentence and encodes with HF.  The data-bin is thus the HF data-bin either
-way; the engine only changes the speed (``--tokenizer-engine`` is a speed-only option).
+run, not assumed.  The check is part of the bulk pass, so that it runs on the workers in parallel
+instead of before them: the first chunks of the run's input (whole chunks up to :data:`SAMPLE_CHARS`
+characters, at most :data:`SAMPLE_CHUNKS` chunks) are the *sample*; a worker encodes each of their cleaned
+sentences with both engines (:func:`compare`), keeps HF's ids and reports the first difference.  Every
+chunk is encoded with HF until every sample chunk has matched, and with kitoken after that
+(:mod:`data_prep.work`); the main process gathers the reports in input order (:class:`IdentityCheck`) and
+records the choice, naming the first differing sentence when there is one.  The data-bin is thus the HF
+data-bin either way; the engine only changes the speed (``--tokenizer-engine`` is a speed-only option).
 
 The check covers the sample, not the corpus: a character that occurs only after the sample and that the
 two engines treat differently would not be seen.  ``--tokenizer-engine hf`` rules that out at HF's speed.
@@ -17,9 +21,10 @@ from __future__ import annotations
 from pathlib import Path
 
 ENGINES = ("auto", "hf", "kitoken")
-#: the identity check encodes the first cleaned sentences of the input, up to this many characters
+#: the identity check's sample: the chunks that start within the first this-many characters of the input
 SAMPLE_CHARS = 1 << 19
-SAMPLE_SENTENCES = 20_000
+#: ... and at most this many chunks (a corpus of tiny documents: chunks close at 256 documents)
+SAMPLE_CHUNKS = 64
 
 
 class EngineUnavailable(Exception):
@@ -83,40 +88,62 @@ def load(name: str, tokenizer_json: str | Path):
     raise ValueError(f"--tokenizer-engine must be one of {', '.join(ENGINES)}, got {name!r}")
 
 
-def first_difference(reference, candidate, sentences: list[str]) -> str | None:
-    """None when ``candidate`` encodes every sentence exactly as ``reference``; else the first difference."""
-    want, got = reference.encode_batch(sentences), candidate.encode_batch(sentences)
-    for i, (a, b) in enumerate(zip(want, got)):
+def compare(hf_ids: list, candidate, sentences: list[str], unavailable: str | None = None) -> dict:
+    """A worker's check of one sample chunk: ``candidate`` (a :class:`KitokenEngine`, or None with the reason
+    ``unavailable``) encodes ``sentences``, whose HF ids are ``hf_ids``.  -> ``{"sentences": n, "diff": None
+    or (index in the chunk, sentence, token index, hf ids, kitoken ids from that token), "unavailable",
+    "source"}`` (the input of :meth:`IdentityCheck.add`)."""
+    rec = {"sentences": len(sentences), "diff": None, "unavailable": unavailable,
+           "source": getattr(candidate, "source", None)}
+    if candidate is None:
+        return rec
+    for i, (a, b) in enumerate(zip(hf_ids, candidate.encode_batch(sentences))):
         if list(a) != list(b):
             j = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-            return (f"sample sentence {i + 1} of {len(sentences)} differs at token {j}: {sentences[i][:80]!r} -> "
-                    f"hf {list(a)[j:j + 5]} vs kitoken {list(b)[j:j + 5]}")
-    return None
+            rec["diff"] = (i, sentences[i][:80], j, list(a)[j:j + 5], list(b)[j:j + 5])
+            break
+    return rec
 
 
-def choose(requested: str, tokenizer_json: str | Path, sample: list[str]) -> dict:
-    """Pick the engine for a run: ``{"engine", "requested", "reason", "sample_sentences"}``.
+class IdentityCheck:
+    """The main process's side of the identity check: the workers' :func:`compare` records of the sample
+    chunks, in input order (:meth:`add`), then the choice (:meth:`decide`)."""
 
-    ``hf``: HF, nothing checked.  ``auto``: kitoken when it loads the tokenizer and encodes every ``sample``
-    sentence with HF's ids, else HF with the reason.  ``kitoken``: the same check, but a failure is a
-    ValueError naming the flag instead of a fallback.
-    """
-    rec = {"requested": requested, "sample_sentences": len(sample)}
-    if requested == "hf":
-        return {**rec, "engine": "hf", "reason": "--tokenizer-engine hf"}
-    if requested not in ENGINES:
-        raise ValueError(f"--tokenizer-engine must be one of {', '.join(ENGINES)}, got {requested!r}")
-    try:
-        kt = KitokenEngine(tokenizer_json)
-        diff = first_difference(HFEngine(tokenizer_json), kt, sample)
-        why = f"kitoken ids differ from HF's: {diff}" if diff else None
-    except EngineUnavailable as e:
-        why = str(e)
-    if why is None:
-        from importlib.metadata import version
+    def __init__(self, requested: str):
+        if requested not in ENGINES:
+            raise ValueError(f"--tokenizer-engine must be one of {', '.join(ENGINES)}, got {requested!r}")
+        self.requested = requested
+        self.sentences = 0
+        self.why: str | None = None
+        self.diff: tuple | None = None  # (global sentence index, chunk's record diff)
+        self.source: str | None = None
 
-        return {**rec, "engine": "kitoken", "kitoken_version": version("kitoken"), "source": kt.source,
-                "reason": f"identical ids on all {len(sample)} sample sentences"}
-    if requested == "kitoken":
-        raise ValueError(f"--tokenizer-engine kitoken: {why}; use --tokenizer-engine auto or hf")
-    return {**rec, "engine": "hf", "reason": why}
+    def add(self, rec: dict) -> None:
+        if rec["unavailable"] and self.why is None:
+            self.why = rec["unavailable"]
+        elif rec["diff"] is not None and self.diff is None and self.why is None:
+            self.diff = (self.sentences + rec["diff"][0], rec["diff"])
+        self.source = self.source or rec["source"]
+        self.sentences += rec["sentences"]
+
+    def decide(self) -> dict:
+        """The run's engine: ``{"engine", "requested", "reason", "sample_sentences"}`` (+ ``kitoken_version``,
+        ``source`` for kitoken).  ``hf``: HF, nothing checked.  ``auto``: kitoken when it loaded the tokenizer
+        and encoded every sample sentence with HF's ids, else HF with the reason.  ``kitoken``: the same, but
+        a failure is a ValueError naming the flag instead of a fallback."""
+        rec = {"requested": self.requested, "sample_sentences": self.sentences}
+        if self.requested == "hf":
+            return {**rec, "engine": "hf", "reason": "--tokenizer-engine hf"}
+        why = self.why
+        if why is None and self.diff is not None:
+            g, (_, sent, j, a, b) = self.diff
+            why = (f"kitoken ids differ from HF's: sample sentence {g + 1} of {self.sentences} differs at token {j}: "
+                   f"{sent!r} -> hf {a} vs kitoken {b}")
+        if why is None:
+            from importlib.metadata import version
+
+            return {**rec, "engine": "kitoken", "kitoken_version": version("kitoken"), "source": self.source,
+                    "reason": f"identical ids on all {self.sentences} sample sentences"}
+        if self.requested == "kitoken":
+            raise ValueError(f"--tokenizer-engine kitoken: {why}; use --tokenizer-engine auto or hf")
+        return {**rec, "engine": "hf", "reason": why}

@@ -134,6 +134,6 @@ def shard_dicts(out: Path, num_shards: int) -> None:
 
 def encoding_record(choice: dict) -> dict:
     """The manifest's ``encoding``: the engine that encoded the data-bin's tokens and why it was chosen
-    (``choice`` from :func:`data_prep.engines.choose`).  The ids are HF ``tokenizers``' ids either way."""
+    (``choice`` from :meth:`data_prep.engines.IdentityCheck.decide`).  The ids are HF ``tokenizers``' ids either way."""
     keep = ("engine", "requested", "reason", "sample_sentences", "kitoken_version", "source")
     return {k: choice[k] for k in keep if k in choice}

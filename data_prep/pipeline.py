@@ -24,6 +24,7 @@ Design (streaming, parallel, restartable)
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -84,6 +85,9 @@ class Preparer:
         self.warnings: list[str] = []
         self.manifest: dict = {}
         self.given = None  # (hf tokenizer, info) of --vocab/--spm-model/--tokenizer-json, loaded up front
+        self._saved: str | None = None  # the manifest as last written by save()
+        self.phases: dict[str, float] = {}  # wall seconds of each step (mark())
+        self._mark = time.perf_counter()
 
     # -- main ----------------------------------------------------------------------------------------------
 
@@ -102,6 +106,7 @@ class Preparer:
             self.warn(w)
         self.given = given_tokenizer(cfg)  # loaded (and so validated) before anything is written
         fingerprint, inputs, tok_src = manifest_fingerprint(cfg, files)
+        self.mark("inputs")
         existed = self.out.exists()
         created = first_missing(self.out)
         # One alum-prep per --out (alum_pretrain.runlock): a second one stops here, before touching anything.
@@ -145,10 +150,11 @@ class Preparer:
 
         # 1. tokenizer (kept from a previous attempt when its file is intact)
         hf = databin_tokenizer(self, files, tok_src)
-        vocab_size = len(hf.backend_tokenizer.get_vocab(with_added_tokens=True))
+        self.mark("tokenizer")
+        # len(get_vocab(with_added_tokens=True)) of this very file (recorded by databin_tokenizer)
+        vocab_size = m["tokenizer"].get("vocab_size") or len(hf.backend_tokenizer.get_vocab(with_added_tokens=True))
         dtype = best_dtype(vocab_size + FAIRSEQ_NSPECIAL)
         m["dtype"] = dtype.name
-        self.save()
 
         # 2. stream -> segments of part files
         total = sum(i["bytes"] for i in inputs)
@@ -164,6 +170,7 @@ class Preparer:
 
         # 3. merge parts into shards
         self._merge_shards()
+        self.mark("merge")
 
         # 4. totals, dict.txt, done
         if totals["documents"] == 0:
@@ -173,9 +180,11 @@ class Preparer:
             )
         counts = self._write_dict(hf, vocab_size, nseg)
         m["counts"] = corpus_counts(totals, dropped, int(counts[m["tokenizer"]["special_ids"]["unk"]]))
+        self.mark("dict")
         elapsed = time.time() - t0
         m["timing"] = {"seconds": round(elapsed, 3), "input_mb_per_s": round(total / 1e6 / max(elapsed, 1e-9), 3),
-                       "docs_per_s": round(totals["documents_read"] / max(elapsed, 1e-9), 1), "workers": cfg.workers}
+                       "docs_per_s": round(totals["documents_read"] / max(elapsed, 1e-9), 1), "workers": cfg.workers,
+                       "phases": {k: round(v, 3) for k, v in self.phases.items()}}
         for w in hygiene_report(m["counts"], cfg.max_garbage_frac)[1]:
             self.warn(w)
         for w in empty_shard_warnings(m["shards"], cfg, totals["documents"]):
@@ -262,7 +271,22 @@ class Preparer:
         print(f"alum-prep: warning: {msg}", file=sys.stderr)
 
     def save(self) -> None:
-        write_manifest(self.out, self.manifest)
+        """Write the manifest (atomically, durably) unless it is unchanged since the last write."""
+        state = json.dumps(self.manifest, sort_keys=True, default=str)
+        if state != self._saved:
+            write_manifest(self.out, self.manifest)
+            self._saved = state
+
+    def mark(self, step: str) -> None:
+        """Add the wall time since the previous mark to ``step`` (the manifest's ``timing.phases``: ``inputs``
+        (listing, sniffing, hashing the inputs, loading the tokenizer), ``tokenizer`` (claiming the folder,
+        saving the tokenizer), ``workers_start`` (verifying completed segments on a resume,
+        starting the pool), ``stream`` (reading, cleaning,
+        splitting, encoding, writing the parts: the part the workers share), ``stream_end`` (the last
+        segment's files, stopping the pool), ``merge`` (publishing the shards), ``dict`` (``dict.txt``))."""
+        now = time.perf_counter()
+        self.phases[step] = self.phases.get(step, 0.0) + now - self._mark
+        self._mark = now
 
     def log(self, msg: str) -> None:
         if self.cfg.progress:

@@ -10,6 +10,7 @@ concatenated into ``OUT/shardK/{train,valid}.{bin,idx,doc.npy}``, whose sizes an
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import sys
 import time
@@ -19,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
+from alum_pretrain.atomic import atomic_file
 from alum_pretrain.data.databin import FAIRSEQ_NSPECIAL
 from alum_pretrain.data.indexed import IndexedDatasetBuilder, MMapIndexedDataset, merge
 
-from . import work
-from .corpus_tokenizer import encoding_engine
-from .manifest import SPLITS, file_record, save_npy, split_files, verify_files
+from . import engines, work
+from .manifest import SPLITS, encoding_record, file_record, save_npy, split_files, verify_files
 from .readers import Decoder
 
 SALT_SHARD = b"alum-prep-shard"
@@ -108,6 +109,7 @@ class Streamer:
         self.seg = -1  # segment of the last document read
         self.pos = 0  # input position shown by the progress bar
         self.docs = 0
+        self.choice: dict | None = None  # the engine choice (engines.IdentityCheck.decide), once made
 
     def folder(self, j: int) -> Path:
         return self.prep.parts / f"seg{j:05d}"
@@ -118,20 +120,31 @@ class Streamer:
             return
         salt_split = f"alum-prep-split-{self.cfg.seed}".encode()
         tokenizer_file = str(self.prep.out / "tokenizer" / "tokenizer.json")
-        engine = encoding_engine(self.prep, self.files, tokenizer_file)
+        check = engines.IdentityCheck(self.cfg.tokenizer_engine)
+        if check.requested == "hf":
+            self.decide(check)
         t0 = time.time()
         try:
-            with work.Runner(self.cfg.workers, self.prep.initargs(tokenizer_file, self.dtype.name, engine)) as runner:
+            initargs = self.prep.initargs(tokenizer_file, self.dtype.name, check.requested)
+            with work.Runner(self.cfg.workers, initargs) as runner:
+                self.prep.mark("workers_start")
                 if self.cfg.progress:  # created after the pool: no thread exists when the workers fork
                     from tqdm import tqdm
 
                     self.bar = tqdm(total=self.total, unit="B", unit_scale=True, unit_divisor=1024, desc="alum-prep",
                                     file=sys.stderr, smoothing=0.1)
-                for metas, res in runner.map(work.work_encode, work.chunks(self.items())):
+                for (metas, last), res in runner.map_calls(self.calls(check.requested)):
+                    if "check" in res:
+                        check.add(res["check"])
+                        if last:  # every sample chunk is in (results come in input order)
+                            self.decide(check)
                     self.take(metas, res, salt_split)
                     if self.bar is not None:
                         el = max(time.time() - t0, 1e-9)
                         self.bar.set_postfix(docs=self.docs, docs_s=f"{self.docs / el:.0f}", refresh=False)
+                self.prep.mark("stream")
+                if self.choice is None:  # a corpus smaller than the sample
+                    self.decide(check)
                 if self.cur is not None:
                     self.close_segment()
             if self.bar is not None:
@@ -151,6 +164,41 @@ class Streamer:
                 save_npy(self.folder(j) / "token_counts.npy", np.zeros(self.vocab_size, dtype=np.int64))
                 m["segments"][str(j)] = {"status": "complete", "counts": {"dropped": {}}, "parts": {}, "per_split": {}}
         self.prep.save()
+        self.prep.mark("stream_end")
+
+    def calls(self, requested: str):
+        """The worker calls of the pass, ``((metas, last sample chunk?), fn, args)``: the chunks that start
+        within the first :data:`~data_prep.engines.SAMPLE_CHARS` characters (at most
+        :data:`~data_prep.engines.SAMPLE_CHUNKS`) are the identity check's sample (:func:`work.work_check`;
+        none for ``--tokenizer-engine hf``), the others plain :func:`work.work_encode` calls."""
+        chars, k = 0, 0
+        sampling = requested != "hf"
+        for metas, texts in work.chunks(self.items()):
+            if not sampling:
+                yield (metas, False), work.work_encode, (texts,)
+                continue
+            chars += sum(map(len, texts))
+            last = chars >= engines.SAMPLE_CHARS or k + 1 == engines.SAMPLE_CHUNKS
+            yield (metas, last), work.work_check, (texts, k, last)
+            k += 1
+            sampling = not last
+
+    def decide(self, check: "engines.IdentityCheck") -> None:
+        """Record the engine choice (``encoding`` in the manifest, written with the next segment's record)
+        and say it (ValueError for a failed ``--tokenizer-engine kitoken``)."""
+        self.choice = choice = check.decide()
+        self.manifest["encoding"] = encoding_record(choice)
+        if choice["engine"] == "kitoken":
+            self.note(f"encoding with kitoken ({choice['reason']})")
+        elif check.requested != "hf":
+            self.note(f"encoding with HF tokenizers: {choice['reason']}")
+
+    def note(self, msg: str) -> None:
+        """:meth:`Preparer.log`, above the progress bar when there is one."""
+        if self.bar is not None:
+            self.bar.write(f"alum-prep: {msg}", file=sys.stderr)
+        else:
+            self.prep.log(msg)
 
     def resume(self) -> None:
         """Keep the verified prefix of complete segments (and their digests); delete the rest.
@@ -252,13 +300,21 @@ def merge_shards(prep) -> None:
             if not prep.parts.exists():
                 raise ValueError(f"{prep.out}: shard{k} fails verification ({problems[0]}) and its parts are gone; "
                                  "re-run with --overwrite to rebuild")
+            # A one-part shard shares its files with the part (publish_part): check the parts before using them.
+            bad = [p for j, seg in m["segments"].items() for part, files in seg.get("parts", {}).items()
+                   if part.startswith(f"shard{k}/") and (p := verify_files(prep.parts / f"seg{int(j):05d}" / f"shard{k}", files))]
+            if bad:
+                raise ValueError(f"{prep.out}: shard{k} fails verification ({problems[0]}) and so do its parts "
+                                 f"({bad[0]}); re-run with --overwrite to rebuild")
             prep.warn(f"shard{k} fails verification ({problems[0]}); rebuilding it")
         rec = {"shard": k, "status": "running"}
         for split in SPLITS:
             parts = [str(prep.parts / f"seg{j:05d}" / f"shard{k}" / split) for j in range(m["num_segments"])
                      if (prep.parts / f"seg{j:05d}" / f"shard{k}" / f"{split}.idx").exists()]
             prefix = sdir / split
-            if parts:
+            if len(parts) == 1:  # one segment: the part's files are the shard's files
+                publish_part(parts[0], prefix)
+            elif parts:
                 merge(parts, prefix)
             else:  # no document of this corpus landed here: an empty (valid, readable) dataset
                 IndexedDatasetBuilder(prefix, dtype=np.dtype(m["dtype"])).finalize()
@@ -275,3 +331,18 @@ def merge_shards(prep) -> None:
         prep.save()
     m["shards"] = shards
     prep.save()
+
+
+def publish_part(part: str, prefix: Path) -> None:
+    """Publish the one part of a shard under ``prefix``: its ``.bin``, ``.doc.npy`` and ``.idx`` (in this order,
+    ``.idx`` last as :func:`~alum_pretrain.data.indexed.merge` does) are exactly what a merge of that part
+    alone writes, so each is hard-linked (copied where the file system has no hard links) through a
+    temporary name, durably.  The part folder is deleted when the data-bin is complete; until then a
+    resumed run verifies the parts against their recorded SHA-256 before using them."""
+    for ext in (".bin", ".doc.npy", ".idx"):
+        src = Path(part + ext)
+        with atomic_file(f"{prefix}{ext}", durable=True) as tmp:
+            try:
+                os.link(src, tmp)
+            except OSError:
+                shutil.copyfile(src, tmp)

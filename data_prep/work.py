@@ -2,10 +2,13 @@
 
 A worker converts markup to text (WikiText markers, wikitext via ``wikiextractor``), cleans
 (:func:`data_prep.clean.clean_text`), splits sentences (:mod:`data_prep.clean`) and encodes all sentences
-of a chunk with one ``encode_batch`` call of the encoding engine (:mod:`data_prep.engines`: HF
-``tokenizers`` or kitoken, whichever :func:`data_prep.engines.choose` picked for the run).  :class:`Runner` maps a function over
-chunks in input order, in this process (``workers=1``) or in a pool of worker processes; each worker is
-one process on one core (the tokenizer's own thread pool is off, :data:`SINGLE_THREAD_ENV`).
+of a chunk with one ``encode_batch`` call of an encoding engine (:mod:`data_prep.engines`).  The identity
+check of the engines runs here too: a *sample* chunk (:func:`work_check`) is encoded with both engines and
+HF's ids are kept; each sample chunk's outcome is published on a small shared board (:class:`Board`), and
+a worker encodes with kitoken only once the board says that every sample chunk matched, with HF
+``tokenizers`` before that or when one differed.  :class:`Runner` maps functions over chunks in input
+order, in this process (``workers=1``) or in a pool of worker processes; each worker is one process on one
+core (the tokenizer's own thread pool is off, :data:`SINGLE_THREAD_ENV`).
 """
 
 from __future__ import annotations
@@ -40,17 +43,43 @@ SINGLE_THREAD_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1"
 _W: dict = {}
 
 
+class Board:
+    """The identity check's outcome, shared by the main process and the workers (a byte array in shared
+    memory, so fork and spawn workers see it): slot 0 holds the number of sample chunks once the last one
+    is known, slot ``1 + k`` the outcome of sample chunk ``k`` (0 pending, 1 same ids, 2 different or
+    kitoken unavailable).  Each slot has one writer, the worker that checked that chunk."""
+
+    def __init__(self, ctx=mp):
+        self.slots = ctx.RawArray("b", engines.SAMPLE_CHUNKS + 1)
+
+    def report(self, k: int, same: bool, last: bool) -> None:
+        self.slots[1 + k] = 1 if same else 2
+        if last:
+            self.slots[0] = k + 1
+
+    def kitoken_verified(self) -> bool:
+        n = self.slots[0]
+        return n > 0 and all(self.slots[1 + k] == 1 for k in range(n))
+
+
 def _init_worker(fmt: str, keep_headings: bool, min_doc_chars: int, tokenizer_file: str | None,
                  max_tokens: int, dtype: str | None, splitter: str = "rules", max_garbage_frac: float = 1.0,
-                 engine: str = "hf") -> None:
+                 engine: str = "hf", board: Board | None = None) -> None:
+    """Per-process state.  ``engine`` is the run's ``--tokenizer-engine``: HF is always loaded (it encodes
+    the sample and everything before the check is through), kitoken too unless ``engine`` is ``hf``."""
     # One worker = one core: the Rust tokenizer must not run its own thread pool beside the workers.
     os.environ.update(SINGLE_THREAD_ENV)
     _W.clear()
     _W.update(fmt=fmt, keep_headings=keep_headings, min_doc_chars=min_doc_chars, max_tokens=max_tokens,
-              splitter=SPLITTERS[splitter](), dtype=np.dtype(dtype) if dtype else None, tok=None,
-              max_garbage_frac=max_garbage_frac)
+              splitter=SPLITTERS[splitter](), dtype=np.dtype(dtype) if dtype else None, hf=None, kt=None,
+              kt_error=None, board=board, verified=False, checking=None, max_garbage_frac=max_garbage_frac)
     if tokenizer_file is not None:
-        _W["tok"] = engines.load(engine, tokenizer_file)
+        _W["hf"] = engines.load("hf", tokenizer_file)
+        if engine != "hf":
+            try:
+                _W["kt"] = engines.load("kitoken", tokenizer_file)
+            except engines.EngineUnavailable as e:
+                _W["kt_error"] = str(e)
 
 
 def to_plain_text(fmt: str, raw: str, keep_headings: bool) -> str:
@@ -123,7 +152,6 @@ def work_encode(texts: list[str]) -> dict:
     characters read, characters of a garbled document, empty sentences;
     per document, so that they land in the document's segment however the documents were chunked).
     """
-    tok = _W["tok"]
     max_tokens = _W["max_tokens"]
     reasons, digests, per_doc_sents = [], [], []
     stats: list[Counter] = []
@@ -137,7 +165,7 @@ def work_encode(texts: list[str]) -> dict:
         digests.append(hashlib.blake2b(cleaned.encode("utf-8"), digest_size=16).digest())
         per_doc_sents.append(sents)
     flat = [s for sents in per_doc_sents for s in sents]
-    ids = tok.encode_batch(flat)
+    ids, check = _encode(flat)
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     # Items never split the flat token stream differently: an empty sentence adds no item, an overlong one
     # is cut into consecutive chunks of max_tokens, so only the item sizes need a per-sentence rule.
@@ -167,8 +195,36 @@ def work_encode(texts: list[str]) -> dict:
         overlong.append(n_over)
         extra.append(n_extra)
     tokens = (tokens + FAIRSEQ_NSPECIAL).astype(_W["dtype"])
-    return {"reasons": reasons, "digests": digests, "nitems": nitems, "overlong": overlong, "extra": extra,
-            "sizes": np.asarray(sizes, dtype=np.int32), "tokens": tokens, "stats": [dict(st) for st in stats]}
+    out = {"reasons": reasons, "digests": digests, "nitems": nitems, "overlong": overlong, "extra": extra,
+           "sizes": np.asarray(sizes, dtype=np.int32), "tokens": tokens, "stats": [dict(st) for st in stats]}
+    if check is not None:
+        out["check"] = check
+    return out
+
+
+def work_check(texts: list[str], k: int, last: bool) -> dict:
+    """:func:`work_encode` for sample chunk ``k`` of the identity check (``last``: the final one): the
+    sentences are encoded with both engines, HF's ids are kept, and the result's ``check`` holds the
+    comparison (:func:`data_prep.engines.compare`), also published on the board."""
+    _W["checking"] = (k, last)
+    try:
+        return work_encode(texts)
+    finally:
+        _W["checking"] = None
+
+
+def _encode(sentences: list[str]) -> tuple[list, dict | None]:
+    """-> (ids of ``sentences``, the identity-check record of a sample chunk or None)."""
+    if _W["checking"] is None:
+        if not _W["verified"] and _W["kt"] is not None and _W["board"] is not None:
+            _W["verified"] = _W["board"].kitoken_verified()  # once every sample chunk has matched, for good
+        return (_W["kt"] if _W["verified"] else _W["hf"]).encode_batch(sentences), None
+    k, last = _W["checking"]
+    ids = _W["hf"].encode_batch(sentences)
+    rec = engines.compare(ids, _W["kt"], sentences, _W["kt_error"])
+    if _W["board"] is not None:
+        _W["board"].report(k, rec["diff"] is None and rec["unavailable"] is None, last)
+    return ids, rec
 
 
 class Runner:
@@ -178,6 +234,7 @@ class Runner:
         self.workers = workers
         self.initargs = initargs
         self.pool = None
+        self.board: Board | None = None  # the identity check's board, shared with the workers
 
     def __enter__(self):
         # Both cases run with SINGLE_THREAD_ENV; this process's environment is restored on exit.
@@ -187,11 +244,13 @@ class Runner:
             # instead of re-importing nltk/tokenizers/numpy per worker.  The pool is created before any
             # progress-bar thread exists, and the Rust tokenizer in the children never touches a thread
             # pool inherited from this process.
-            method = "fork" if sys.platform.startswith("linux") else "spawn"
+            ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
             os.environ.update(SINGLE_THREAD_ENV)
-            self.pool = mp.get_context(method).Pool(self.workers, initializer=_init_worker, initargs=self.initargs)
+            self.board = Board(ctx)
+            self.pool = ctx.Pool(self.workers, initializer=_init_worker, initargs=(*self.initargs, self.board))
         else:
-            _init_worker(*self.initargs)
+            self.board = Board()
+            _init_worker(*self.initargs, self.board)
         return self
 
     def __exit__(self, *exc):
@@ -211,13 +270,18 @@ class Runner:
 
     def map(self, fn, chunks: Iterator[tuple[object, list[str]]]):
         """Yields ``(meta, fn(texts))`` in order; ``chunks`` yields ``(meta, texts)``."""
+        return self.map_calls((meta, fn, (texts,)) for meta, texts in chunks)
+
+    def map_calls(self, calls: Iterator[tuple[object, object, tuple]]):
+        """Yields ``(meta, fn(*args))`` in order; ``calls`` yields ``(meta, fn, args)`` (``fn`` a module-level
+        function of this module, so that a pool worker can find it)."""
         if self.pool is None:
-            for meta, texts in chunks:
-                yield meta, fn(texts)
+            for meta, fn, args in calls:
+                yield meta, fn(*args)
             return
         window: deque = deque()
-        for meta, texts in chunks:
-            window.append((meta, self.pool.apply_async(fn, (texts,))))
+        for meta, fn, args in calls:
+            window.append((meta, self.pool.apply_async(fn, args)))
             if len(window) >= 2 * self.workers + 2:
                 m, r = window.popleft()
                 yield m, r.get()

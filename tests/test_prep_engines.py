@@ -170,3 +170,55 @@ def test_engine_flag_and_speed_only():
     with pytest.raises(ValueError, match="--tokenizer-engine"):
         PrepConfig(inputs=["x"], format="text", out="o", vocab="v", tokenizer_engine="fast")
     assert "tokenizer_engine" not in PrepConfig(inputs=["x"], format="text", out="o", vocab="v").result_options()
+
+
+def test_check_on_two_workers(tmp_path, wikitext_raw, bert_vocab, monkeypatch):
+    """With a worker pool the check runs on the workers: the sample is the chunks that start within the first
+    SAMPLE_CHARS characters; a difference found there makes every chunk HF-encoded; a match lets the
+    workers switch to kitoken; the data-bin is the HF one either way."""
+    from data_prep import work
+
+    monkeypatch.setattr(engines, "SAMPLE_CHARS", 20_000)
+    monkeypatch.setattr(work, "CHUNK_CHARS", 8_000)  # several sample and bulk chunks on the 2.4 MB file
+    kw = dict(inputs=[str(wikitext_raw)], format="wikitext", vocab=str(bert_vocab), workers=2)
+    _, ref = build(tmp_path, "hf", "hf", **kw)
+    m, got = build(tmp_path, "auto", "auto", **kw)
+    assert got == ref and m["encoding"]["engine"] == "kitoken", m["encoding"]
+    assert 0 < m["encoding"]["sample_sentences"] < m["counts"]["sentences"] / 10
+    _corrupt(monkeypatch)  # inherited by the forked workers
+    m, got = build(tmp_path, "mismatch", "auto", **kw)
+    assert m["encoding"]["engine"] == "hf" and "sample sentence 1 of " in m["encoding"]["reason"], m["encoding"]
+    assert got == ref
+
+
+def test_board_needs_every_sample_chunk():
+    """kitoken only once the last sample chunk is known and every sample chunk matched."""
+    from data_prep.work import Board
+
+    b = Board()
+    b.report(1, True, last=True)
+    assert not b.kitoken_verified()  # chunk 0 still pending
+    b.report(0, True, last=False)
+    assert b.kitoken_verified()
+    b.report(1, False, last=True)
+    assert not b.kitoken_verified()
+    c = Board()
+    c.report(0, True, last=False)
+    assert not c.kitoken_verified()  # the last sample chunk is not known yet
+
+
+def test_identity_check_record():
+    """The main process's record: the first difference in input order, numbered over the whole sample."""
+    chk = engines.IdentityCheck("auto")
+    chk.add({"sentences": 3, "diff": None, "unavailable": None, "source": "tokenizer.json"})
+    chk.add({"sentences": 4, "diff": (2, "third of chunk 2", 1, [5, 6], [5, 7]), "unavailable": None, "source": None})
+    chk.add({"sentences": 2, "diff": (0, "later", 0, [1], [2]), "unavailable": None, "source": None})
+    rec = chk.decide()
+    assert rec["engine"] == "hf" and rec["sample_sentences"] == 9
+    assert rec["reason"] == ("kitoken ids differ from HF's: sample sentence 6 of 9 differs at token 1: "
+                             "'third of chunk 2' -> hf [5, 6] vs kitoken [5, 7]")
+    with pytest.raises(ValueError, match="--tokenizer-engine kitoken: kitoken ids differ"):
+        forced = engines.IdentityCheck("kitoken")
+        forced.add({"sentences": 1, "diff": (0, "x", 0, [1], [2]), "unavailable": None, "source": None})
+        forced.decide()
+    assert engines.IdentityCheck("hf").decide()["reason"] == "--tokenizer-engine hf"

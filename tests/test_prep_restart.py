@@ -140,3 +140,42 @@ def test_corrupted_complete_databin_is_detected(corpus, tmp_path):
     p.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"shard1/train.bin content differs.*--overwrite"):
         run(corpus, out)
+
+
+def test_one_part_shard_rebuilt_only_from_intact_parts(corpus, tmp_path, monkeypatch):
+    """A one-segment shard's files are hard links of its part files: killed after the merge, a shard replaced
+    by a bad copy is rebuilt from the intact part (same bytes as an uninterrupted run), while a shard
+    corrupted in place (so its part too) is refused rather than rebuilt from bad data."""
+    from data_prep import pipeline
+
+    f, vocab = corpus
+
+    def one_segment(out):
+        return prepare(PrepConfig(inputs=[str(f)], format="text", out=out, vocab=vocab, shards=2, valid_fraction=0.2,
+                                  progress=False))
+
+    ref = one_segment(tmp_path / "ref")
+    real = pipeline.Preparer._write_dict
+
+    def killed(self, *a):
+        raise KeyboardInterrupt
+
+    for how in ("replaced", "in_place"):
+        out = tmp_path / how
+        monkeypatch.setattr(pipeline.Preparer, "_write_dict", killed)
+        with pytest.raises(KeyboardInterrupt):
+            one_segment(out)
+        monkeypatch.setattr(pipeline.Preparer, "_write_dict", real)
+        p = out / "shard1" / "train.bin"
+        data = bytearray(p.read_bytes())
+        data[0] ^= 0xFF
+        if how == "replaced":  # a new file under the name: the part keeps the good bytes
+            p.unlink()
+            p.write_bytes(bytes(data))
+            m = one_segment(out)
+            assert shard_records(m) == shard_records(ref)
+        else:
+            with open(p, "r+b") as fh:
+                fh.write(bytes(data[:1]))
+            with pytest.raises(ValueError, match="and so do its parts"):
+                one_segment(out)
