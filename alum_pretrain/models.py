@@ -202,16 +202,10 @@ def _read_config(path: Path, flag: str, trust_remote_code: bool):
     return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
 
 
-def load_continual_model(path: str | os.PathLike, *, nsp: bool, databin=None, dropout: float | None = None,
-                         trust_remote_code: bool = False):
-    """Load an HF checkpoint folder for continual pre-training (see the module docstring).
-
-    ``nsp=True`` needs an NSP head in the checkpoint (``cls.seq_relationship``); otherwise ValueError.
-    ``databin``: when given, the vocabulary is checked against its tokenizer (:func:`check_vocab`).
-    ``trust_remote_code``: allow a folder whose config.json maps to its own modelling code.
-    """
-    from transformers import AutoModelForMaskedLM, AutoModelForPreTraining
-
+def check_continual_model(path: str | os.PathLike, *, nsp: bool, databin=None, trust_remote_code: bool = False):
+    """The HF config of a ``--model.init_from`` folder, after every check that needs no weights: readable
+    config (remote code only when trusted), the vocabulary against ``databin``'s tokenizer
+    (:func:`check_vocab`), an NSP head when ``nsp``.  ValueError naming the flag otherwise."""
     path = Path(path)
     config = _read_config(path, "--model.init_from", trust_remote_code)
     fam = family_of(config)
@@ -225,6 +219,22 @@ def load_continual_model(path: str | os.PathLike, *, nsp: bool, databin=None, dr
             f"--model.init_from={str(path)!r} has no next-sentence-prediction head (no cls.seq_relationship weights); "
             "continue with MLM only (--data.nsp=false) or start from a checkpoint that has one"
         )
+    return config
+
+
+def load_continual_model(path: str | os.PathLike, *, nsp: bool, databin=None, dropout: float | None = None,
+                         trust_remote_code: bool = False):
+    """Load an HF checkpoint folder for continual pre-training (see the module docstring).
+
+    ``nsp=True`` needs an NSP head in the checkpoint (``cls.seq_relationship``); otherwise ValueError.
+    ``databin``: when given, the vocabulary is checked against its tokenizer (:func:`check_vocab`).
+    ``trust_remote_code``: allow a folder whose config.json maps to its own modelling code.
+    """
+    from transformers import AutoModelForMaskedLM, AutoModelForPreTraining
+
+    path = Path(path)
+    config = check_continual_model(path, nsp=nsp, databin=databin, trust_remote_code=trust_remote_code)
+    fam = family_of(config)
     kw = {k: dropout for k in fam.dropout_keys if dropout is not None and hasattr(config, k)}
     auto = AutoModelForPreTraining if nsp else AutoModelForMaskedLM
     model, info = auto.from_pretrained(str(path), output_loading_info=True, trust_remote_code=trust_remote_code,
@@ -489,6 +499,7 @@ __all__ = [
     "PretrainModel",
     "build_model",
     "build_scratch_model",
+    "check_continual_model",
     "check_vocab",
     "compile_encoder",
     "flat_masked_index",
