@@ -131,14 +131,14 @@ def check_alum(alum, *, section="alum", max_steps: Optional[int] = None, nsp: Op
                strict: bool = True) -> list[str]:
     """ALUM's knobs against the settings that make its term meaningless (only when ``alpha > 0``).
 
-    Refused (ValueError naming the flag): an ascent with step size 0 (K passes that cannot move delta), NSP in
-    R without an NSP head, and delta fixed at 0 (``noise_std = 0`` with ``k_steps = 0``: R is dropout alone,
-    which ``objective=rdrop`` names; or with ``adv_dropout=shared``: R is exactly 0).  Only warned about
-    (logged): ``start_step >= max_steps``, ALUM never switching on in this run - a run that is later extended
-    (``--train.resume_override=train.max_steps``) is the way to train the standard objective first.
-    ``strict=False`` (the Python API, where delta = 0 is a documented control) logs the refusals as warnings
-    too.  Returns the messages logged.  ``section`` names the flags (``alum``, ``smart``, or a callable: see
-    :func:`flag_name`)."""
+    Refused (ValueError naming the flag): an ascent with step size 0 (K passes that cannot move delta) and NSP
+    in R without an NSP head.  Warned about (logged, naming the flag): delta fixed at 0 - ``noise_std = 0``
+    with ``k_steps = 0``: R is dropout disagreement alone (what ``objective=rdrop`` names), exactly 0 with
+    ``adv_dropout=shared`` - the controls the tests and the delta-share measurement use; and
+    ``start_step >= max_steps``, ALUM never switching on in this run - extending the run later
+    (``--train.resume_override=train.max_steps``) is how the standard objective is trained first.
+    ``strict=False`` (the Python API) logs the refusals as warnings too.  Returns the messages logged.
+    ``section`` names the flags (``alum``, ``smart``, or a callable: see :func:`flag_name`)."""
     def f(key: str) -> str:
         return flag_name(section, key)
 
@@ -161,15 +161,11 @@ def check_alum(alum, *, section="alum", max_steps: Optional[int] = None, nsp: Op
                                 "costs a forward and a backward pass for nothing)",
                                 f"use a step size > 0 (paper: 1e-3), or {f('k_steps')}=0 for a random perturbation"))
     if alum.objective == "alum" and alum.noise_std <= 0 and alum.k_steps == 0:
-        errors.append(bad_value(f("noise_std"), alum.noise_std,
-                                f"with {f('k_steps')}=0 delta is exactly 0, so R measures dropout alone, not a "
-                                "perturbation", f"use a noise std > 0 (paper: 1e-5), or {f('objective')}=rdrop "
-                                                "for the dropout-consistency control"))
-    elif alum.objective == "alum" and alum.noise_std <= 0 and alum.adv_dropout == "shared":
-        errors.append(bad_value(f("noise_std"), alum.noise_std,
-                                f"with {f('adv_dropout')}=shared the ascent starts at delta = 0, where both passes "
-                                "agree exactly and the divergence's gradient is 0: delta never moves and R is 0",
-                                "use a noise std > 0 (paper: 1e-5)"))
+        what = "exactly 0 (both passes share their dropout masks)" if alum.adv_dropout == "shared" else (
+            "the dropout disagreement alone, what objective=rdrop names")
+        warnings.append(str(bad_value(f("noise_std"), alum.noise_std,
+                                      f"with {f('k_steps')}=0 delta is exactly 0, so R is {what}, not the effect of "
+                                      "a perturbation", "use a noise std > 0 (paper: 1e-5)")))
     if errors and strict:
         raise errors[0]
     warnings += [str(e) for e in errors]

@@ -210,7 +210,10 @@ def check_continual_model(path: str | os.PathLike, *, nsp: bool, databin=None, t
     config = _read_config(path, "--model.init_from", trust_remote_code)
     fam = family_of(config)
     if databin is not None:
-        check_vocab(path, config, databin)
+        try:
+            check_vocab(path, config, databin)
+        except ValueError as e:
+            raise ValueError(f"--model.init_from={str(path)!r}: {e}") from e
     if nsp and fam is not GENERIC and not fam.nsp:
         raise ValueError(f"--model.init_from={str(path)!r} is a {fam.name} model: it has no next-sentence-"
                          "prediction head; continue with MLM only (--data.nsp=false)")

@@ -54,11 +54,35 @@ def world(tmp_path_factory) -> SimpleNamespace:
     for name, m in models.items():
         m.save_pretrained(root / name)
         tok.save_pretrained(root / name)
+    words = _word_level_databin(root / "data-bin-words")
     rows = ["a great and moving film\t1", "a dull and boring mess\t0"] * 4
     (root / "train.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
     (root / "dev.tsv").write_text("sentence\tlabel\n" + "\n".join(rows[:4]) + "\n")
     (root / "empty.tsv").write_text("sentence\tlabel\n")
-    return SimpleNamespace(root=root, db=db, empty_valid=empty_valid, **{k: root / k for k in models})
+    return SimpleNamespace(root=root, db=db, empty_valid=empty_valid, words=words, **{k: root / k for k in models})
+
+
+def _word_level_databin(out: Path) -> Path:
+    """A data-bin whose tokenizer is word-level (no ``##``, ``▁`` or ``Ġ`` pieces to tell words apart)."""
+    import collections
+    import re
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from alum_pretrain.demo import stdlib_documents
+    from databin_factory import make_databin
+    from engine_helpers import split_sentences
+
+    docs = [[s for p in d for s in split_sentences(p)] for d in stdlib_documents(max_docs=60)]
+    counts = collections.Counter(w for d in docs for s in d for w in re.findall(r"\w+|[^\w\s]", s.lower()))
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    wl = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + [w for w, _ in counts.most_common(400)])},
+                                    unk_token="[UNK]"))
+    wl.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok = PreTrainedTokenizerFast(tokenizer_object=wl, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                  sep_token="[SEP]", mask_token="[MASK]")
+    return make_databin(out, [{"train": docs[:-6], "valid": docs[-6:]}], None, tokenizer=tok)
 
 
 def _train(args, capsys) -> tuple[int, str]:
@@ -75,6 +99,10 @@ TRAIN_CASES = {
         "--data.max_seq_len", "positions for 33 tokens"),
     "NSP on a model with one segment type": (
         ["--model.init_from={one_segment}", "--data.max_seq_len=32"], "--data.nsp", "type_vocab_size=1"),
+    "a model vocabulary smaller than the tokenizer's": (
+        ["--model.init_from={few_rows}", "--data.nsp=false", "--data.mode=blocks"], "--model.init_from",
+        "smaller than the tokenizer's"),
+    "LAMB without DeepSpeed": (["--optim.name=lamb"], "--optim.name", "LAMB comes from DeepSpeed"),
     "constant rate 0": (["--masking.schedule=constant", "--masking.constant_rate=0"], "--masking.constant_rate",
                         "mask no token"),
     "curriculum starting at 0": (["--masking.start_rate=0"], "--masking.start_rate", "mask no token"),
@@ -88,9 +116,6 @@ TRAIN_CASES = {
     "smoothness without validation": (["--train.smooth_every=1", "--train.eval_batches=0"],
                                       "--train.smooth_every", "validation"),
     "ascent that cannot move": (["--alum.step_size=0"], "--alum.step_size", "would not move delta"),
-    "delta exactly 0": (["--alum.noise_std=0", "--alum.k_steps=0"], "--alum.noise_std", "dropout alone"),
-    "ascent stuck at delta 0": (["--alum.noise_std=0", "--alum.adv_dropout=shared"], "--alum.noise_std",
-                                "gradient is 0"),
     "NSP in R without NSP": (["--alum.include_nsp=true", "--data.nsp=false"], "--alum.include_nsp", "no NSP"),
     "batch larger than the corpus": (["--train.batch_size=6000"], "--train.batch_size", "fewer than one global"),
     "global batch larger than the corpus": (["--train.global_batch_size=8000"], "--train.global_batch_size",
@@ -106,6 +131,12 @@ def test_alum_train_refuses_a_bad_value_naming_the_flag_before_the_run_folder_ex
     line = [ln for ln in err.splitlines() if ln.startswith("alum-train: error:")]
     assert rc == 2 and line and flag in line[0] and words in line[0], err[-2000:]
     assert "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_whole_word_masking_needs_a_tokenizer_that_marks_words(world, tmp_path, capsys):
+    rc, err = _train(train_args(world.words, tmp_path / "run", 1, "--masking.whole_word=true"), capsys)
+    assert rc == 2 and "--masking.whole_word=True: the tokenizer" in err and "continuations" in err, err[-2000:]
     assert not (tmp_path / "run").exists()
 
 
@@ -126,12 +157,20 @@ def test_a_refused_value_on_resume_leaves_the_run_byte_identical(world, tmp_path
     assert snapshot(out) == before
 
 
-def test_alum_that_never_switches_on_is_said_at_start(world, tmp_path, capsys):
+def test_alum_that_never_switches_on_or_a_delta_fixed_at_0_is_said_at_start(world, tmp_path, capsys):
     """Not refused: a run extended later (--train.resume_override=train.max_steps) is how the standard
-    objective is trained first; the start says so, naming the flag."""
+    objective is trained first, and delta = 0 is the control of the delta-share measurement (R = dropout
+    consistency, or exactly 0 with shared masks); the start says so, naming the flag."""
     rc, err = _train(train_args(world.db, tmp_path / "run", 1, "--alum.start_step=10", "--train.eval_every=0"),
                      capsys)
     assert rc == 0 and "--alum.start_step=10: ALUM will not switch on in this run of 1 steps" in err, err[-2000:]
+    rc, err = _train(train_args(world.db, tmp_path / "run0", 1, "--alum.noise_std=0", "--alum.k_steps=0",
+                                "--train.eval_every=0"), capsys)
+    assert rc == 0 and "--alum.noise_std=0.0: with --alum.k_steps=0 delta is exactly 0, so R is the dropout" in err
+    rc, err = _train(train_args(world.db, tmp_path / "run1", 1, "--alum.noise_std=0", "--alum.k_steps=0",
+                                "--alum.adv_dropout=shared", "--train.eval_every=0"), capsys)
+    assert rc == 0 and "delta is exactly 0, so R is exactly 0" in err, err[-2000:]
+    assert all(r["adv"] == 0.0 for r in read_log(tmp_path / "run1"))
 
 
 def test_eval_batches_0_turns_validation_off_instead_of_reporting_zeros(world, tmp_path, capsys):
