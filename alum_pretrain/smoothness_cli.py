@@ -275,8 +275,8 @@ def run(args) -> dict:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     model, info = _prepare_model(args.model, args, dtype, device)
-    check_positions("--seq-len", args.seq_len, model.config, str(args.model))
     batches, masker, data_desc, databin = _held_out(args, info)
+    check_positions("--seq-len", args.seq_len, model.config, str(args.model))  # before any forward pass
     _check_data_vocab(model, info, databin, args.model)
     data_desc.update(seq_len=args.seq_len, batch_size=args.batch_size, batches=len(batches),
                      sequences=sum(int(b["input_ids"].shape[0]) for b in batches))
