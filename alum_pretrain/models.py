@@ -202,6 +202,29 @@ def _read_config(path: Path, flag: str, trust_remote_code: bool):
     return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
 
 
+def check_continual_model(path: str | os.PathLike, *, nsp: bool, databin=None, trust_remote_code: bool = False):
+    """The HF config of a ``--model.init_from`` folder, after every check that needs no weights: readable
+    config (remote code only when trusted), the vocabulary against ``databin``'s tokenizer
+    (:func:`check_vocab`), an NSP head when ``nsp``.  ValueError naming the flag otherwise."""
+    path = Path(path)
+    config = _read_config(path, "--model.init_from", trust_remote_code)
+    fam = family_of(config)
+    if databin is not None:
+        try:
+            check_vocab(path, config, databin)
+        except ValueError as e:
+            raise ValueError(f"--model.init_from={str(path)!r}: {e}") from e
+    if nsp and fam is not GENERIC and not fam.nsp:
+        raise ValueError(f"--model.init_from={str(path)!r} is a {fam.name} model: it has no next-sentence-"
+                         "prediction head; continue with MLM only (--data.nsp=false)")
+    if nsp and not _has_nsp_head(path, config):
+        raise ValueError(
+            f"--model.init_from={str(path)!r} has no next-sentence-prediction head (no cls.seq_relationship weights); "
+            "continue with MLM only (--data.nsp=false) or start from a checkpoint that has one"
+        )
+    return config
+
+
 def load_continual_model(path: str | os.PathLike, *, nsp: bool, databin=None, dropout: float | None = None,
                          trust_remote_code: bool = False):
     """Load an HF checkpoint folder for continual pre-training (see the module docstring).
@@ -213,18 +236,8 @@ def load_continual_model(path: str | os.PathLike, *, nsp: bool, databin=None, dr
     from transformers import AutoModelForMaskedLM, AutoModelForPreTraining
 
     path = Path(path)
-    config = _read_config(path, "--model.init_from", trust_remote_code)
+    config = check_continual_model(path, nsp=nsp, databin=databin, trust_remote_code=trust_remote_code)
     fam = family_of(config)
-    if databin is not None:
-        check_vocab(path, config, databin)
-    if nsp and fam is not GENERIC and not fam.nsp:
-        raise ValueError(f"--model.init_from={str(path)!r} is a {fam.name} model: it has no next-sentence-"
-                         "prediction head; continue with MLM only (--data.nsp=false)")
-    if nsp and not _has_nsp_head(path, config):
-        raise ValueError(
-            f"--model.init_from={str(path)!r} has no next-sentence-prediction head (no cls.seq_relationship weights); "
-            "continue with MLM only (--data.nsp=false) or start from a checkpoint that has one"
-        )
     kw = {k: dropout for k in fam.dropout_keys if dropout is not None and hasattr(config, k)}
     auto = AutoModelForPreTraining if nsp else AutoModelForMaskedLM
     model, info = auto.from_pretrained(str(path), output_loading_info=True, trust_remote_code=trust_remote_code,
@@ -489,6 +502,7 @@ __all__ = [
     "PretrainModel",
     "build_model",
     "build_scratch_model",
+    "check_continual_model",
     "check_vocab",
     "compile_encoder",
     "flat_masked_index",

@@ -21,6 +21,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
+from .compat import check_positions
 from .masking import MaskingConfig, TokenMasker
 from .smoothness import (BALLS, EPS_MODES, SmoothnessConfig, fit_temperature, format_table, measure_smoothness,
                          mlm_logits, mlm_stats, tokenizer_masker)
@@ -245,6 +246,7 @@ def _prepare_model(path: str, args, dtype: torch.dtype, device: torch.device):
 def _match(args, model, info, batches, masker, databin, dtype, device) -> dict:
     """Fit the temperature that gives the model REF's held-out entropy (same batches, same masks)."""
     ref, ref_info = _prepare_model(args.match_entropy, args, dtype, device)
+    check_positions("--seq-len", args.seq_len, ref.config, f"--match-entropy {args.match_entropy}")
     _check_data_vocab(ref, ref_info, databin, args.match_entropy)
     if databin is None and info["tokenizer_dir"] and ref_info["tokenizer_dir"]:
         from transformers import AutoTokenizer
@@ -274,6 +276,7 @@ def run(args) -> dict:
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     model, info = _prepare_model(args.model, args, dtype, device)
     batches, masker, data_desc, databin = _held_out(args, info)
+    check_positions("--seq-len", args.seq_len, model.config, str(args.model))  # before any forward pass
     _check_data_vocab(model, info, databin, args.model)
     data_desc.update(seq_len=args.seq_len, batch_size=args.batch_size, batches=len(batches),
                      sequences=sum(int(b["input_ids"].shape[0]) for b in batches))

@@ -307,7 +307,8 @@ def test_every_native_knob_is_a_fairseq_option(databin, monkeypatch):
                       log_baseline=True)
     masking = MaskingConfig(schedule="constant", start_rate=0.1, end_rate=0.3, num_phases=4, constant_rate=0.2,
                             mask_prob=0.7, random_prob=0.2, whole_word=True)
-    task, _, criterion, _ = _setup(databin, *knobs.to_argv("alum", alum), *knobs.to_argv("masking", masking))
+    task, _, criterion, _ = _setup(databin, "--sample-mode", "pairs",  # alum.include_nsp needs the NSP head
+                                   *knobs.to_argv("alum", alum), *knobs.to_argv("masking", masking))
     assert criterion.alum == alum and task.masking == masking and task.masker.cfg == masking
     task, _, criterion, _ = _setup(databin)  # defaults: the native defaults (STRONG_ALUM aside)
     assert task.masking == MaskingConfig()

@@ -135,7 +135,7 @@ class LoopConfig:
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto = cuda when available, else cpu")
     log_every: int = opt(10, "log (console, log.jsonl, TensorBoard) every N optimizer steps")
     eval_every: int = opt(500, "validation MLM loss/accuracy every N steps (0 = only at the end)")
-    eval_batches: int = opt(20, "validation batches per evaluation (per process)")
+    eval_batches: int = opt(20, "validation batches per evaluation (per process); 0 = no validation")
     smooth_every: int = opt(0, "also measure the eval-mode smoothness ALUM optimises (alum-smoothness: worst-case "
                                "vs random SymKL at masked positions in an epsilon-ball of the embeddings, dropout "
                                "off) at every N-th evaluation and the last one (0 = never); log keys "

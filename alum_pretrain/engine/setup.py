@@ -16,6 +16,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import models as M
+from ..compat import check_pretrain_values
 from ..config import config_from_dict, config_to_dict, save_yaml
 from ..data.databin import DataBin, verify_databin
 from ..data.loader import build_loader
@@ -128,6 +129,7 @@ class Checked:
     databin: DataBin
     tokenizer: Any
     identity: dict
+    validation: bool = True  # the run evaluates (a validation split exists and --train.eval_batches > 0)
 
 
 def check_inputs(cfg: TrainConfig, env: D.DistEnv) -> Checked:
@@ -135,6 +137,9 @@ def check_inputs(cfg: TrainConfig, env: D.DistEnv) -> Checked:
     tc = cfg.train
     if not cfg.data.path:
         raise ValueError("--data.path is required: the data-bin folder written by `alum-prep`")
+    if cfg.optim.name != "adamw" and tc.engine != "deepspeed":
+        raise ValueError(f"--optim.name={cfg.optim.name}: LAMB comes from DeepSpeed; use --train.engine=deepspeed "
+                         "(on a GPU) or --optim.name=adamw")
     grad_accum, global_batch = resolve_grad_accum(tc, env.world_size)
     check_device(env.device, tc.precision)  # kernels for this GPU; no bf16 below compute capability 8.0
     cfg = _resolved_config(cfg, grad_accum)
@@ -147,7 +152,13 @@ def check_inputs(cfg: TrainConfig, env: D.DistEnv) -> Checked:
     validate_databin(databin, tokenizer, full=cfg.data.verify == "full" and env.local_rank == 0)
     identity = data_identity(databin, databin.tokenizer_dir)
     check_before_start(cfg, Path(tc.output_dir), global_batch, identity)
-    return Checked(cfg, grad_accum, global_batch, databin, tokenizer, identity)
+    hf_config = None
+    if cfg.model.init_from:  # its vocabulary, NSP head and position table, without loading its weights
+        hf_config = M.check_continual_model(cfg.model.init_from, nsp=cfg.data.nsp, databin=databin,
+                                            trust_remote_code=cfg.model.trust_remote_code)
+    validation = check_pretrain_values(cfg, databin, global_batch=global_batch, hf_config=hf_config,
+                                       model_source=f"--model.init_from={cfg.model.init_from}")
+    return Checked(cfg, grad_accum, global_batch, databin, tokenizer, identity, validation)
 
 
 def build_run(cfg: TrainConfig, env: D.DistEnv, checked: Optional[Checked] = None) -> Run:
@@ -183,10 +194,7 @@ def build_run(cfg: TrainConfig, env: D.DistEnv, checked: Optional[Checked] = Non
     if tc.engine == "deepspeed":
         from . import deepspeed_engine as DS
         optimizer = DS.build_optimizer(model, cfg.optim, env.device)
-    elif cfg.optim.name != "adamw":
-        raise ValueError(f"--optim.name={cfg.optim.name}: LAMB comes from DeepSpeed; use --train.engine=deepspeed "
-                         "(on a GPU) or --optim.name=adamw")
-    else:
+    else:  # (check_inputs refused LAMB without DeepSpeed)
         optimizer = build_optimizer(model, cfg.optim, env.device)
     scheduler = build_scheduler(optimizer, cfg.optim, tc.max_steps)
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[tc.precision]
@@ -202,7 +210,7 @@ def build_run(cfg: TrainConfig, env: D.DistEnv, checked: Optional[Checked] = Non
     common.update(group_by_length=grouped, pad_to_max_len=not grouped)
     loader = build_loader(databin, "train", **common)
     valid = valid_state0 = None
-    if any(databin.has_split(k, cfg.data.valid_split) for k in range(databin.num_shards)):
+    if checked.validation:
         valid = build_loader(databin, cfg.data.valid_split, epochs=1, **{**common, "num_workers": 0})
         valid_state0 = valid.state_dict()
     masker = Masker(cfg.masking, tables.mask_id, tables.random_pool, tc.seed)
@@ -216,7 +224,8 @@ def build_run(cfg: TrainConfig, env: D.DistEnv, checked: Optional[Checked] = Non
                 f"global batch {global_batch} = {tc.batch_size} x {grad_accum} accum x {env.world_size} ranks; "
                 f"precision {tc.precision}")
     if valid is None:
-        logger.info(f"no {cfg.data.valid_split!r} split in {databin.path}: validation is off")
+        logger.info("--train.eval_batches=0: validation is off" if tc.eval_batches == 0 else
+                    f"no {cfg.data.valid_split!r} split in {databin.path}: validation is off")
     run = Run(cfg=cfg, env=env, out=out, model=model, step_module=step_module, optimizer=optimizer,
               scheduler=scheduler, scaler=scaler, amp_dtype=amp_dtype, loader=loader, valid=valid,
               valid_state0=valid_state0, masker=masker, grad_accum=grad_accum, global_batch=global_batch,

@@ -152,8 +152,12 @@ def evaluate(run, step: int) -> dict:
         totals += torch.stack([ce.float(), correct.float(), n.float()])
     model.train(was_training)
     ce, correct, n = D.all_reduce_device(env, totals).tolist()
-    n = max(n, 1.0)
-    rec = {"step": step, "kind": "valid", "valid_mlm": ce / n, "valid_acc": correct / n, "valid_masked_tokens": n}
+    if n > 0:
+        rec = {"step": step, "kind": "valid", "valid_mlm": ce / n, "valid_acc": correct / n, "valid_masked_tokens": n}
+    else:  # a mean over no token is no number: null in log.jsonl, never a loss of 0 or an accuracy of 0
+        run.logger.warning(f"step {step}: validation masked no token, so valid_mlm and valid_acc are not "
+                           "reported", step)
+        rec = {"step": step, "kind": "valid", "valid_mlm": None, "valid_acc": None, "valid_masked_tokens": 0.0}
     if smoothness_due(cfg.train, step):
         rec.update(smoothness(run))
     return rec

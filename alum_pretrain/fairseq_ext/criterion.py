@@ -66,6 +66,7 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.logging import metrics
 
 from alum_pretrain import knobs
+from alum_pretrain.compat import check_alum
 from alum_pretrain.masking import STREAM_ALUM, sample_generators
 from alum_pretrain.objective import Normalizers, pretrain_objective
 from alum_pretrain.passes import AdversarialPasses
@@ -188,6 +189,10 @@ class AlumMaskedLMCriterion(FairseqCriterion):
         super().__init__(task)
         self.alum = knobs.from_flat("alum", cfg)
         refuse_pure_half(cfg, self.alum.alpha)
+        tcfg = getattr(task, "cfg", None)  # the alum_masked_lm task: its length and whether it has NSP
+        check_alum(self.alum, section=lambda key: knobs.flag_of(f"alum.{key}"),
+                   max_steps=int(getattr(tcfg, "max_update", 0) or 0) or None,
+                   nsp=getattr(tcfg, "sample_mode", "pairs") == "pairs" if tcfg is not None else None)
         self.seed = int(cfg.seed)
 
     def forward(self, model, sample, reduce=True):

@@ -52,6 +52,7 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
 
 from alum_pretrain import knobs
+from alum_pretrain.compat import check_masking
 from alum_pretrain.data import indexed
 from alum_pretrain.data.databin import MANIFEST, DataBin
 from alum_pretrain.data.tokens import build_token_tables
@@ -166,6 +167,8 @@ class AlumMaskedLMTask(FairseqTask):
         never |= set(special.values())
         self.special_ids = torch.tensor(sorted(never), dtype=torch.long)
         self.masking = knobs.from_flat("masking", cfg)
+        # every scheduled rate and the eval rate leave something to predict; some [MASK] in the 80/10/10
+        check_masking(self.masking, section=lambda key: knobs.flag_of(f"masking.{key}"))
         self.masker = TokenMasker(self.masking, self.mask_idx, self.tables.random_pool + off, int(cfg.seed))
         self.continuation = None
         if self.masking.whole_word:

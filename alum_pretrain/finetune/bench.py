@@ -42,6 +42,7 @@ and cached evaluations; a run whose settings changed since it finished is an err
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ from typing import Optional
 
 from ..atomic import write_json, write_text
 from ..runlock import lock_folder
-from ..config import add_dataclass_arguments, dataclass_from_args, opt
+from ..config import add_dataclass_arguments, config_to_dict, dataclass_from_args, opt
 from .bench_report import markdown_table, summarise
 from .bench_runs import (Run, evaluate_labelled_set, evaluate_set, execute, finished_results, load_sets,
                          parse_checkpoints, plan_runs)
@@ -79,12 +80,30 @@ def bench(suite_path: str, checkpoints: list[str], out: str, *, run_index: Optio
         if not 0 <= run_index < len(runs):
             raise ValueError(f"--run-index {run_index}: the suite has runs 0..{len(runs) - 1}")
         runs = [runs[run_index]]
-    for run in runs:   # a run that finished with other settings is refused before any work is done
-        finished_results(run)
+    todo = [run for run in runs if finished_results(run) is None]  # refuses a run finished with other settings
+    check_runs(todo)  # every value of every run still to do, before any folder is locked or written
     # One alum-bench per --out (alum_pretrain.runlock); the tasks of a SLURM array share --out by design
     # and each locks only its own run folder.
     with lock_folder(outp if run_index is None else runs[0].dir, tool="alum-bench"):
         return _bench_runs(suite_path, suite, cks, outp, runs, sets, run_index, device, progress)
+
+
+def check_runs(runs) -> None:
+    """:func:`~alum_pretrain.finetune.trainer.check_finetune_inputs` once per distinct model, data and
+    method setting of ``runs`` (seeds share it): a bad value fails the bench at once, naming the run."""
+    from .trainer import check_finetune_inputs
+
+    seen = set()
+    for run in runs:
+        d = config_to_dict(run.cfg)
+        key = json.dumps([d["model"], d["data"], d["run"]["method"], d.get("smart")], sort_keys=True, default=str)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            check_finetune_inputs(run.cfg)
+        except ValueError as exc:
+            raise ValueError(f"run {run.index} ({run.checkpoint} / {run.task.name} / {run.method}): {exc}") from exc
 
 
 def _bench_runs(suite_path, suite, cks, outp, runs, sets, run_index, device, progress) -> dict:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..compat import check_positions
 from ..atomic import write_text
 from ..config import config_to_dict, opt, parse_config, section
 from .data import EncodedDataset, collate, encode, read_examples
@@ -217,6 +218,7 @@ def evaluate_robustness(cfg: RobustConfig) -> dict:
         raise ValueError(f"--data {d.file}: no examples")
     clf = Classifier(cfg.model.path, cfg.model.tokenizer, cfg.run.device, d.max_length, d.batch_size,
                      cfg.run.precision)
+    check_positions("data.max_length", d.max_length, clf.model.config, f"--model {cfg.model.path}")
     if clf.model.config.num_labels != spec.num_labels:
         raise ValueError(f"--model has {clf.model.config.num_labels} labels but task {spec.name} has {spec.num_labels}")
     labels = np.array([e.label for e in examples])
@@ -245,9 +247,11 @@ def evaluate_robustness(cfg: RobustConfig) -> dict:
             "examples": n,
             "clean_accuracy": float(np.mean([not r.skipped for r in results])),
             "attacked_accuracy": float(np.mean(robust)),
-            "attack_success_rate": float(np.mean([r.success for r in attacked_ok])) if attacked_ok else 0.0,
-            "mean_words_changed_successful": float(np.mean([r.changed / max(1, r.words) for r in results
-                                                            if r.success])) if any(r.success for r in results) else 0.0,
+            # rates over no attacked (or no successful) example are no number: null, never 0
+            "attack_success_rate": float(np.mean([r.success for r in attacked_ok])) if attacked_ok else None,
+            "mean_words_changed_successful": (float(np.mean([r.changed / max(1, r.words) for r in results
+                                                             if r.success])) if any(r.success for r in results)
+                                              else None),
             "mean_queries": float(np.mean([r.queries for r in results])),
             "settings": config_to_dict(cfg.attack),
             "examples_detail": [{"line": e.line, "label": r.label, "clean_pred": r.clean_pred, "adv_pred": r.adv_pred,
@@ -271,12 +275,16 @@ def format_table(rows: list[dict]) -> str:
     """A Markdown table of reports (one row each; ``name`` column if given)."""
     head = "| model | clean acc | attacked acc | attack success | max-loss-inc (median) |"
     lines = [head, "|---|---|---|---|---|"]
+
+    def num(v) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
     for r in rows:
         att = r.get("attack") or {}
         emb = r.get("embedding") or {}
         m = emb.get("median_max_loss_increase")
         lines.append(f"| {r.get('name', r['model'])} | {r['clean_accuracy']:.3f} | "
-                     f"{att.get('attacked_accuracy', float('nan')):.3f} | {att.get('attack_success_rate', float('nan')):.3f} | "
+                     f"{num(att.get('attacked_accuracy'))} | {num(att.get('attack_success_rate'))} | "
                      f"{'n/a' if m is None else f'{m:.4f}'} |")
     return "\n".join(lines)
 

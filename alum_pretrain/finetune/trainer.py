@@ -18,7 +18,7 @@ import random
 import time
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sequ
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_dir, atomic_file, write_text
+from ..compat import bad_value, check_alum, check_positions
 from ..config import config_to_dict
 from .config import FinetuneConfig, amp_dtype
 from .data import EncodedDataset, Example, collate, encode, read_examples, substitution_candidates
@@ -267,12 +268,52 @@ class _Job:
         return torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None)
 
 
-def _load_splits(cfg: FinetuneConfig, spec: TaskSpec, tokenizer, method: Method):
-    """-> (train encoding, dev examples, dev encoding); substitution candidates when the method needs them."""
+class Inputs(NamedTuple):
+    """What :func:`check_finetune_inputs` read and checked before the output folder is touched."""
+
+    spec: TaskSpec
+    tokenizer: Any
+    train_ex: list[Example]
+    dev_ex: list[Example]
+
+
+def check_finetune_inputs(cfg: FinetuneConfig) -> Inputs:
+    """Every value checked against the model and the data before ``--out`` is created or touched.
+
+    ``--data.max_length`` against the model's position table, the tokenizer's vocabulary against the model's
+    embedding rows, the training and dev files (readable, at least one example: a dev metric over no example
+    would select the best checkpoint from nothing), and the SMART/ALUM knobs that would make its term
+    meaningless (:func:`alum_pretrain.compat.check_alum`)."""
+    from transformers import AutoConfig
+
+    spec = cfg.data.task_spec()
+    config = AutoConfig.from_pretrained(cfg.model.path)
+    check_positions("data.max_length", cfg.data.max_length, config, f"--model {cfg.model.path}")
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    rows = getattr(config, "vocab_size", None)
+    if rows is not None and len(tokenizer) > int(rows):
+        flag = "model.tokenizer" if cfg.model.tokenizer else "model.path"
+        raise bad_value(flag, cfg.model.tokenizer or cfg.model.path,
+                        f"the tokenizer has {len(tokenizer)} tokens but the model {cfg.model.path} embeds only "
+                        f"{rows}: higher ids would index past its embedding table",
+                        "use the tokenizer the model was trained with")
     train_ex = read_examples(cfg.data.train, spec, fmt=cfg.data.format, limit=cfg.data.max_train_examples)
     dev_ex = read_examples(cfg.data.dev, spec, fmt=cfg.data.format, limit=cfg.data.max_dev_examples)
     if not train_ex:
-        raise ValueError(f"--train {cfg.data.train}: no examples")
+        raise bad_value("data.train", cfg.data.train, "the file holds no example", "give a training file with "
+                                                                                   "labelled examples")
+    if not dev_ex:
+        raise bad_value("data.dev", cfg.data.dev, "the file holds no example, so the dev metric that selects the "
+                                                  "best checkpoint would be computed over nothing",
+                        "give a dev file with labelled examples")
+    if cfg.run.method in ("smart", "alum"):
+        check_alum(cfg.smart, section="smart")
+    return Inputs(spec, tokenizer, train_ex, dev_ex)
+
+
+def _load_splits(cfg: FinetuneConfig, inputs: Inputs, method: Method):
+    """-> (train encoding, dev examples, dev encoding); substitution candidates when the method needs them."""
+    tokenizer, train_ex, dev_ex = inputs.tokenizer, inputs.train_ex, inputs.dev_ex
     synonyms = None
     if getattr(method, "needs_substitutions", False):
         from .synonyms import SynonymSource
@@ -294,17 +335,16 @@ def _train_loader(cfg: FinetuneConfig, train_enc, spec: TaskSpec, method: Method
     return sampler, loader
 
 
-def _build_job(cfg: FinetuneConfig) -> _Job:
+def _build_job(cfg: FinetuneConfig, inputs: Inputs) -> _Job:
     """Processes, model, method, data, optimizer and schedule, in this order (the seeded RNG stream
     depends on it: the head's initialisation, then the method's set-up)."""
     rank, world, device = _setup_distributed(cfg.run.device)
     out = Path(cfg.run.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    spec = cfg.data.task_spec()
+    spec, tokenizer = inputs.spec, inputs.tokenizer
     _seed_all(cfg.run.seed)
 
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     model = load_model(cfg.model.path, spec, hidden_dropout=cfg.model.hidden_dropout,
                        attention_dropout=cfg.model.attention_dropout,
@@ -312,7 +352,7 @@ def _build_job(cfg: FinetuneConfig) -> _Job:
     method = build_method(cfg.run.method, cfg, spec.is_regression)
     method.setup(model)  # before any update: RIFT's teacher is the pre-trained model
 
-    train_enc, dev_ex, dev_enc = _load_splits(cfg, spec, tokenizer, method)
+    train_enc, dev_ex, dev_enc = _load_splits(cfg, inputs, method)
     sampler, loader = _train_loader(cfg, train_enc, spec, method, pad_id, rank, world)
 
     steps_per_epoch = len(loader) * method.optimizer_steps_per_batch
@@ -473,7 +513,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     if not (Path(cfg.model.path) / "config.json").is_file():
         raise ValueError(f"--model {cfg.model.path}: no config.json (expected a HuggingFace checkpoint folder, "
                          "e.g. the output of alum-export)")
-    job = _build_job(cfg)
+    job = _build_job(cfg, check_finetune_inputs(cfg))
     start_epoch, history, best = _resume(job)
     step_times: list[float] = []
     end_epoch = cfg.optim.epochs

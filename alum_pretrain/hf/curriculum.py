@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 from transformers import TrainerCallback
 
+from ..compat import check_masking
 from ..masking import MaskingConfig
 
 __all__ = ["MaskingCurriculumCallback"]
@@ -50,6 +51,8 @@ class MaskingCurriculumCallback(TrainerCallback):
             raise ValueError(f"MaskingCurriculumCallback: lookahead={lookahead!r} must be an integer >= 0")
         self.collator = collator
         self.masking = masking if masking is not None else MaskingConfig()
+        # every scheduled rate > 0 (the collator does the 80/10/10 and Trainer's evaluation its own masking)
+        check_masking(self.masking, validation=False, split=False)
         self.total_steps = total_steps
         self.lookahead = lookahead
 

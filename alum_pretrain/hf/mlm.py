@@ -43,6 +43,7 @@ import torch
 from transformers import Trainer
 
 from ..adversarial import ALUMConfig
+from ..compat import check_alum
 from ..masking import IGNORE_INDEX, STREAM_ALUM, sample_generators
 from ..models import PretrainModel
 from ..objective import Normalizers, pretrain_objective
@@ -71,6 +72,9 @@ class AlumTrainer(MetricLogMixin, Trainer):
                              f"got {type(alum).__name__}")
         super().__init__(*args, **kwargs)
         self.alum = alum if alum is not None else ALUMConfig()
+        max_steps = int(getattr(self.args, "max_steps", -1) or -1)
+        # What would make the term meaningless, as warnings: in the Python API delta = 0 is a documented control.
+        check_alum(self.alum, max_steps=max_steps if max_steps > 0 else None, strict=False)
         self._wrapper: Optional[PretrainModel] = None
         self._micro = (-1, 0)  # (global step, micro-batches seen at that step)
         self._alum_last = False
