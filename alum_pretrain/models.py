@@ -51,6 +51,16 @@ PERTURB_AT = ("word", "embedding_output")
 PRESETS: dict[str, dict[str, int]] = FAMILIES["BERT"].presets
 
 
+def param_numel(p: torch.Tensor) -> int:
+    """Elements of a parameter, whole also when ZeRO-3 has partitioned it (DeepSpeed's ``ds_numel``)."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
+def param_shape(p: torch.Tensor) -> torch.Size:
+    """Shape of a parameter, whole also when ZeRO-3 has partitioned it (DeepSpeed's ``ds_shape``)."""
+    return torch.Size(getattr(p, "ds_shape", p.shape))
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     """The HF model inside DDP / torch.compile / PretrainModel wrappers."""
     while True:
@@ -124,7 +134,7 @@ def build_scratch_model(
     model = getattr(transformers, fam.pretraining if nsp else fam.masked_lm)(config)
     log.info("built %s from scratch: preset %s, %d layers, hidden %d, vocab %d (%.1fM parameters)",
              type(model).__name__, preset if isinstance(preset, str) else "custom", config.num_hidden_layers,
-             config.hidden_size, padded, sum(p.numel() for p in model.parameters()) / 1e6)
+             config.hidden_size, padded, sum(map(param_numel, model.parameters())) / 1e6)
     return model
 
 
@@ -269,10 +279,13 @@ def _check_tied(model) -> None:
     """The LM decoder must share the word-embedding matrix (fresh heads rely on it; export keeps it)."""
     out = model.get_output_embeddings()
     inp = model.get_input_embeddings()
-    if out is None or out.weight.shape != inp.weight.shape:
+    if out is None or param_shape(out.weight) != param_shape(inp.weight):
         return  # no separate decoder (DeBERTa-v2's non-legacy head multiplies by the embedding matrix itself)
     tie = getattr(model.config, "tie_word_embeddings", True)
-    if tie and out.weight.data_ptr() != inp.weight.data_ptr():
+    # one Parameter object, or one storage; ZeRO-3 partitions are empty, so only the identity tells there
+    shared = out.weight is inp.weight or (not hasattr(out.weight, "ds_id")
+                                          and out.weight.data_ptr() == inp.weight.data_ptr())
+    if tie and not shared:
         raise ValueError(f"{type(model).__name__}: the LM decoder is not tied to the word embeddings although "
                          "config.tie_word_embeddings is true")
 
@@ -509,5 +522,7 @@ __all__ = [
     "load_continual_model",
     "load_hf_model",
     "load_model",
+    "param_numel",
+    "param_shape",
     "save_model",
 ]

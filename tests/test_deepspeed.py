@@ -124,6 +124,21 @@ def test_missing_deepspeed_is_a_clear_error(monkeypatch):
         require_deepspeed()
 
 
+def test_nonfinite_weight_check_reads_zero3_partitions():
+    """The refusal to checkpoint NaN weights looks into a ZeRO-3 parameter's partition (``ds_tensor``): the
+    parameter's own data is empty there, so checking it alone would pass any weights."""
+    from alum_pretrain.engine import distributed as D
+    from alum_pretrain.engine.checkpoint import first_nonfinite_weight
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    for p in model.parameters():  # what zero.Init leaves: empty data, this rank's slice in ds_tensor
+        p.ds_tensor = p.data.reshape(-1)[:2].clone()
+        p.data = torch.empty(0)
+    assert first_nonfinite_weight(model, D.DistEnv()) is None
+    model[1].weight.ds_tensor[1] = float("nan")
+    assert first_nonfinite_weight(model, D.DistEnv()) == "1.weight"
+
+
 @requires_ds
 def test_resume_refuses_a_changed_world_size_or_a_ddp_checkpoint(tmp_path):
     from types import SimpleNamespace
@@ -200,6 +215,7 @@ def ds_runs(tmp_path_factory):
         r = _torchrun(["tests/ds_ascent_probe.py"], args, PROBE_OUT=str(tmp / f"{name}-probe"))
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-5000:]
         assert "world size 2" in r.stderr
+        assert ("built partitioned (ZeRO-3)" in r.stderr) == (name == "zero3")  # deepspeed.zero.Init
         out[name] = run
         out[f"{name}-args"] = args
         out[f"{name}-probe"] = [json.loads((tmp / f"{name}-probe" / f"rank{k}.json").read_text()) for k in (0, 1)]
@@ -324,6 +340,63 @@ def test_sigusr1_to_one_rank_saves_all_shards_and_exits_0(ds_runs, tmp_path):
     model = final_weights(out)
     shards = consolidate_zero(ckpts[0])
     assert max(float((model[k] - shards[k]).abs().max()) for k in model) == 0.0
+
+
+@pytest.mark.multirank
+@requires_ds
+def test_zero3_builds_partitioned_with_the_plain_builds_weights(tmp_path):
+    """Under ZeRO-3 the model is built under ``deepspeed.zero.Init`` (2 processes): no rank ever holds a whole
+    weight, each holds half of the elements, and the gathered weights equal, bit for bit, a plain build with
+    the same seed - from scratch (BERT with NSP, ModernBERT, DeBERTa-v3) and continual from an HF folder
+    (with its heads, and without an MLM head: the fresh head's initialisation too), tied decoder kept."""
+    from transformers import BertConfig, BertForPreTraining, BertModel
+
+    ck = tmp_path / "ck"
+    config = BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128,
+                        vocab_size=500)
+    torch.manual_seed(7)
+    BertForPreTraining(config).save_pretrained(str(ck / "full"))
+    BertModel(config).save_pretrained(str(ck / "bare"))
+    r = _torchrun(["tests/ds_zero_init_probe.py"], [], PROBE_OUT=str(tmp_path / "probe"), PROBE_CKPT=str(ck))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-5000:]
+    ranks = [json.loads((tmp_path / "probe" / f"rank{k}.json").read_text()) for k in (0, 1)]
+    assert set(ranks[0]) == {"bert-nsp", "modernbert-tiny", "deberta-tiny", "continual-nsp", "continual-fresh-head"}
+    for rank, res in enumerate(ranks):
+        for case, c in res.items():
+            assert c["unequal"] == [] and c["tensors"] >= 20, (rank, case, c["unequal"])
+            assert c["held"] == 0, (rank, case, c)
+            assert c["whole"] / 2 <= c["partition"] <= c["whole"] / 2 + c["tensors"], (rank, case, c)
+            assert c["tied"] == [True, True], (rank, case, c["tied"])
+            assert c["fresh"] == c["fresh_plain"], (rank, case)
+    fresh = ranks[0]["continual-fresh-head"]["fresh"]
+    assert "cls.predictions.transform.dense.weight" in fresh and not ranks[0]["continual-nsp"]["fresh"]
+
+
+@pytest.mark.multirank
+@requires_ds
+def test_zero3_continual_run_matches_ddp(ds_runs, tmp_path):
+    """``--model.init_from`` under ZeRO-3 (transformers' partitioned ``from_pretrained``, 2 processes) trains
+    like DDP from the same folder: the same losses and gradient norms over the first steps."""
+    from alum_pretrain.engine.checkpoint import latest_checkpoint
+
+    init = latest_checkpoint(ds_runs["ddp"]) / "model"  # the DDP run's trained weights, as an HF folder
+    flags = (*COMMON, f"--model.init_from={init}", "--train.eval_every=0", "--train.grad_accum=2")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert run_train(ds_runs["databin"], tmp_path / "ddp", 3, *flags, "--train.batch_size=4") == 0
+    finally:
+        torch.set_num_threads(n)
+    r = _torchrun(["-m", "alum_pretrain.train"],
+                  train_args(ds_runs["databin"], tmp_path / "z3", 3, *flags, "--train.batch_size=2", *Z3))
+    assert r.returncode == 0, r.stderr[-5000:]
+    assert "built partitioned (ZeRO-3)" in r.stderr
+    a, b = read_log(tmp_path / "ddp"), read_log(tmp_path / "z3")
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        for key in ("loss", "mlm", "nsp", "adv"):
+            assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-8), (x["step"], key, x[key], y[key])
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------------

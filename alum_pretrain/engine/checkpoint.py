@@ -273,11 +273,23 @@ def last_good_checkpoint(run) -> str:
             if ck is not None else f"no checkpoint was written in {run.out}")
 
 
+def first_nonfinite_weight(model: torch.nn.Module, env: D.DistEnv) -> str | None:
+    """Name of the first parameter holding NaN/Inf, the same on every rank (collective under ZeRO-3).
+
+    A ZeRO-3 parameter's own data is empty: the weight lives in the ranks' partitions (``ds_tensor``), so
+    each rank checks its partitions and the ranks agree on the first name found."""
+    named = [(n, getattr(p, "ds_tensor", p)) for n, p in model.named_parameters()]
+    bad = first_nonfinite(named)
+    if env.distributed and any(hasattr(p, "ds_tensor") for p in model.parameters()):
+        bad = next((b for b in D.gather_objects(env, bad) if b is not None), None)
+    return bad
+
+
 def save(run, step: int) -> None:
     """Checkpoint ``step`` through the run's stepper (every rank takes part; rank 0 writes ``step-N``).
 
     Refuses (NonFiniteError, on every rank alike: the replicas are identical) to write NaN/Inf weights."""
-    bad = first_nonfinite(run.model.named_parameters())
+    bad = first_nonfinite_weight(run.model, run.env)
     if bad is not None:
         raise NonFiniteError(f"step {step}: parameter {bad} holds NaN/Inf; no checkpoint written; "
                              f"{last_good_checkpoint(run)}; {nan_remedy(run)}")

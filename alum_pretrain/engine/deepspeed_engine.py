@@ -27,6 +27,11 @@ What stays exactly as in the DDP engine (:mod:`alum_pretrain.engine.stepper`, ``
   ZeRO optimizer shards of every rank), from which a resumed run restores the optimizer exactly and from
   which DeepSpeed's ``zero_to_fp32`` rebuilds the fp32 weights.
 
+Under ZeRO-3 the model is built already partitioned (``deepspeed.zero.Init``, :mod:`.zero_init`): no
+process holds the whole model at once, and the partitioned weights are, gathered, those of the DDP build
+with the same seed (from scratch: rank 0 draws the plain build's initialisation; continual: rank 0 reads the
+checkpoint and broadcasts it layer by layer).
+
 The ALUM ascent (``torch.autograd.grad`` w.r.t. delta only, inside the forward) writes no parameter
 gradient, so none of ZeRO's gradient hooks fires and nothing is reduced; under ZeRO-3 the ascent backward
 only all-gathers the (partitioned) weights it needs, as every ZeRO-3 backward does.
@@ -39,6 +44,7 @@ offloaded fp32 partition (no compiled DeepSpeed op needed).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -48,6 +54,7 @@ import torch
 
 from . import checkpoint as C
 from . import distributed as D
+from . import zero_init
 from .config import OptimConfig, TrainConfig
 from .optim import param_groups
 
@@ -132,12 +139,8 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
     return torch.optim.AdamW(groups, **kw)
 
 
-def initialize(cfg: TrainConfig, env: D.DistEnv, step_module: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               scheduler: Any, grad_accum: int):
-    """``deepspeed.initialize`` around the (unwrapped) step module; returns the engine.
-
-    The engine takes the place of the DDP-wrapped step module in the loop; it owns the optimizer step,
-    loss scaling (fp16), clipping and the LR schedule (see :func:`backward` / :func:`optimizer_step`)."""
+def init_comm(env: D.DistEnv):
+    """DeepSpeed's communication on the run's process group (made here for one process); returns deepspeed."""
     deepspeed = require_deepspeed()
     _no_shm_comm_build()
     if not torch.distributed.is_initialized():
@@ -149,6 +152,25 @@ def initialize(cfg: TrainConfig, env: D.DistEnv, step_module: torch.nn.Module, o
     # DeepSpeed reuses the existing (gloo / NCCL) process group; init_distributed is then a no-op.
     deepspeed.init_distributed(dist_backend="nccl" if env.device.type == "cuda" else "gloo",
                                auto_mpi_discovery=False, verbose=False)
+    return deepspeed
+
+
+def build_context(cfg: TrainConfig, env: D.DistEnv, grad_accum: int):
+    """The context to build the model in: under ZeRO-3 its parameters are partitioned as it is constructed
+    (:mod:`alum_pretrain.engine.zero_init`, the DDP build's weights); a no-op for stages 0-2."""
+    if cfg.deepspeed.zero_stage != 3:
+        return contextlib.nullcontext()
+    init_comm(env)
+    return zero_init.build_context(ds_config(cfg, grad_accum, env.world_size), continual=bool(cfg.model.init_from))
+
+
+def initialize(cfg: TrainConfig, env: D.DistEnv, step_module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               scheduler: Any, grad_accum: int):
+    """``deepspeed.initialize`` around the (unwrapped) step module; returns the engine.
+
+    The engine takes the place of the DDP-wrapped step module in the loop; it owns the optimizer step,
+    loss scaling (fp16), clipping and the LR schedule (see :func:`backward` / :func:`optimizer_step`)."""
+    deepspeed = init_comm(env)
     engine, _opt, _loader, _sched = deepspeed.initialize(
         model=step_module, optimizer=optimizer, lr_scheduler=scheduler,
         config=ds_config(cfg, grad_accum, env.world_size))
@@ -316,7 +338,8 @@ def save_gathered(model: torch.nn.Module, state: dict, model_dir: Path) -> None:
     hf = M._unwrap(model)
     # A structural copy on the meta device would not survive save_pretrained; a shallow module copy whose
     # tensors are the gathered ones does: load them into a fresh deep copy of the config-built model.
-    clone = type(hf)(copy.deepcopy(hf.config))
+    with torch.random.fork_rng(devices=[]):  # the clone's throw-away init must not move rank 0's RNG
+        clone = type(hf)(copy.deepcopy(hf.config))
     prefix = _prefix_of(model, hf)
     clone.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
     M.save_model(clone, model_dir)

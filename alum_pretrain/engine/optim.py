@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from ..models import param_shape
 from .config import OptimConfig
 
 
@@ -31,9 +32,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float, fresh_lr: float | 
             continue
         seen.add(id(p))
         if fresh_lr is not None and getattr(p, FRESH_ATTR, False):
-            (fresh_decay if p.dim() >= 2 else fresh_no_decay).append(p)
-        else:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            (fresh_decay if len(param_shape(p)) >= 2 else fresh_no_decay).append(p)
+        else:  # (param_shape: the data of a ZeRO-3 partitioned parameter is an empty 1-D tensor)
+            (decay if len(param_shape(p)) >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if fresh_decay or fresh_no_decay:
         groups += [{"params": fresh_decay, "weight_decay": weight_decay, "lr": fresh_lr},

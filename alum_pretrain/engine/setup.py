@@ -8,6 +8,7 @@ in :mod:`.step`, the metric accumulation in :mod:`.metrics`.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -31,6 +32,7 @@ from .metrics import LOG, Accumulator, RunLogger, decoder_flops_per_masked_token
 from .optim import build_optimizer, build_scheduler
 from .step import Masker, PretrainStep
 from .stepper import Stepper, make_stepper
+from .zero_init import is_partitioned, sync_buffers
 
 
 HOST_ONLY_KEYS = ("sample_ids",)  # batch entries the step module never sees (kept on the host)
@@ -173,12 +175,16 @@ def build_run(cfg: TrainConfig, env: D.DistEnv, checked: Optional[Checked] = Non
     tables = build_token_tables(databin, tokenizer)
 
     # Same init on every rank (DDP also broadcasts rank 0's weights); then per-rank dropout streams.
+    # Under ZeRO-3 the model is partitioned as it is built, rank 0 drawing the same init (engine/zero_init.py).
     torch.manual_seed(tc.seed)
-    model = M.build_model(databin=databin, preset=cfg.model.preset, init_from=cfg.model.init_from,
-                          nsp=cfg.data.nsp, perturb_at=cfg.alum.perturb_at,
-                          dropout=None if cfg.model.dropout < 0 else cfg.model.dropout,
-                          max_position_embeddings=max(512, cfg.data.max_seq_len),
-                          trust_remote_code=cfg.model.trust_remote_code)
+    with _build_context(cfg, env, grad_accum):
+        model = M.build_model(databin=databin, preset=cfg.model.preset, init_from=cfg.model.init_from,
+                              nsp=cfg.data.nsp, perturb_at=cfg.alum.perturb_at,
+                              dropout=None if cfg.model.dropout < 0 else cfg.model.dropout,
+                              max_position_embeddings=max(512, cfg.data.max_seq_len),
+                              trust_remote_code=cfg.model.trust_remote_code)
+    if is_partitioned(model):
+        sync_buffers(model)  # buffers stay whole under ZeRO-3: every rank gets rank 0's
     # Training mode explicitly: HF from_pretrained returns a model in eval mode, so a continual run would
     # otherwise train without dropout until (and unless) an evaluation restored train mode.
     model.to(env.device).train()
@@ -219,8 +225,9 @@ def build_run(cfg: TrainConfig, env: D.DistEnv, checked: Optional[Checked] = Non
     if env.is_main:
         save_yaml(cfg, out / "config.yaml")
         record_identity(out, identity, databin.tokenizer_dir)
-    n_params = sum(p.numel() for p in model.parameters())
-    logger.info(f"model: {n_params / 1e6:.2f}M parameters; world size {env.world_size}; device {env.device}; "
+    n_params = sum(map(M.param_numel, model.parameters()))
+    built = " (built partitioned (ZeRO-3): deepspeed.zero.Init)" if is_partitioned(model) else ""
+    logger.info(f"model: {n_params / 1e6:.2f}M parameters{built}; world size {env.world_size}; device {env.device}; "
                 f"global batch {global_batch} = {tc.batch_size} x {grad_accum} accum x {env.world_size} ranks; "
                 f"precision {tc.precision}")
     if valid is None:
@@ -235,7 +242,8 @@ def build_run(cfg: TrainConfig, env: D.DistEnv, checked: Optional[Checked] = Non
     if run.peak_flops:
         run.flops_per_token = _flops_per_token(model, cfg.data.max_seq_len)
         emb = model.word_embeddings().weight
-        run.decoder_flops = decoder_flops_per_masked_token(emb.shape[1], emb.shape[0])
+        rows, width = M.param_shape(emb)
+        run.decoder_flops = decoder_flops_per_masked_token(width, rows)
     return run
 
 
@@ -258,6 +266,15 @@ def claim_output_dir(cfg: TrainConfig, env: D.DistEnv) -> Optional[RunLock]:
     return lock
 
 
+def _build_context(cfg: TrainConfig, env: D.DistEnv, grad_accum: int):
+    """Where the model is built: ZeRO-3 partitions it during construction (DeepSpeed engine), else nothing."""
+    if cfg.train.engine != "deepspeed":
+        return contextlib.nullcontext()
+    from . import deepspeed_engine as DS
+
+    return DS.build_context(cfg, env, grad_accum)
+
+
 def resolve_num_workers(num_workers: int, device: torch.device) -> int:
     """``--train.num_workers``: -1 (auto) = 2 loader workers per process on CUDA, 0 on CPU (where workers
     would compete with the training threads for the same cores)."""
@@ -268,8 +285,8 @@ def resolve_num_workers(num_workers: int, device: torch.device) -> int:
 
 def _flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     hf_cfg = getattr(model, "config", None)
-    emb = model.word_embeddings().weight.numel()
-    n = sum(p.numel() for p in model.parameters()) - emb
+    emb = M.param_numel(model.word_embeddings().weight)
+    n = sum(map(M.param_numel, model.parameters())) - emb
     L = getattr(hf_cfg, "num_hidden_layers", 0)
     H = getattr(hf_cfg, "hidden_size", 0)
     return flops_per_token(n, L, H, seq_len)
