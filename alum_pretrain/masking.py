@@ -49,7 +49,8 @@ import torch
 from .config import opt
 
 __all__ = ["MaskingConfig", "SCHEDULES", "mask_tokens", "mask_batch", "TokenMasker", "sample_uniforms",
-           "step_generator", "sample_generators", "IGNORE_INDEX", "STREAM_MASK", "STREAM_ALUM", "STREAM_EVAL_MASK"]
+           "step_generator", "sample_generators", "sample_normals", "SampleNoise", "IGNORE_INDEX", "STREAM_MASK",
+           "STREAM_ALUM", "STREAM_EVAL_MASK"]
 
 SCHEDULES = ("curriculum", "constant")
 IGNORE_INDEX = -100  # label at unselected positions (torch cross_entropy's default ignore_index)
@@ -360,6 +361,50 @@ def sample_uniforms(seed: int, step: int, sample_ids: torch.Tensor, stream: int,
         raise ValueError("sample_uniforms: counters must be a 1-D integer tensor with values in [0, 2**31)")
     ka, kb = _sample_keys(int(seed), int(step), int(stream), sample_ids)
     return _uniforms(ka, kb, counters.to(sample_ids.device))
+
+
+def sample_normals(seed: int, step: int, sample_ids: torch.Tensor, shape: Sequence[int],
+                   stream: int = STREAM_ALUM) -> torch.Tensor:
+    """Standard normal numbers ``(B, *shape)`` (float32), entry ``[b, ...]`` a pure function of
+    ``(seed, step, sample_ids[b], stream, flat index)``: the per-sample noise of the ALUM random start.
+
+    Box-Muller on :func:`sample_uniforms`' counter-based uniforms (flat index ``e`` uses the pair of counters
+    ``2 (e // 2)``, ``2 (e // 2) + 1``: cosine for even ``e``, sine for odd), so a sample's noise does not
+    depend on the batch it arrives in, and position ``t`` of a ``(T, H)`` shape (index ``t * H + h``) not on
+    the padded length ``T``.  Computed on ``sample_ids``' device with integer tensor ops and elementwise
+    math only: no device-to-host read (the ids' values are not checked; they are global sample indices)."""
+    _check_key_ints("sample_normals", seed=seed, step=step, stream=stream)
+    if not torch.is_tensor(sample_ids) or sample_ids.dim() != 1 or sample_ids.dtype.is_floating_point \
+            or sample_ids.dtype == torch.bool:
+        raise ValueError(f"sample_normals: sample_ids must be a 1-D integer tensor, got "
+                         f"{getattr(sample_ids, 'dtype', type(sample_ids).__name__)} {getattr(sample_ids, 'shape', '')}")
+    n = int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
+    pairs = (n + 1) // 2
+    if 2 * pairs > 2**31:
+        raise ValueError(f"sample_normals: {n} numbers per sample exceed the counter range (2**31)")
+    ka, kb = _sample_keys(int(seed), int(step), int(stream), sample_ids)
+    u = _uniforms(ka, kb, torch.arange(2 * pairs, device=sample_ids.device))  # (B, 2P) float64 in [0, 1)
+    radius = torch.sqrt(-2.0 * torch.log1p(-u[:, 0::2]))  # (B, P); 1 - u in (0, 1]: finite
+    angle = (2.0 * np.pi) * u[:, 1::2]  # (B, P)
+    z = torch.stack((radius * torch.cos(angle), radius * torch.sin(angle)), dim=-1)  # (B, P, 2)
+    return z.reshape(sample_ids.shape[0], 2 * pairs)[:, :n].float().reshape(sample_ids.shape[0], *shape)
+
+
+@dataclass(frozen=True)
+class SampleNoise:
+    """The per-sample noise key of one step, ``(seed, step, sample ids, stream)``: what the engines pass as
+    the ``generator`` of :func:`alum_pretrain.adversarial.init_delta` for the ALUM random start (row ``b``
+    of the batch gets :func:`sample_normals` of ``sample_ids[b]``).  Keep ``sample_ids`` on the batch's
+    device: the noise is computed there."""
+
+    seed: int
+    step: int
+    sample_ids: torch.Tensor
+    stream: int = STREAM_ALUM
+
+    def normal(self, shape: Sequence[int]) -> torch.Tensor:
+        """``(B, *shape)`` float32 standard normals on ``sample_ids``' device."""
+        return sample_normals(self.seed, self.step, self.sample_ids, tuple(shape), self.stream)
 
 
 def mask_batch(

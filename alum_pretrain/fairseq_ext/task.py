@@ -45,6 +45,7 @@ from fairseq.data import (
     NumSamplesDataset,
     PrependTokenDataset,
     RightPadDataset,
+    SortDataset,
     TokenBlockDataset,
     data_utils,
 )
@@ -58,7 +59,7 @@ from alum_pretrain.data.tokens import build_token_tables
 from alum_pretrain.masking import IGNORE_INDEX, STREAM_EVAL_MASK, STREAM_MASK, TokenMasker
 from alum_pretrain.run_identity import data_identity, read_tokenizer_files
 
-from .datasets import (FairseqIds, HostIdsSortDataset, NSPPairDataset, NSPSampleDataset, SentenceChunkDataset,
+from .datasets import (FairseqIds, NSPPairDataset, NSPSampleDataset, SentenceChunkDataset,
                        load_doc_starts)
 from .identity import IDENTITY_KEY, TOKENIZER_KEY
 from .strict import SKIP_FLAG
@@ -256,7 +257,7 @@ class AlumMaskedLMTask(FairseqTask):
         logger.info("loaded %d %s samples from %s", len(dataset), self.cfg.sample_mode, prefix)
         with data_utils.numpy_seed(self.cfg.seed + epoch):
             shuffle = np.random.permutation(len(dataset))
-        self.datasets[split] = HostIdsSortDataset(dataset, sort_order=[shuffle, sizes])
+        self.datasets[split] = SortDataset(dataset, sort_order=[shuffle, sizes])
 
     # ---------------------------------------------------------------- model
 
