@@ -368,8 +368,8 @@ def alum_regularizer(
     parameters (the final pass uses them undetached so R trains the embeddings).  ``clean_logits``: from
     the clean pass, attached to its graph (R back-propagates into them).  ``pad_mask``: ``(B, T)``,
     True/1 = real token.  ``generator``: for the random start (pass a per-step generator for exact resume,
-    e.g. from ``masking.step_generator`` with its own stream), or a list of one generator per sample (see
-    :func:`init_delta`).  ``divergence(adv_logits, clean_logits)``: per head; default
+    e.g. from ``masking.step_generator`` with its own stream), a list of one generator per sample, or a
+    :class:`~alum_pretrain.masking.SampleNoise` (see :func:`init_delta`).  ``divergence(adv_logits, clean_logits)``: per head; default
     ``get_divergence(cfg.divergence)``.  ``baseline``: also compute ``adv_dropout`` (default
     ``cfg.log_baseline``).  ``per_example_scale``: the logits' dim 0 is the batch axis of ``embeds``
     (sequence classification, not the flat masked tokens of MLM): rescale each example's backward on its
