@@ -36,6 +36,9 @@
   loop, no per-sample generator - while the mask of a sample still does not depend on which batch,
   micro-batch, process or padding length it arrives in.  Integer arithmetic is exact on every device,
   so CPU and GPU give identical masks.
+* **The ALUM random start** (:class:`SampleNoise`, what every engine passes to ``init_delta``): Gaussian
+  noise from the same per-sample hash (:func:`sample_normals`, Box-Muller, stream :data:`STREAM_ALUM`),
+  computed where the sample ids live - no per-sample generator, no device-to-host read.
 """
 
 from __future__ import annotations
