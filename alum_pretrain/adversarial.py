@@ -102,6 +102,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from .config import opt
+from .masking import SampleNoise
 from .passes import ADV_DROPOUT, OBJECTIVES, SCALES, AdversarialPasses, ball_radius, token_scale
 from .divergence import (DIVERGENCES, Divergence, LogitsTuple, as_heads, get_divergence, sum_over_heads,
                          symmetric_kl, symmetric_kl_ce)
@@ -111,7 +112,7 @@ from .precision import (ASCENT_GRAD_TARGET, check_perturbation_resolution, scale
 # The divergences and the precision helpers live in .divergence and .precision; they are re-exported here.
 __all__ = [
     "ALUMConfig", "PROJECTIONS", "PERTURB_AT", "init_delta", "normalize_grad", "project", "perturb", "ascent_step",
-    "alum_regularizer", "AdversarialPasses",
+    "alum_regularizer", "AdversarialPasses", "GeneratorArg",
     "DIVERGENCES", "symmetric_kl", "symmetric_kl_ce", "get_divergence",
     "ASCENT_GRAD_TARGET", "scale_free_input_grad", "zero_grad_fraction", "check_perturbation_resolution",
 ]
@@ -223,7 +224,8 @@ def _zero_padding(t: torch.Tensor, pad_mask: Optional[torch.Tensor]) -> torch.Te
     return t * pad_mask.to(device=t.device).unsqueeze(-1).to(t.dtype)
 
 
-GeneratorArg = Union[None, torch.Generator, Sequence[torch.Generator]]  # one, or one per sample (dim 0)
+# one generator, one per sample (dim 0), or a per-sample noise key computed on the batch's device
+GeneratorArg = Union[None, torch.Generator, Sequence[torch.Generator], SampleNoise]
 
 
 def init_delta(
@@ -238,11 +240,19 @@ def init_delta(
     ``pad_mask``: ``(B, T)`` bool/0-1, **True/1 = real token**, or None for no padding.
     ``generator``: drawn from (on the generator's own device, then moved to ``embeds.device``, so a CPU
     generator gives the same delta on any device); None = the global RNG; a list of B generators draws
-    row b from generator b (per-sample noise, independent of how the batch is split).
+    row b from generator b (per-sample noise, independent of how the batch is split); a
+    :class:`~alum_pretrain.masking.SampleNoise` gives row b :func:`~alum_pretrain.masking.sample_normals` of
+    sample b, computed where its ids live with no device-to-host read (what the engines pass).
     Returns a float32 tensor of ``embeds.shape`` that does not require grad (float32 regardless of
     ``embeds.dtype``: sigma = 1e-5 would be rounded away in fp16/bf16, see the module docstring).
     """
     mask = _check_pad_mask(pad_mask, embeds.shape[:-1], "init_delta")
+    if isinstance(generator, SampleNoise):
+        if generator.sample_ids.shape[0] != embeds.shape[0]:
+            raise ValueError(f"init_delta: {generator.sample_ids.shape[0]} sample ids for a batch of "
+                             f"{embeds.shape[0]} rows")
+        z = generator.normal(embeds.shape[1:]).to(device=embeds.device, dtype=work_dtype(embeds.dtype))
+        return _zero_padding(z * float(noise_std), mask)  # (B, T, H)
     if isinstance(generator, (list, tuple)):
         # One generator per batch row (per-sample streams): a sample's noise then does not depend on how a
         # global batch is split over processes / micro-batches (the engine's DDP == 1-process property).
@@ -358,8 +368,8 @@ def alum_regularizer(
     parameters (the final pass uses them undetached so R trains the embeddings).  ``clean_logits``: from
     the clean pass, attached to its graph (R back-propagates into them).  ``pad_mask``: ``(B, T)``,
     True/1 = real token.  ``generator``: for the random start (pass a per-step generator for exact resume,
-    e.g. from ``masking.step_generator`` with its own stream), or a list of one generator per sample (see
-    :func:`init_delta`).  ``divergence(adv_logits, clean_logits)``: per head; default
+    e.g. from ``masking.step_generator`` with its own stream), a list of one generator per sample, or a
+    :class:`~alum_pretrain.masking.SampleNoise` (see :func:`init_delta`).  ``divergence(adv_logits, clean_logits)``: per head; default
     ``get_divergence(cfg.divergence)``.  ``baseline``: also compute ``adv_dropout`` (default
     ``cfg.log_baseline``).  ``per_example_scale``: the logits' dim 0 is the batch axis of ``embeds``
     (sequence classification, not the flat masked tokens of MLM): rescale each example's backward on its

@@ -36,6 +36,9 @@
   loop, no per-sample generator - while the mask of a sample still does not depend on which batch,
   micro-batch, process or padding length it arrives in.  Integer arithmetic is exact on every device,
   so CPU and GPU give identical masks.
+* **The ALUM random start** (:class:`SampleNoise`, what every engine passes to ``init_delta``): Gaussian
+  noise from the same per-sample hash (:func:`sample_normals`, Box-Muller, stream :data:`STREAM_ALUM`),
+  computed where the sample ids live - no per-sample generator, no device-to-host read.
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ import torch
 from .config import opt
 
 __all__ = ["MaskingConfig", "SCHEDULES", "mask_tokens", "mask_batch", "TokenMasker", "sample_uniforms",
-           "step_generator", "sample_generators", "IGNORE_INDEX", "STREAM_MASK", "STREAM_ALUM", "STREAM_EVAL_MASK"]
+           "step_generator", "sample_generators", "sample_normals", "SampleNoise", "IGNORE_INDEX", "STREAM_MASK",
+           "STREAM_ALUM", "STREAM_EVAL_MASK"]
 
 SCHEDULES = ("curriculum", "constant")
 IGNORE_INDEX = -100  # label at unselected positions (torch cross_entropy's default ignore_index)
@@ -324,12 +328,31 @@ def _sample_keys(seed: int, step: int, stream: int, sample_ids: torch.Tensor) ->
     return ka, kb
 
 
+def _mix32_(x: torch.Tensor) -> torch.Tensor:
+    """:func:`_mix32` in place (the same values, half the temporaries: the (B, N) tensors are large)."""
+    x ^= x >> 16
+    x *= 0x21F0_AAAD
+    x &= _M32
+    x ^= x >> 15
+    x *= 0x735A_2D97
+    x &= _M32
+    x ^= x >> 15
+    return x
+
+
+def _hash32(ka: torch.Tensor, kb: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """32-bit hashes (int64 in [0, 2^32)): (B,) keys x (N,) counters -> (B, N)."""
+    c = (counters.long()[None, :] * _GOLDEN) & _M32  # (1, N); counters < 2^31 keep the product < 2^63
+    x = ka[:, None] + c  # (B, N)
+    x &= _M32
+    _mix32_(x)  # round 1, keyed by ka
+    x ^= kb[:, None]
+    return _mix32_(x)  # round 2, keyed by kb
+
+
 def _uniforms(ka: torch.Tensor, kb: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
     """float64 uniforms in [0, 1) with 32-bit resolution: (B,) keys x (N,) counters -> (B, N)."""
-    c = (counters.long()[None, :] * _GOLDEN) & _M32  # (1, N); counters < 2^31 keep the product < 2^63
-    x = _mix32((ka[:, None] + c) & _M32)  # (B, N) round 1, keyed by ka
-    x = _mix32(x ^ kb[:, None])  # round 2, keyed by kb
-    return x.double() * (1.0 / 4294967296.0)
+    return _hash32(ka, kb, counters).double().mul_(1.0 / 4294967296.0)
 
 
 def _check_key_ints(fn: str, **ints) -> None:
@@ -360,6 +383,53 @@ def sample_uniforms(seed: int, step: int, sample_ids: torch.Tensor, stream: int,
         raise ValueError("sample_uniforms: counters must be a 1-D integer tensor with values in [0, 2**31)")
     ka, kb = _sample_keys(int(seed), int(step), int(stream), sample_ids)
     return _uniforms(ka, kb, counters.to(sample_ids.device))
+
+
+def sample_normals(seed: int, step: int, sample_ids: torch.Tensor, shape: Sequence[int],
+                   stream: int = STREAM_ALUM) -> torch.Tensor:
+    """Standard normal numbers ``(B, *shape)`` (float32), entry ``[b, ...]`` a pure function of
+    ``(seed, step, sample_ids[b], stream, flat index)``: the per-sample noise of the ALUM random start.
+
+    Box-Muller on :func:`sample_uniforms`' counter-based uniforms (flat index ``e`` uses the pair of counters
+    ``2 (e // 2)``, ``2 (e // 2) + 1``: cosine for even ``e``, sine for odd), so a sample's noise does not
+    depend on the batch it arrives in, and position ``t`` of a ``(T, H)`` shape (index ``t * H + h``) not on
+    the padded length ``T``.  Computed on ``sample_ids``' device with integer tensor ops and elementwise
+    math only: no device-to-host read (the ids' values are not checked; they are global sample indices)."""
+    _check_key_ints("sample_normals", seed=seed, step=step, stream=stream)
+    if not torch.is_tensor(sample_ids) or sample_ids.dim() != 1 or sample_ids.dtype.is_floating_point \
+            or sample_ids.dtype == torch.bool:
+        raise ValueError(f"sample_normals: sample_ids must be a 1-D integer tensor, got "
+                         f"{getattr(sample_ids, 'dtype', type(sample_ids).__name__)} {getattr(sample_ids, 'shape', '')}")
+    n = int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
+    pairs = (n + 1) // 2
+    if 2 * pairs > 2**31:
+        raise ValueError(f"sample_normals: {n} numbers per sample exceed the counter range (2**31)")
+    ka, kb = _sample_keys(int(seed), int(step), int(stream), sample_ids)
+    x = _hash32(ka, kb, torch.arange(2 * pairs, device=sample_ids.device))  # (B, 2P): U = x / 2^32
+    # 1 - U = (2^32 - x) / 2^32 in [2^-32, 1], formed from the integer: log finite, |z| <= 6.7
+    radius = (4294967296 - x[:, 0::2]).float().mul_(1.0 / 4294967296.0).log_().mul_(-2.0).sqrt_()  # (B, P)
+    angle = x[:, 1::2].float().mul_(2.0 * np.pi / 4294967296.0)  # (B, P) 2 pi U
+    z = torch.empty(x.shape, dtype=torch.float32, device=x.device)  # (B, 2P)
+    torch.mul(radius, torch.cos(angle), out=z[:, 0::2])
+    torch.mul(radius, angle.sin_(), out=z[:, 1::2])
+    return z[:, :n].reshape(sample_ids.shape[0], *shape)
+
+
+@dataclass(frozen=True)
+class SampleNoise:
+    """The per-sample noise key of one step, ``(seed, step, sample ids, stream)``: what the engines pass as
+    the ``generator`` of :func:`alum_pretrain.adversarial.init_delta` for the ALUM random start (row ``b``
+    of the batch gets :func:`sample_normals` of ``sample_ids[b]``).  Keep ``sample_ids`` on the batch's
+    device: the noise is computed there."""
+
+    seed: int
+    step: int
+    sample_ids: torch.Tensor
+    stream: int = STREAM_ALUM
+
+    def normal(self, shape: Sequence[int]) -> torch.Tensor:
+        """``(B, *shape)`` float32 standard normals on ``sample_ids``' device."""
+        return sample_normals(self.seed, self.step, self.sample_ids, tuple(shape), self.stream)
 
 
 def mask_batch(

@@ -32,12 +32,12 @@ normalisation), ``delta_linf``, ``ascent_nonfinite``, ``ascent_zero_grad_frac``,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
-from .adversarial import ALUMConfig, alum_regularizer
+from .adversarial import ALUMConfig, GeneratorArg, alum_regularizer
 from .passes import AdversarialPasses
 
 __all__ = ["Normalizers", "Heads", "ALUM_METRICS", "pretrain_objective"]
@@ -74,7 +74,7 @@ def pretrain_objective(
     alum_on: bool,
     norm: Normalizers,
     nsp_weight: float = 1.0,
-    generators: Optional[Sequence[torch.Generator]] = None,
+    generators: GeneratorArg = None,
     passes: Optional[AdversarialPasses] = None,
     baseline: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -84,8 +84,8 @@ def pretrain_objective(
     only).  ``embeds``: ``(B, T, H)`` the clean pass's embeddings at that point, attached to the graph.
     ``clean``: the clean pass's ``(mlm logits (N, V), nsp logits (B, 2) or None)``.  ``mlm_targets``:
     ``(N,)`` original ids at the masked positions.  ``nsp_labels``: ``(B,)`` or None (no NSP).
-    ``pad_mask``: ``(B, T)`` bool, True = real token.  ``generators``: one per sample for the random start
-    of delta (None = the global RNG).  ``passes``: the adversarial passes' dropout context, captured right
+    ``pad_mask``: ``(B, T)`` bool, True = real token.  ``generators``: the random start's per-sample noise key
+    (:class:`~alum_pretrain.masking.SampleNoise`) or generators (one, or one per sample; None = the global RNG).  ``passes``: the adversarial passes' dropout context, captured right
     before the clean pass (:meth:`alum_pretrain.passes.AdversarialPasses.capture`; needed for
     ``alum.adv_dropout`` shared/off).  ``baseline``: also measure ``adv_dropout`` when ``alum.log_baseline`` is
     off (the engines probe it over the first ALUM log intervals; it changes no training number).

@@ -30,9 +30,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["IDENTITY_FILE", "RUN_TOKENIZER", "TOKENIZER_FILES", "check_same_identity", "check_same_vocabulary",
-           "copy_run_tokenizer", "data_identity", "describe", "has_tokenizer", "manifest_sha256",
-           "record_identity", "tokenizer_sha256", "validate_databin"]
+__all__ = ["IDENTITY_FIELDS", "IDENTITY_FILE", "RUN_TOKENIZER", "TOKENIZER_FILES", "VOCABULARY_FIELDS",
+           "check_same_identity", "check_same_vocabulary", "copy_run_tokenizer", "data_identity", "describe",
+           "has_tokenizer", "manifest_sha256", "read_tokenizer_files", "record_identity", "tokenizer_sha256",
+           "validate_databin"]
 
 IDENTITY_FILE = "identity.json"  # RUN/identity.json
 RUN_TOKENIZER = "tokenizer"  # RUN/tokenizer/
@@ -63,6 +64,12 @@ def tokenizer_sha256(d: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def read_tokenizer_files(d: str | os.PathLike) -> dict[str, bytes]:
+    """The tokenizer files of ``d`` (:data:`TOKENIZER_FILES` that exist) as ``{name: content}``: what
+    :func:`tokenizer_sha256` hashes, small enough (~1 MB) to travel inside a checkpoint."""
+    return {name: (Path(d) / name).read_bytes() for name in TOKENIZER_FILES if (Path(d) / name).is_file()}
+
+
 def data_identity(databin, tokenizer_dir: str | os.PathLike | None) -> dict[str, Any]:
     """The fingerprint of ``databin`` (a :class:`~alum_pretrain.data.databin.DataBin`) and its tokenizer."""
     return {"manifest_sha256": manifest_sha256(databin.manifest),
@@ -78,22 +85,30 @@ def describe(identity: dict, where: str = "") -> str:
             f"{identity.get('id_offset')}, special ids {identity.get('special_ids')}")
 
 
-def check_same_identity(saved: dict | None, now: dict, ckpt: str | os.PathLike, data_path: str) -> None:
+IDENTITY_FIELDS = ("manifest_sha256", "tokenizer_sha256", "vocab_size", "id_offset", "special_ids")
+VOCABULARY_FIELDS = IDENTITY_FIELDS[1:]  # what gives the ids their meaning (not which corpus they encode)
+_REMEDY = ("Point --data.path at the data-bin the run was trained on (re-prepare it with the run's tokenizer, "
+           "RUN/tokenizer/, if it was replaced), or start a new run with another --train.output_dir")
+
+
+def check_same_identity(saved: dict | None, now: dict, ckpt: str | os.PathLike, data_path: str, *,
+                        fields: tuple[str, ...] = IDENTITY_FIELDS, data_flag: str = "--data.path",
+                        remedy: str = _REMEDY) -> None:
     """ValueError naming both fingerprints unless the checkpoint's data-bin and tokenizer are ``now``'s.
 
-    A checkpoint written before fingerprints existed (``saved`` None) is not checked."""
+    ``fields``: what must agree (:data:`VOCABULARY_FIELDS` when only the vocabulary matters, e.g. continual
+    pre-training on another corpus); ``data_flag`` / ``remedy``: the calling command's spelling of the data
+    flag and what to do.  A checkpoint written before fingerprints existed (``saved`` None) is not checked."""
     if not saved:
         return
-    differ = [k for k in ("manifest_sha256", "tokenizer_sha256", "vocab_size", "id_offset", "special_ids")
+    differ = [k for k in fields
               if saved.get(k) != now.get(k) and not (k == "tokenizer_sha256" and saved.get(k) is None)]
     if not differ:
         return
     raise ValueError(
         f"{ckpt}: cannot resume: the data-bin or tokenizer differs from the one this run was trained on "
         f"({', '.join(differ)} differ); its token ids would mean other words.\n"
-        f"  trained on: {describe(saved)}\n  --data.path {data_path}: {describe(now)}\n"
-        "Point --data.path at the data-bin the run was trained on (re-prepare it with the run's tokenizer, "
-        "RUN/tokenizer/, if it was replaced), or start a new run with another --train.output_dir")
+        f"  trained on: {describe(saved)}\n  {data_flag} {data_path}: {describe(now)}\n{remedy}")
 
 
 def check_same_vocabulary(run_tok: str | os.PathLike, other: str | os.PathLike) -> None:

@@ -39,7 +39,7 @@ from .engine.plot import plot_run
 from .engine.checkpoint import last_good_checkpoint, nan_remedy, restore, save
 from .engine.setup import Checked, build_run, check_inputs, claim_output_dir
 from .engine.step import NonFiniteError, evaluate
-from .masking import STREAM_ALUM, sample_generators
+from .masking import SampleNoise
 
 _STOP = {"signal": None}
 
@@ -83,8 +83,8 @@ def train(cfg: TrainConfig, env: D.DistEnv, checked: Optional[Checked] = None) -
         # ---- forward (clean + ALUM) and backward, once per micro-batch (the engine's stepper) -------
         loss_sum = torch.zeros((), device=env.device)  # finiteness check only (no host sync here)
         for m, batch in enumerate(micro):
-            gens = (sample_generators(tc.seed, step, batch["sample_ids"], STREAM_ALUM, run.gen_device)
-                    if alum_on else None)
+            # per-sample noise keys, computed where the model runs (the ids are B integers)
+            gens = SampleNoise(tc.seed, step, batch["sample_ids"].to(run.gen_device)) if alum_on else None
             batch = run.to_device(batch)
             loss, metrics = run.stepper.forward_backward(batch, last=m == run.grad_accum - 1, alum_on=alum_on,
                                                          mlm_denom=mlm_denom, nsp_denom=nsp_denom,

@@ -58,7 +58,7 @@ from alum_pretrain.engine.metrics import (decoder_flops_per_masked_token, flops_
                                           peak_flops_for)
 from alum_pretrain.engine.optim import build_optimizer  # noqa: E402
 from alum_pretrain.engine.step import Masker, PretrainStep  # noqa: E402
-from alum_pretrain.masking import STREAM_ALUM, sample_generators  # noqa: E402
+from alum_pretrain.masking import SampleNoise  # noqa: E402
 from alum_pretrain.masking import MaskingConfig  # noqa: E402
 from alum_pretrain.models import PRESETS, PretrainModel, build_scratch_model  # noqa: E402
 
@@ -176,8 +176,7 @@ class Loop:
     def step(self):
         self.n += 1
         mb = self.premasked if self.premasked is not None else self.masked()
-        gens = (sample_generators(0, self.n, mb["sample_ids"], STREAM_ALUM, self.S.dev)
-                if self.alum is not None else None)
+        gens = SampleNoise(0, self.n, mb["sample_ids"].to(self.S.dev)) if self.alum is not None else None
         d = self.to_device(mb)
         with self.amp:
             loss, _ = self.step_module(d, alum_on=self.alum is not None, mlm_denom=float(mb["n_masked"]),
@@ -346,7 +345,7 @@ def check_ascent(S: Setup) -> None:
             g = torch.Generator(device=S.dev).manual_seed(7)
             clean = (mlm.float() + 3.0 * torch.randn(mlm.shape, generator=g, device=S.dev), nsp)
             inputs.clear()
-            gens = sample_generators(0, 0, torch.arange(S.batch), STREAM_ALUM, S.dev)
+            gens = SampleNoise(0, 0, torch.arange(S.batch, device=S.dev))
             alum_regularizer(heads, e, clean, cfg, pad_mask=d["attention_mask"].bool(), generator=gens)
         return inputs[1] - inputs[0]  # delta_1 - delta_0 (the ascent step), (B, T, H)
 

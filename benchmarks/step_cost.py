@@ -45,7 +45,7 @@ from alum_pretrain.engine.optim import build_optimizer  # noqa: E402
 from alum_pretrain.engine.config import OptimConfig  # noqa: E402
 from alum_pretrain.engine.step import Masker, PretrainStep  # noqa: E402
 from alum_pretrain.families import compile_encoder  # noqa: E402
-from alum_pretrain.masking import STREAM_ALUM, sample_generators  # noqa: E402
+from alum_pretrain.masking import SampleNoise  # noqa: E402
 from alum_pretrain.masking import MaskingConfig  # noqa: E402
 from alum_pretrain.models import PretrainModel, build_scratch_model  # noqa: E402
 
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
 
     def alum_step():
         d, N = masked_batch()
-        gens = sample_generators(0, counter["step"], sample_ids, STREAM_ALUM, dev)
+        gens = SampleNoise(0, counter["step"], sample_ids.to(dev))
         loss, _ = fwd(lambda: step_alum(d, alum_on=True, mlm_denom=N, nsp_denom=float(B), alum_generators=gens))
         scaler.scale(loss).backward()
 
@@ -205,7 +205,7 @@ def compile_figures(args, dev, batch, mask_id, pad_id, masker, amp) -> int:
         v["n"] += 1
         mb = masker(batch, args.mask_rate, v["n"], sample_ids)
         d = {k: (x.to(dev) if torch.is_tensor(x) else x) for k, x in mb.items() if k != "sample_ids"}
-        gens = sample_generators(0, v["n"], sample_ids, STREAM_ALUM, dev) if kind == "alum" else None
+        gens = SampleNoise(0, v["n"], sample_ids.to(dev)) if kind == "alum" else None
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()

@@ -92,17 +92,45 @@ def test_out_of_range_ids_are_the_same_clear_error(engine, databin, tmp_path):
 
 @pytest.mark.fairseq
 @requires_fairseq
-def test_fairseq_alum_noise_keys_need_no_device_read(databin):
-    """The criterion keys each sample's ALUM random start from the batch's host copy of the ids: the same
-    result when ``id`` itself cannot be read back (a meta tensor stands in for one on the GPU)."""
+def test_fairseq_alum_noise_needs_no_host_read_and_follows_the_sample(databin, monkeypatch):
+    """The criterion derives each sample's ALUM random start from the batch's ``id`` tensor with tensor ops:
+    no value is read to the host on its way (every tensor-to-host conversion raises while the noise is made;
+    fairseq's own encoder reads a padding flag, which is not the criterion's), and a sample's noise is the
+    native engine's (``SampleNoise``) whatever its place in the batch."""
+    from alum_pretrain import adversarial
+    from alum_pretrain.masking import SampleNoise
     from test_fairseq import _setup
 
     task, model, criterion, sample = _setup(databin)
-    assert isinstance(sample["host_ids"], np.ndarray) and sample["host_ids"].tolist() == sample["id"].tolist()
     sample = task.mask_sample(sample, 0.15, 7, 0)
-    model.eval()  # no dropout: the two calls see the same network
+    model.eval()  # no dropout: the calls see the same network
     criterion.train()
-    _, _, log = criterion(model, sample)
-    unreadable = dict(sample, id=torch.empty(sample["id"].shape, dtype=torch.long, device="meta"))
-    _, _, log2 = criterion(model, unreadable)
-    assert float(log["adv"]) > 0 and float(log2["adv"]) == float(log["adv"])
+    seen = []
+    original = adversarial.init_delta
+
+    def host_read(self, *a, **k):
+        raise AssertionError("a tensor was read to the host while the ALUM noise was made")
+
+    def spy(embeds, pad_mask, noise_std, generator=None):
+        with monkeypatch.context() as m:
+            for name in ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__"):
+                m.setattr(torch.Tensor, name, host_read)
+            delta = original(embeds, pad_mask, noise_std, generator)
+        seen.append((generator, delta.detach().clone()))
+        return delta
+
+    monkeypatch.setattr(adversarial, "init_delta", spy)
+    loss, _, log = criterion(model, sample)
+    assert isinstance(seen[0][0], SampleNoise) and seen[0][0].sample_ids is sample["id"]
+    assert float(log["adv"]) > 0
+    # a reversed batch: every sample gets the same noise as before (padding zeroed in both)
+    flip = {**sample, "id": sample["id"].flip(0), "target": sample["target"].flip(0),
+            "net_input": {**sample["net_input"], "src_tokens": sample["net_input"]["src_tokens"].flip(0)}}
+    criterion(model, flip)
+    assert torch.equal(seen[1][1], seen[0][1].flip(0)) and seen[0][1].abs().max() > 0
+    # = the shared definition, row by row
+    pad = sample["net_input"]["src_tokens"].ne(task.dictionary.pad())
+    sigma = criterion.alum.noise_std
+    for b, sid in enumerate(sample["id"].tolist()):
+        ref = SampleNoise(criterion.seed, 7, torch.tensor([sid])).normal(seen[0][1].shape[1:])[0] * sigma
+        assert torch.equal(seen[0][1][b], ref * pad[b, :, None])

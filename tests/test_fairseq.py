@@ -251,7 +251,7 @@ def _setup(databin, *extra):
 @pytest.mark.parametrize("mode", ["blocks", "pairs"])
 def test_criterion_alum_equals_core(databin, mode):
     from alum_pretrain.adversarial import ALUMConfig, alum_regularizer
-    from alum_pretrain.masking import step_generator
+    from alum_pretrain.masking import SampleNoise
 
     # pairs: NSP also inside R (--alum-include-nsp); blocks: the paper's MLM-only R (the default)
     extra = ("--alum-include-nsp",) if mode == "pairs" else ()
@@ -276,7 +276,7 @@ def test_criterion_alum_equals_core(databin, mode):
     e = enc.sentence_encoder.embed_tokens(src)  # (B, T, C) word embeddings
     clean = heads(e)
     cfg = ALUMConfig(alpha=10.0, epsilon=1e-2, step_size=1e-2, noise_std=1e-3, k_steps=1)
-    gen = [step_generator(3, 7, int(i), stream=1) for i in sample["id"].tolist()]  # per-sample random start
+    gen = SampleNoise(3, 7, sample["id"])  # the per-sample random start (the shared definition)
     r_ref, _ = alum_regularizer(heads, e, clean if mode == "pairs" else (clean[0], None), cfg,
                                 pad_mask=src.ne(task.dictionary.pad()), generator=gen)
     assert r_crit == pytest.approx(float(r_ref.detach()), rel=1e-4)

@@ -24,7 +24,7 @@ from transformers import (BertConfig, BertForMaskedLM, BertForSequenceClassifica
                           TrainingArguments)
 
 from alum_pretrain.adversarial import ALUMConfig  # noqa: E402
-from alum_pretrain.masking import STREAM_ALUM, MaskingConfig, sample_generators  # noqa: E402
+from alum_pretrain.masking import MaskingConfig, SampleNoise  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = [f"w{i}" for i in range(150)]
@@ -201,7 +201,7 @@ def test_alum_term_equals_native_engine(tokenizer, tmp_path):
     pos = (flat != -100).nonzero().squeeze(1)
     native_batch = {**batch, "masked_pos": pos, "mlm_targets": flat[pos]}
     step = PretrainStep(PretrainModel(model), alum, nsp=False)
-    gens = sample_generators(trainer.args.seed, 0, torch.arange(6), STREAM_ALUM)
+    gens = SampleNoise(trainer.args.seed, 0, torch.arange(6))
     torch.manual_seed(11)
     ref_loss, ref = step(native_batch, alum_on=True, mlm_denom=float(n), nsp_denom=6.0, alum_generators=gens)
     m = out["metrics"]

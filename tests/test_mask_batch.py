@@ -216,3 +216,63 @@ def test_native_masker_uses_mask_batch_with_global_sample_ids():
     assert torch.equal(out["input_ids"], m) and torch.equal(out["labels"], lab)
     assert out["n_masked"] == int((lab != IGNORE_INDEX).sum()) == out["masked_pos"].numel()
     assert torch.equal(out["mlm_targets"], lab.reshape(-1)[out["masked_pos"]])
+
+
+# ---- the ALUM random start: per-sample normals from the same counter-based uniforms --------------------
+
+def test_sample_normals_are_box_muller_of_the_sample_uniforms():
+    """Reference from the Box-Muller equations (Box & Muller 1958) on the public uniforms, in Python floats:
+    z_2p = sqrt(-2 ln(1 - U_2p)) cos(2 pi U_2p+1), z_2p+1 = sqrt(-2 ln(1 - U_2p)) sin(2 pi U_2p+1)."""
+    from alum_pretrain.masking import STREAM_ALUM, sample_normals
+
+    ids = torch.tensor([0, 7, 123456789012])
+    z = sample_normals(5, 9, ids, (3, 5))  # (B, 3, 5): 15 numbers per sample, the last pair half used
+    assert z.shape == (3, 3, 5) and z.dtype == torch.float32
+    u = sample_uniforms(5, 9, ids, STREAM_ALUM, torch.arange(16)).tolist()  # (B, 16)
+    for b in range(3):
+        ref = []
+        for p in range(8):
+            r = math.sqrt(-2.0 * math.log(1.0 - u[b][2 * p]))
+            ref += [r * math.cos(2 * math.pi * u[b][2 * p + 1]), r * math.sin(2 * math.pi * u[b][2 * p + 1])]
+        assert torch.allclose(z[b].reshape(-1).double(), torch.tensor(ref[:15], dtype=torch.float64), atol=1e-5)
+
+
+def test_sample_normals_follow_the_sample_not_the_batch_or_padding():
+    from alum_pretrain.adversarial import init_delta
+    from alum_pretrain.masking import SampleNoise, sample_normals
+
+    ids = torch.tensor([4, 9, 2, 31])
+    whole = sample_normals(1, 2, ids, (6, 8))
+    perm = torch.tensor([2, 0, 3, 1])
+    assert torch.equal(sample_normals(1, 2, ids[perm], (6, 8)), whole[perm])  # place in the batch
+    assert torch.equal(sample_normals(1, 2, ids[1:3], (6, 8)), whole[1:3])  # batch composition
+    assert torch.equal(sample_normals(1, 2, ids, (10, 8))[:, :6], whole)  # padded length
+    assert not torch.equal(sample_normals(1, 3, ids, (6, 8)), whole)  # the step
+    assert not torch.equal(sample_normals(1, 2, ids, (6, 8), stream=0), whole)  # the stream
+    # init_delta with the key: sigma * z, zero at padding, float32 for any embedding dtype
+    pad = torch.ones(4, 6, dtype=torch.bool)
+    pad[1, 4:] = False
+    d = init_delta(torch.zeros(4, 6, 8, dtype=torch.bfloat16), pad, 1e-5, SampleNoise(1, 2, ids))
+    assert d.dtype == torch.float32 and torch.equal(d, whole * 1e-5 * pad[..., None])
+    with pytest.raises(ValueError, match="3 sample ids for a batch of 4"):
+        init_delta(torch.zeros(4, 6, 8), None, 1e-5, SampleNoise(1, 2, ids[:3]))
+    with pytest.raises(ValueError, match="1-D integer tensor"):
+        sample_normals(1, 2, ids.float(), (6, 8))
+
+
+def test_sample_normals_are_standard_normal_and_uncorrelated():
+    from alum_pretrain.masking import sample_normals
+
+    z = sample_normals(3, 4, torch.arange(400), (50, 8)).double().reshape(400, -1)  # (400, 400)
+    assert abs(float(z.mean())) < 0.01 and abs(float(z.std()) - 1.0) < 0.01
+    assert abs(float((z ** 4).mean()) - 3.0) < 0.1  # the normal's kurtosis
+    # P(|z| > 1.96) = 0.05; P(z < 0) = 0.5
+    assert abs(float((z.abs() > 1.959964).double().mean()) - 0.05) < 0.003
+    assert abs(float((z < 0).double().mean()) - 0.5) < 0.005
+
+    def corr(a, b):
+        return float(((a - a.mean()) * (b - b.mean())).mean() / (a.std() * b.std()))
+
+    assert abs(corr(z[:, 0::2], z[:, 1::2])) < 0.01  # the cosine and sine of one pair
+    assert abs(corr(z[1:], z[:-1])) < 0.01  # neighbouring sample ids
+    assert abs(corr(z[:, 2:], z[:, :-2])) < 0.01  # neighbouring pairs

@@ -2,8 +2,10 @@
 
 Unit cases of the lock (flock and the O_EXCL + heartbeat fallback), then the commands: two ``alum-train``
 processes on one folder (the second exits 2 within seconds naming the first; after ``kill -9`` of the first
-the same command resumes), ``alum-prep --out`` and ``fairseq-train --save-dir`` refused while a live
-process holds the folder and running once it was killed.
+the same command resumes), ``alum-prep --out`` refused while a stand-in holds a fresh folder (nothing
+touched), and two real ``alum-prep`` / ``fairseq-train`` processes on one folder, the first held mid-work by
+``tests/hold_runner.py``: the second is refused naming the first, and after ``kill -9`` the same command
+resumes the first's work.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from alum_pretrain import runlock as RL
+from alum_pretrain.data.databin import DataBin
 from engine_helpers import ROOT, make_stdlib_databin, subprocess_env, train_args
 
 HOLD = ("import sys, time, os\n"
@@ -170,24 +173,66 @@ def test_alum_prep_refused_while_held_and_runs_after_kill_9(tmp_path):
             holder.kill()
 
 
+# ---- two real processes on one folder (the first held mid-work by tests/hold_runner.py) ------------------
+
+def _held(kind: str, n: int, hold: Path, args: list[str]) -> subprocess.Popen:
+    """A real alum-prep / fairseq-train that holds after doing real work (tests/hold_runner.py)."""
+    log = hold.with_suffix(".log")
+    with open(log, "w") as fh:  # a file, not a pipe: a full pipe would block the process
+        p = subprocess.Popen([sys.executable, str(ROOT / "tests" / "hold_runner.py"), kind, str(n), str(hold), "--",
+                              *args], env=subprocess_env(), cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
+    _wait_for(lambda: hold.exists() or p.poll() is not None, timeout=120)
+    assert p.poll() is None, log.read_text()[-3000:]
+    return p
+
+
+def _refused_naming(cmd: list[str], folder: Path, first: subprocess.Popen) -> float:
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - t0
+    assert r.returncode == 2, (r.stdout + r.stderr)[-3000:]
+    assert f"{folder} is in use by PID {first.pid} on host {socket.gethostname()}" in r.stderr, r.stderr[-3000:]
+    assert first.poll() is None  # the first process was not disturbed
+    return took
+
+
+def test_two_real_alum_prep_on_one_out_second_refused_then_rerun_after_kill_9(tmp_path):
+    inp = tmp_path / "corpus.txt"
+    inp.write_text("".join(f"Sentence number {i} of a small corpus for the lock test.\n\n" for i in range(300)))
+    out = tmp_path / "bin"
+    first = _held("prep", 0, tmp_path / "held", _prep_cmd(inp, out)[3:])  # tokenised, parts written, holding
+    try:
+        assert (out / "manifest.json").is_file() and RL.holder_info(out / RL.LOCK_NAME)["pid"] == first.pid
+        assert _refused_naming(_prep_cmd(inp, out), out, first) < 60  # imports dominate; the refusal is at once
+        _kill9(first)
+        r = subprocess.run(_prep_cmd(inp, out), env=subprocess_env(), cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)  # the same command, no clean-up: resumes the killed run's work
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert DataBin(out).manifest["status"] == "complete" and not (out / RL.LOCK_NAME).exists()
+    finally:
+        if first.poll() is None:
+            first.kill()
+
+
 @pytest.mark.fairseq
-def test_fairseq_save_dir_refused_while_held_and_runs_after_kill_9(databin, tmp_path):
+def test_two_real_fairseq_trains_on_one_save_dir_second_refused_then_resume_after_kill_9(databin, tmp_path):
     pytest.importorskip("fairseq")
     from test_fairseq import TINY, USER_DIR
 
-    data = databin
     save = tmp_path / "ck"
-    cmd = [sys.executable, "-m", "fairseq_cli.train", str(data), "--user-dir", str(USER_DIR), "--task",
-           "alum_masked_lm", "--criterion", "alum_masked_lm", "--save-dir", str(save), *TINY, "--max-update", "2"]
-    holder = _holder(save)
+    args = [str(databin), "--user-dir", str(USER_DIR), "--task", "alum_masked_lm", "--criterion", "alum_masked_lm",
+            "--save-dir", str(save), *TINY, "--max-update", "4", "--save-interval-updates", "1"]
+    first = _held("fairseq", 2, tmp_path / "held", args)  # 2 updates done (and saved), holding in the third
     try:
+        assert RL.holder_info(save / RL.LOCK_NAME)["pid"] == first.pid
+        cmd = [sys.executable, "-m", "fairseq_cli.train", *args]
+        assert _refused_naming(cmd, save, first) < 60
+        _kill9(first)
         r = subprocess.run(cmd, env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert r.returncode == 2, (r.stdout + r.stderr)[-3000:]
-        assert f"{save} is in use by PID {holder.pid}" in r.stderr, r.stderr[-3000:]
-        _kill9(holder)
-        r = subprocess.run(cmd, env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-        assert (save / "checkpoint_last.pt").is_file()
+        out = r.stdout + r.stderr
+        assert r.returncode == 0, out[-3000:]
+        assert "Loaded checkpoint" in out and "@ 2 updates" in out, out[-3000:]  # resumed where the first stopped
+        assert '"num_updates": "4"' in out and not (save / RL.LOCK_NAME).exists()
     finally:
-        if holder.poll() is None:
-            holder.kill()
+        if first.poll() is None:
+            first.kill()

@@ -15,8 +15,8 @@ x A accumulation steps compute the same loss (up to float rounding) as one proce
 global batch:
 
 * *Per-sample randomness.*  Masking and the ALUM random start of sample ``i`` of optimizer step ``s``
-  are drawn from generators keyed by ``(seed, s, global sample index i)``
-  (:func:`alum_pretrain.masking.sample_generators`),
+  are pure functions of ``(seed, s, global sample index i)`` (:func:`alum_pretrain.masking.mask_batch`,
+  :class:`alum_pretrain.masking.SampleNoise`),
   never by rank or micro-batch, so how the global batch is split does not change any draw.
 * *Global normalisation.*  The MLM cross-entropy is a mean over the masked tokens of the WHOLE global
   batch and NSP a mean over its sequences: each micro-batch contributes ``sum / N_global`` where
@@ -80,7 +80,8 @@ class PretrainStep(nn.Module):
     float rounding; on GPU SDPA may then use its flash kernel).
     ``mlm_denom`` / ``nsp_denom``: the global masked-token and sequence counts of the optimizer step
     divided by the world size (the factor that turns DDP's gradient average into a global mean).
-    ``alum_generators``: per-sample generators for the ALUM random start (or None = global RNG).
+    ``alum_generators``: the per-sample noise key of the ALUM random start (a
+    :class:`~alum_pretrain.masking.SampleNoise`, or per-sample generators; None = global RNG).
 
     Returned ``metrics`` (detached 0-dim tensors, no host sync; see :mod:`alum_pretrain.objective`) are this
     micro-batch's contributions to the global step means, like the loss scaled by the world size: summing
@@ -95,7 +96,7 @@ class PretrainStep(nn.Module):
         self.unmasked_when_unpadded = unmasked_when_unpadded
 
     def forward(self, batch: dict, *, alum_on: bool, mlm_denom: float, nsp_denom: float,
-                alum_generators: Optional[list] = None, baseline: bool = False) -> tuple[torch.Tensor, dict]:
+                alum_generators=None, baseline: bool = False) -> tuple[torch.Tensor, dict]:
         model = self.model
         attn = batch["attention_mask"]  # (B, T)
         tt = batch.get("token_type_ids")  # (B, T) or None

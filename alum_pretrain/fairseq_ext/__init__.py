@@ -7,7 +7,8 @@ both register the task and criterion exactly once, under the module names
 fairseq; when fairseq is not installed, importing it registers nothing (the exporter
 :mod:`alum_pretrain.fairseq_ext.export_hf` needs only torch + transformers).  Inside fairseq-train it also
 makes SIGUSR1/SIGTERM save a checkpoint at the current update and end the run with status 0
-(:mod:`alum_pretrain.fairseq_ext.preemption`).
+(:mod:`alum_pretrain.fairseq_ext.preemption`), and refuses to resume a checkpoint onto another data-bin or
+tokenizer (:mod:`alum_pretrain.fairseq_ext.identity`).
 """
 
 from __future__ import annotations

@@ -45,9 +45,10 @@ gradient), ``ascent_zero_grad_frac`` (fraction of real tokens whose ascent gradi
 ``adv_dropout`` (R at delta = 0 under the same dropout masks: ``adv - adv_dropout`` is the adversarial
 share).
 
-**Random start.**  Each sample's delta is drawn from ``sample_generators(seed, update, sample ids)`` on the
-batch's device, so the result does not depend on how a batch is split over workers or ``--update-freq``.  The
-ids are the host copy that the task's batches carry (``host_ids``): no device-to-host read per batch.  ``--alum-perturb-at
+**Random start.**  Each sample's delta is ``sample_normals(seed, update, sample id)``
+(:class:`alum_pretrain.masking.SampleNoise`, the native engine's definition), computed on the batch's device
+from the batch's ``id`` tensor with integer tensor ops: no device-to-host read, and the result does not depend
+on how a batch is split over workers or ``--update-freq``, nor on a sample's place in its batch.  ``--alum-perturb-at
 embedding_output`` perturbs the embedding block's output after its dropout (as the native engine).
 """
 
@@ -67,7 +68,7 @@ from fairseq.logging import metrics
 
 from alum_pretrain import knobs
 from alum_pretrain.compat import check_alum
-from alum_pretrain.masking import STREAM_ALUM, sample_generators
+from alum_pretrain.masking import SampleNoise
 from alum_pretrain.objective import Normalizers, pretrain_objective
 from alum_pretrain.passes import AdversarialPasses
 
@@ -101,13 +102,10 @@ def refuse_pure_half(cfg, alpha: float) -> None:
             f"with --train.precision bf16 for bf16 (A100/H100); --alum-alpha 0 trains plain MLM in any precision.")
 
 
-def host_sample_ids(sample: dict, batch_size: int) -> torch.Tensor:
-    """The batch's sample ids on the host: ``host_ids`` (set by the alum_masked_lm task's collater), else
-    ``id`` (other tasks; read back from the device if fairseq moved it there), else ``0..B-1``."""
-    if sample.get("host_ids") is not None:
-        return torch.as_tensor(sample["host_ids"])
+def sample_ids(sample: dict, src: torch.Tensor) -> torch.Tensor:
+    """The batch's sample ids ``(B,)`` where the batch lives (fairseq's ``id``, else ``0..B-1``)."""
     ids = sample.get("id")
-    return ids.cpu() if ids is not None else torch.arange(batch_size)
+    return ids.to(src.device) if ids is not None else torch.arange(src.shape[0], device=src.device)
 
 
 def unwrap(model):
@@ -226,12 +224,9 @@ class AlumMaskedLMCriterion(FairseqCriterion):
             return lg, inner.classification_heads[NSP_HEAD](tap.features) if with_nsp else None
 
         # Random start keyed per sample by (seed, update, sample id), as the native engine: identical after
-        # resume and whatever the batch split.  Without the update number (other tasks) the global RNG,
-        # which fairseq reseeds every update.
-        # The ids come from the host copy the task's batches carry (no device->host read); the generators
-        # live on the batch's device, as the native engine's do.
-        gens = None if update is None else sample_generators(
-            self.seed, int(update), host_sample_ids(sample, src.shape[0]), STREAM_ALUM, src.device)
+        # resume and whatever the batch split, computed on the device from the ids tensor (no host read).
+        # Without the update number (other tasks) the global RNG, which fairseq reseeds every update.
+        gens = None if update is None else SampleNoise(self.seed, int(update), sample_ids(sample, src))
         # fairseq divides by the summed sample_size (masked tokens): sums for MLM, NSP mean x sample_size
         n = sample_size.float()
         norm = Normalizers(mlm=1.0, nsp=(nsp_target.numel() / n) if use_nsp else 1.0)
@@ -259,7 +254,7 @@ class AlumMaskedLMCriterion(FairseqCriterion):
         if "mask_rate" in sample:  # set by the alum_masked_lm task (absent with --task masked_lm)
             logging_output["mask_rate"] = float(sample["mask_rate"]) * sample["nsentences"]
             logging_output["mask_rate_n"] = sample["nsentences"]
-            logging_output["maskable"] = int(sample["n_maskable"])
+            logging_output["maskable"] = sample["n_maskable"]  # a device tensor: summed, read when logged
         if use_nsp:
             logging_output["nsp_loss"] = (m["nsp"] * norm.nsp).data  # the summed cross-entropy
             logging_output["nsp_correct"] = m["nsp_correct"].data

@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 import torch
-from fairseq.data import FairseqDataset, SortDataset, data_utils
+from fairseq.data import FairseqDataset, data_utils
 
 from alum_pretrain.data.plans import PlanStats, plan_pairs, shard_rng
 from alum_pretrain.data.samples import SampleBuilder
@@ -73,18 +73,6 @@ class FairseqIds:
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return torch.from_numpy(self.reader[int(i)] + self.id_offset)
-
-
-class HostIdsSortDataset(SortDataset):
-    """fairseq's ``SortDataset`` whose batches also carry ``host_ids``: the sample ids as a NumPy array, which
-    fairseq leaves on the host when it moves the batch to the GPU, so the criterion keys the per-sample ALUM
-    noise without reading ``id`` back from the device (a synchronisation per batch)."""
-
-    def collater(self, samples):
-        batch = super().collater(samples)
-        if batch and torch.is_tensor(batch.get("id")):
-            batch["host_ids"] = batch["id"].numpy().copy()
-        return batch
 
 
 class SentenceChunkDataset(_SizedDataset):

@@ -47,6 +47,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 from argparse import Namespace
 from pathlib import Path
 from typing import Any, Optional
@@ -165,7 +167,11 @@ def load_checkpoint_state(path: str | os.PathLike, trust: bool = False) -> dict:
 
 def load_checkpoint(path: str | os.PathLike, trust: bool = False) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """``(model state dict, model cfg dict, task cfg dict)`` of a fairseq checkpoint file."""
-    state = load_checkpoint_state(path, trust=trust)
+    return split_checkpoint(load_checkpoint_state(path, trust=trust), path)
+
+
+def split_checkpoint(state: dict, path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """``(model state dict, model cfg dict, task cfg dict)`` of a loaded checkpoint ``state``."""
     cfg = state.get("cfg")
     if cfg is not None:
         cfg = _plain(cfg)
@@ -205,6 +211,45 @@ def find_databin(task_cfg: dict, tokenizer: Optional[str]) -> tuple[Optional[Pat
             return c, c / "tokenizer"
     raise FairseqExportError(f"the checkpoint's data path {data!r} has no data-bin with manifest.json and tokenizer/ "
                              "(moved?); pass --tokenizer DATA_BIN (the alum-prep output folder)")
+
+
+def checkpoint_tokenizer(state: dict, task_cfg: dict, tokenizer: Optional[str], scratch: Path
+                         ) -> tuple[Path, Optional[Path], Optional[dict], int, int]:
+    """``(tokenizer folder, data-bin root or None, recorded fingerprint or None, id_offset, vocab_size)``.
+
+    A checkpoint of the ``alum_masked_lm`` task holds its tokenizer files and fingerprint
+    (:mod:`alum_pretrain.fairseq_ext.identity`): they are written to ``scratch`` and shipped, whatever
+    happened to the data-bin since; ``--tokenizer`` must then map every token to the same id.  Older
+    checkpoints fall back to ``--tokenizer`` or the data-bin the checkpoint's task names."""
+    from ..run_identity import check_same_vocabulary, tokenizer_sha256
+    from .identity import IDENTITY_KEY, TOKENIZER_KEY
+
+    ts = state.get("task_state") or {}
+    identity, files = ts.get(IDENTITY_KEY), ts.get(TOKENIZER_KEY)
+    if not (identity and files):
+        root, tok_dir = find_databin(task_cfg, tokenizer)
+        if not tok_dir.is_dir():
+            raise FairseqExportError(f"{tok_dir}: tokenizer folder not found")
+        if root is not None:
+            databin = DataBin(root)
+            return tok_dir, root, None, databin.id_offset, databin.vocab_size
+        return tok_dir, None, None, FAIRSEQ_NSPECIAL, -1
+    own = scratch / "tokenizer"
+    own.mkdir(parents=True)
+    for name, content in files.items():
+        (own / Path(name).name).write_bytes(bytes(content))
+    if identity.get("tokenizer_sha256") not in (None, tokenizer_sha256(own)):
+        raise FairseqExportError("the checkpoint's tokenizer files do not match its recorded sha256; the file is "
+                                 "damaged")
+    tok_dir = own
+    if tokenizer:
+        other = find_databin({}, tokenizer)[1]
+        try:
+            check_same_vocabulary(own, other)
+        except ValueError as e:
+            raise FairseqExportError(str(e)) from None
+        tok_dir = other
+    return tok_dir, None, identity, int(identity["id_offset"]), int(identity["vocab_size"])
 
 
 def _get(cfg: dict, key: str, default=None):
@@ -312,24 +357,28 @@ def convert_state_dict(sd: dict[str, torch.Tensor], model_cfg: dict, *, id_offse
 def export_fairseq(ckpt: str | os.PathLike, out: str | os.PathLike, *, tokenizer: Optional[str] = None,
                    overwrite: bool = False, trust: bool = False) -> Path:
     """Write the HF folder OUT for the fairseq checkpoint CKPT; returns OUT."""
-    from safetensors.torch import save_file
-    from transformers import AutoTokenizer, RobertaConfig, RobertaForMaskedLM
-
     out = Path(out)
     try:
         check_export_target(out, ckpt, overwrite)  # (before anything is loaded or written)
     except ExportTargetError as e:
         raise FairseqExportError(str(e)) from e
-    sd, model_cfg, task_cfg = load_checkpoint(ckpt, trust=trust)
-    root, tok_dir = find_databin(task_cfg, tokenizer)
-    if not tok_dir.is_dir():
-        raise FairseqExportError(f"{tok_dir}: tokenizer folder not found")
+    state = load_checkpoint_state(ckpt, trust=trust)
+    scratch = Path(tempfile.mkdtemp(prefix="alum-export-"))  # the checkpoint's own tokenizer, until saved
+    try:
+        return _export(ckpt, out, state, tokenizer, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _export(ckpt, out: Path, state: dict, tokenizer: Optional[str], scratch: Path) -> Path:
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, RobertaConfig, RobertaForMaskedLM
+
+    sd, model_cfg, task_cfg = split_checkpoint(state, ckpt)
+    tok_dir, root, identity, id_offset, vocab_size = checkpoint_tokenizer(state, task_cfg, tokenizer, scratch)
     tok = AutoTokenizer.from_pretrained(str(tok_dir), model_input_names=["input_ids", "attention_mask"])
-    if root is not None:
-        databin = DataBin(root)
-        id_offset, vocab_size = databin.id_offset, databin.vocab_size
-    else:
-        id_offset, vocab_size = FAIRSEQ_NSPECIAL, len(tok)
+    if vocab_size < 0:
+        vocab_size = len(tok)
         log.warning("no %s beside %s: assuming id_offset=%d (fairseq id = tokenizer id + %d)", MANIFEST, tok_dir,
                     id_offset, id_offset)
     if tok.pad_token_id is None:
@@ -364,11 +413,13 @@ def export_fairseq(ckpt: str | os.PathLike, out: str | os.PathLike, *, tokenizer
                 "labels": {"0": "B follows A", "1": "B is a random segment"},
                 "activation": str(_get(model_cfg, "pooler_activation_fn", "tanh")),
             }, indent=2) + "\n", encoding="utf-8")
-        card = model_card(model, {"data": {"path": str(root) if root is not None else ""}, "train": {"engine": "fairseq"}},
+        data = str(root) if root is not None else str(task_cfg.get("data") or "")
+        card = model_card(model, {"data": {"path": data}, "train": {"engine": "fairseq"}},
                           step=None, run=None, source=f"the fairseq checkpoint `{Path(ckpt).name}`")
         card += (f"\nFairseq token id = tokenizer id + {id_offset}; max positions {tok.model_max_length}."
                  + (" NSP head: `nsp_head.safetensors` (see `nsp_head.json`)." if nsp else "") + "\n")
         (tmp / "README.md").write_text(card, encoding="utf-8")
-        write_export_marker(tmp, str(ckpt), engine="fairseq")
+        write_export_marker(tmp, str(ckpt), engine="fairseq", trained_on=identity,
+                            tokenizer_from=str(tok_dir) if tokenizer or identity is None else f"{ckpt} (task_state)")
     log.info("exported fairseq checkpoint %s -> %s (RobertaForMaskedLM%s)", ckpt, out, " + NSP head" if nsp else "")
     return out

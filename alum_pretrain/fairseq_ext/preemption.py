@@ -20,7 +20,10 @@ SIGTERM at the limit or on preemption) either is ignored or kills the run, and e
   (``launch/templates/job.sbatch`` removes it before the step and requeues when it exists);
 * ``--save-dir`` is locked for the process (:mod:`alum_pretrain.runlock`) when fairseq first checks it
   (``checkpoint_utils.verify_checkpoint_directory``, master process only): a second fairseq-train on the
-  same folder exits 2 at once naming the first; a killed run's lock is released by the kernel;
+  same folder exits 2 at once naming the first; a killed run's lock is released by the kernel, a clean exit
+  removes the lock file;
+* the checkpoint a run resumes from is checked against the data-bin and tokenizer it was trained on
+  (:mod:`alum_pretrain.fairseq_ext.identity`) before the first update: another one is refused, exit 2;
 * ``checkpoint_last.pt`` is made atomic: fairseq writes the first checkpoint file of a save through a
   ``.tmp`` file + rename (``torch_persistent_save``) but *copies* it onto the others (``checkpoint_last.pt``
   after ``checkpoint_E_U.pt``) with ``PathManager.copy`` = ``shutil.copyfile`` in place, so a kill during
@@ -35,6 +38,7 @@ changes no signal handler and patches nothing.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import shutil
@@ -187,6 +191,7 @@ def _locking_verify(original):
         if not _locks:
             try:
                 _locks.append(lock_folder(save_dir, tool="fairseq-train"))
+                atexit.register(_locks[-1].release)  # a clean exit (0, 2, 3) leaves no lock file
             except FolderBusyError as exc:
                 print(f"fairseq-train: error: {exc}", file=sys.stderr, flush=True)
                 raise SystemExit(2) from None
@@ -211,9 +216,11 @@ def install() -> bool:
             mod.validate_and_save = _wrap_validate_and_save(mod.validate_and_save)
     from fairseq import checkpoint_utils
 
+    from .identity import install_identity_check
     from .strict import install_strict
 
     install_strict(mods)  # non-finite updates skipped and counted; data errors one line (exit 2 / 3)
+    install_identity_check()  # a resume refuses another data-bin or tokenizer (exit 2)
     if not hasattr(checkpoint_utils.verify_checkpoint_directory, "__wrapped__"):
         checkpoint_utils.verify_checkpoint_directory = _locking_verify(checkpoint_utils.verify_checkpoint_directory)
     if not isinstance(checkpoint_utils.PathManager, _AtomicCopyPathManager):

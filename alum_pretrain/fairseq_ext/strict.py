@@ -11,7 +11,8 @@ Installed by :func:`alum_pretrain.fairseq_ext.preemption.install` (inside a fair
   own loss-scaler handling.  fairseq's learning rate is a function of the update number, which advances
   on a skipped update (the native engine's step counter advances too, its schedule does not).
 * ``fairseq_cli.train.main`` is wrapped: the native engine's data errors (an id outside the vocabulary:
-  :class:`~alum_pretrain.data.databin.DataIntegrityError`) print one line and exit 2, a run stopped by the
+  :class:`~alum_pretrain.data.databin.DataIntegrityError`) and a resume refused for another data-bin or
+  tokenizer (:class:`~alum_pretrain.fairseq_ext.identity.ResumeRefused`) print one line and exit 2, a run stopped by the
   non-finite rule exits 3 - the codes of ``alum-train``.
 """
 
@@ -25,6 +26,7 @@ import torch
 
 from ..data.databin import DataIntegrityError
 from ..engine.step import NonFiniteError
+from .identity import ResumeRefused
 
 logger = logging.getLogger(__name__)
 SKIP_FLAG = "alum_skip_update"  # set on the fairseq optimizer for the update being skipped
@@ -75,7 +77,7 @@ def _wrap_main(original):
     def main(cfg, *args, **kwargs):
         try:
             return original(cfg, *args, **kwargs)
-        except DataIntegrityError as exc:
+        except (DataIntegrityError, ResumeRefused) as exc:
             print(f"fairseq-train: error: {exc}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
         except NonFiniteError as exc:

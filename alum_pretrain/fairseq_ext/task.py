@@ -45,6 +45,7 @@ from fairseq.data import (
     NumSamplesDataset,
     PrependTokenDataset,
     RightPadDataset,
+    SortDataset,
     TokenBlockDataset,
     data_utils,
 )
@@ -57,9 +58,11 @@ from alum_pretrain.data import indexed
 from alum_pretrain.data.databin import MANIFEST, DataBin
 from alum_pretrain.data.tokens import build_token_tables
 from alum_pretrain.masking import IGNORE_INDEX, STREAM_EVAL_MASK, STREAM_MASK, TokenMasker
+from alum_pretrain.run_identity import data_identity, read_tokenizer_files
 
-from .datasets import (FairseqIds, HostIdsSortDataset, NSPPairDataset, NSPSampleDataset, SentenceChunkDataset,
+from .datasets import (FairseqIds, NSPPairDataset, NSPSampleDataset, SentenceChunkDataset,
                        load_doc_starts)
+from .identity import IDENTITY_KEY, TOKENIZER_KEY
 from .strict import SKIP_FLAG
 
 logger = logging.getLogger(__name__)
@@ -144,6 +147,9 @@ class AlumMaskedLMTask(FairseqTask):
         self.dictionary = dictionary
         self.root, self.shards, self.manifest = root, shards, databin.manifest
         self.databin = databin
+        # what every checkpoint records and a resume checks (.identity); read once, at the start
+        self.identity = data_identity(databin, databin.tokenizer_dir)
+        self.tokenizer_files = read_tokenizer_files(databin.tokenizer_dir)
         self.id_offset = databin.id_offset
         self.tokenizer_vocab_size = databin.vocab_size
         special = {k: v + self.id_offset for k, v in databin.special_ids.items()}
@@ -254,7 +260,7 @@ class AlumMaskedLMTask(FairseqTask):
         logger.info("loaded %d %s samples from %s", len(dataset), self.cfg.sample_mode, prefix)
         with data_utils.numpy_seed(self.cfg.seed + epoch):
             shuffle = np.random.permutation(len(dataset))
-        self.datasets[split] = HostIdsSortDataset(dataset, sort_order=[shuffle, sizes])
+        self.datasets[split] = SortDataset(dataset, sort_order=[shuffle, sizes])
 
     # ---------------------------------------------------------------- model
 
@@ -320,6 +326,11 @@ class AlumMaskedLMTask(FairseqTask):
         return super().valid_step(sample, model, criterion)
 
     # ---------------------------------------------------------------- misc
+
+    def state_dict(self):
+        """fairseq saves this as every checkpoint's ``task_state``: the data-bin and tokenizer fingerprint and
+        the tokenizer files (:mod:`alum_pretrain.fairseq_ext.identity`)."""
+        return {**super().state_dict(), IDENTITY_KEY: self.identity, TOKENIZER_KEY: dict(self.tokenizer_files)}
 
     @property
     def source_dictionary(self):

@@ -20,7 +20,7 @@ divided by the accumulation steps (Trainer's default).  Either way the loss is a
 gradient accumulation (``loss_is_scaled_for_ga``).
 
 **Randomness.** The random start of delta for sample ``i`` of micro-batch ``m`` of optimizer step ``s``
-comes from :func:`alum_pretrain.masking.sample_generators` keyed by ``(args.seed, s, sample id)``, so a
+is :func:`alum_pretrain.masking.sample_normals` of ``(args.seed, s, sample id)`` (as in both engines), so a
 resumed run draws the delta an uninterrupted run would.
 
 **DDP.** With Trainer's DDP the clean pass runs through the wrapped model (DDP's forward prepares the
@@ -44,7 +44,7 @@ from transformers import Trainer
 
 from ..adversarial import ALUMConfig
 from ..compat import check_alum
-from ..masking import IGNORE_INDEX, STREAM_ALUM, sample_generators
+from ..masking import IGNORE_INDEX, SampleNoise
 from ..models import PretrainModel
 from ..objective import Normalizers, pretrain_objective
 from ..passes import AdversarialPasses
@@ -98,12 +98,12 @@ class AlumTrainer(MetricLogMixin, Trainer):
             mlm = max(n_masked, 1) * ga
         return mlm, float(batch * ga)
 
-    def _generators(self, batch: int, step: int) -> list:
+    def _generators(self, batch: int, step: int, device: torch.device) -> SampleNoise:
         gstep, seen = self._micro
         seen = seen if gstep == step else 0
         self._micro = (step, seen + 1)
         first = (seen * self.accelerator.num_processes + self.accelerator.process_index) * batch
-        return sample_generators(self.args.seed, step, torch.arange(first, first + batch), STREAM_ALUM)
+        return SampleNoise(self.args.seed, step, torch.arange(first, first + batch, device=device))
 
     def _clean_pass(self, model, pm: PretrainModel, embeds, inputs: dict, masked_pos, use_nsp: bool):
         attn, tt = inputs["attention_mask"], inputs.get("token_type_ids")
@@ -133,7 +133,7 @@ class AlumTrainer(MetricLogMixin, Trainer):
         mlm_denom, nsp_denom = self._denominators(int(masked_pos.numel()), ids.shape[0], num_items_in_batch)
         step = int(self.state.global_step)
         alum_on = self.alum.active(step)
-        gens = self._generators(ids.shape[0], step) if alum_on else None
+        gens = self._generators(ids.shape[0], step, ids.device) if alum_on else None
         attn, tt = inputs["attention_mask"], inputs.get("token_type_ids")
 
         def heads(e: torch.Tensor, with_nsp: bool):
