@@ -28,7 +28,6 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 
 __all__ = ["IDENTITY_FIELDS", "IDENTITY_FILE", "RUN_TOKENIZER", "TOKENIZER_FILES", "VOCABULARY_FIELDS",
            "check_same_identity", "check_same_vocabulary", "copy_run_tokenizer", "data_identity", "describe",

@@ -33,7 +33,6 @@ an optimizer step; :class:`NonFiniteError` stops a diverged run).
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
