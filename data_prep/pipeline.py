@@ -122,6 +122,10 @@ class Preparer:
             if is_disk_full(e):
                 raise self._disk_full(e, len(done)) from e
             raise
+        except BaseException:  # stopped (a signal, Ctrl-C): completed segments stay for the resume
+            if self.out.is_dir():
+                self._remove_tmp()
+            raise
 
     def _disk_full(self, exc: BaseException, n_done: int) -> Exception:
         """The disk-full error: temporaries removed, the space needed estimated from the parts written so far
