@@ -12,7 +12,7 @@ command is the library's own look at the stop flag (or its signal handler), not 
     smooth       alum-train's smoothness evaluation (per batch, 1 s)
     export       alum-export, while the HF folder is written into its temporary folder (30 s)
     prep         alum-prep, while documents are cleaned (per document, 30 s; in the pool's workers too)
-    finetune     alum-finetune / alum-bench, in every training step (30 s)
+    finetune:E   alum-finetune / alum-bench, in every training step of epoch E (0-based) and later (30 s)
 """
 
 from __future__ import annotations
@@ -93,9 +93,10 @@ def install(phase: str) -> None:
         name = next(k for k in vars(trainer) if k.endswith("train_epoch"))
         orig_epoch = getattr(trainer, name)
 
-        def train_epoch(job, *a, **kw):
-            wrap(job.method, "train_step", lambda *x, **y: announce_and_sleep(30.0))
-            return orig_epoch(job, *a, **kw)
+        def train_epoch(job, epoch, *a, **kw):
+            if epoch >= int(arg or 0):
+                wrap(job.method, "train_step", lambda *x, **y: announce_and_sleep(30.0))
+            return orig_epoch(job, epoch, *a, **kw)
 
         setattr(trainer, name, train_epoch)
     else:

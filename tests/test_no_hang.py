@@ -173,3 +173,37 @@ def test_ctrl_c_during_a_prep_with_workers_stops_the_pool_and_leaves_no_tmp(tmp_
     import json  # what is kept is the resume state: a manifest that does not say complete
 
     assert json.loads((out / "manifest.json").read_text()).get("status") != "complete"
+
+
+def test_a_signal_during_a_smoothness_evaluation_stops_without_logging_it(small, tmp_path):
+    out = tmp_path / "run"
+    args = train_args(small, out, 50, "--train.eval_every=10", "--train.smooth_every=1", "--train.smooth_batches=20")
+    rc, output, dt = stop_inside("smooth", "alum_pretrain.train", args, signal.SIGTERM, tmp_path)
+    assert rc == 0 and dt < 15, (rc, dt, output[-3000:])  # 20 batches at 1 s: the pass would take 20 s
+    assert "SIGTERM received during smoothness evaluation" in output, output[-3000:]
+    assert not [r for r in _records(out) if r.get("kind") == "valid"]  # the baseline's record was cut
+    assert not list(out.glob("checkpoints/step-*"))  # before the first step: nothing to save
+
+
+def test_a_signal_during_finetuning_keeps_the_last_epoch_and_exits_143(tmp_path, bert_vocab):
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    import torch
+
+    model = tmp_path / "tiny"
+    tok = BertTokenizerFast(vocab_file=str(bert_vocab), do_lower_case=True)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(model)
+    tok.save_pretrained(model)
+    rows = "\n".join(f"{s}\t{y}" for s, y in [("a great film", 1), ("a dull mess", 0)] * 4)
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + rows + "\n")
+    out = tmp_path / "ft"
+    args = [f"--model={model}", "--task=sst2", f"--train={tmp_path / 'train.tsv'}", f"--dev={tmp_path / 'train.tsv'}",
+            f"--out={out}", "--optim.epochs=3", "--optim.batch_size=4", "--run.progress=false"]
+    rc, output, dt = stop_inside("finetune:1", "alum_pretrain.finetune.cli", args, signal.SIGTERM, tmp_path)
+    assert rc == 128 + signal.SIGTERM and dt < 15, (rc, dt, output[-3000:])  # a step would take 30 s
+    assert "alum-finetune: stopped: SIGTERM received" in output and "checkpoint.pt" in output, output[-2000:]
+    state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert state["epoch"] == 0  # the finished epoch; the interrupted one is redone on resume
+    assert not list(tmp_path.rglob("*.tmp")) and not list(out.glob(".*")), list(out.iterdir())
