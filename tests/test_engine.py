@@ -232,7 +232,7 @@ def test_sigterm_saves_and_exits_0_then_resume_completes(databin, tmp_path):
         if log.exists() and len(log.read_text().splitlines()) >= 3:
             break
         time.sleep(0.2)
-    assert proc.poll() is None, proc.communicate()[0]
+    assert proc.poll() is None, proc.communicate(timeout=60)[0]
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output

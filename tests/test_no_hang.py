@@ -43,7 +43,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_0(small, tmp_path):
         if log.exists() and len(log.read_text().splitlines()) >= 2:
             break
         time.sleep(0.2)
-    assert proc.poll() is None, proc.communicate()[0]
+    assert proc.poll() is None, proc.communicate(timeout=60)[0]
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output
@@ -207,3 +207,28 @@ def test_a_signal_during_finetuning_keeps_the_last_epoch_and_exits_143(tmp_path,
     state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert state["epoch"] == 0  # the finished epoch; the interrupted one is redone on resume
     assert not list(tmp_path.rglob("*.tmp")) and not list(out.glob(".*")), list(out.iterdir())
+
+
+def test_the_suite_has_a_per_test_timeout(pytestconfig):
+    assert float(pytestconfig.getini("timeout")) > 0  # pyproject.toml: a hanging test fails with a traceback
+
+
+def test_alum_launch_local_hands_sigterm_on_to_the_run(tmp_path):
+    import os
+    import threading
+
+    from launch.cli import run_forwarding_stop_signals
+
+    up = tmp_path / "up"
+    child = [sys.executable, "-c", "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(7)); "
+             "open(sys.argv[1], 'w').close(); time.sleep(120)", str(up)]
+
+    def stop_the_launcher():
+        deadline = time.time() + 60
+        while not up.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler stops the launcher
+
+    threading.Thread(target=stop_the_launcher, daemon=True).start()
+    t0 = time.time()
+    assert run_forwarding_stop_signals(child) == 7 and time.time() - t0 < 60

@@ -19,6 +19,7 @@ import random
 import time
 from pathlib import Path
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Optional
 
 import numpy as np
@@ -216,7 +217,8 @@ def _setup_distributed(device_pref: str) -> tuple[int, int, torch.device]:
     if device_pref == "cuda" and not torch.cuda.is_available():
         raise ValueError("--run.device=cuda but no CUDA device is available")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        # collectives (and the barrier after each epoch) fail after 30 min instead of waiting forever on a dead rank
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30))
     rank = dist.get_rank() if dist.is_initialized() else 0
     if use_cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
