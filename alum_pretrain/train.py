@@ -163,7 +163,8 @@ def stop_in_phase(run, prog: Progress, stop: StopRequested) -> None:
     last checkpoint are saved with the data position they reached, as a stop between steps would (the
     interrupted evaluation is not logged; a planning interrupted before the first step saves nothing)."""
     if prog.step > prog.saved:
-        run.loader.load_state_dict(prog.data)  # the micro-batches drawn for the unfinished step are not spent
+        if run.loader.state_dict() != prog.data:  # micro-batches drawn for the unfinished step are not spent
+            run.loader.load_state_dict(prog.data)
         save(run, prog.step)
         prog.saved = prog.step
         run.logger.info(f"{stop} at step {prog.step}: saved step {prog.step}, exiting (resume by re-running)")

@@ -5,7 +5,7 @@ once the phase is entered, it writes ``STAMP`` (the test then knows the process 
 sends the signal) and sleeps ``SLOW`` seconds per unit of work; nothing else changes, so what stops the
 command is the library's own look at the stop flag (or its signal handler), not this probe.
 
-    planning:E   the train split's data planning of epoch E and later (per document, 1 s; the planning
+    planning:E   the train split's data planning of epoch E and later (per document, 2 s; the planning
                  looks at the stop flag every 4 documents here instead of 4096, so that a tiny corpus is a
                  long planning)
     eval:K       the K-th validation pass of alum-train and later ones (per batch, 1 s)
@@ -59,7 +59,7 @@ def install(phase: str) -> None:
         L.PretrainLoader.plan = plan
         walk = next(v for k, v in vars(P).items() if k.endswith("PairWalk"))
         wrap(walk, "document", lambda *a, **k: (epoch["split"] == "train" and epoch["now"] >= int(arg)
-                                                and announce_and_sleep(1.0)))
+                                                and announce_and_sleep(2.0)))
     elif kind == "eval":
         from alum_pretrain.engine import step as S
 

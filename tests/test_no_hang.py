@@ -109,7 +109,7 @@ def test_a_signal_while_the_first_epoch_is_planned_stops_before_the_first_step(s
     out = tmp_path / "run"
     rc, output, dt = stop_inside("planning:0", "alum_pretrain.train",
                                  train_args(small, out, 50, "--train.eval_every=0"), signal.SIGTERM, tmp_path)
-    # 40 documents at 1 s each: the planning alone would take 40 s; it looks at the flag every 4 documents
+    # 28 training documents at 2 s each: the planning alone would take 56 s; it looks at the flag every 4
     assert rc == 0 and dt < 25, (rc, dt, output[-3000:])
     assert "SIGTERM received during data planning" in output and "nothing new to save" in output, output[-3000:]
     assert not list(out.glob("checkpoints/step-*")) and not list(out.glob("checkpoints/*.tmp"))
@@ -232,3 +232,41 @@ def test_alum_launch_local_hands_sigterm_on_to_the_run(tmp_path):
     threading.Thread(target=stop_the_launcher, daemon=True).start()
     t0 = time.time()
     assert run_forwarding_stop_signals(child) == 7 and time.time() - t0 < 60
+
+
+@pytest.mark.multirank
+def test_a_signal_to_one_rank_while_an_epoch_is_planned_stops_both_ranks_together(small, tmp_path):
+    """2 ranks (gloo): SIGUSR1 reaches rank 1 only, inside the planning of epoch 1.  The ranks look at the
+    flag together at each planning chunk, so both stop there, save the last step and exit 0 (torchrun too)."""
+    import os
+
+    out, stamp = tmp_path / "run", tmp_path / "inside"
+    args = train_args(small, out, 500, "--train.eval_every=0", "--train.save_every=0", "--train.batch_size=16")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(PROBE),
+           "planning:1", str(stamp), "alum_pretrain.train", *args]
+    proc = subprocess.Popen(cmd, env=subprocess_env(), cwd=str(ROOT), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while not stamp.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert stamp.exists(), proc.communicate(timeout=60)[0][-3000:] if proc.poll() is not None else "timed out"
+        workers = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True,
+                                 timeout=60).stdout.split()
+        assert len(workers) == 2, workers
+        rank1 = next(int(w) for w in workers if "LOCAL_RANK=1" in Path(f"/proc/{w}/environ").read_bytes()
+                     .decode(errors="replace").split("\0"))
+        t0 = time.time()
+        os.kill(rank1, signal.SIGUSR1)
+        output, _ = proc.communicate(timeout=180)
+        dt = time.time() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    # rank 0 alone would plan for 56 s (28 documents at 2 s); without the collective look rank 1 would stop
+    # alone and the two ranks would meet in different collectives
+    assert proc.returncode == 0 and dt < 30, (proc.returncode, dt, output[-3000:])
+    ckpts = sorted(out.glob("checkpoints/step-*"))
+    steps = [r["step"] for r in _records(out) if "loss" in r]
+    assert [c.name for c in ckpts] == [f"step-{max(steps)}"] and not list(out.glob("checkpoints/*.tmp"))
