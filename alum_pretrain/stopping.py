@@ -32,17 +32,18 @@ _STATE: dict = {"signal": None, "poll": None}
 
 
 class StopRequested(BaseException):
-    """A stop signal arrived; ``where`` names the phase it interrupted."""
+    """A stop signal arrived (``signum``; None: on another rank); ``where`` names the phase it interrupted."""
 
-    def __init__(self, signum: int, where: str = ""):
-        self.signum = int(signum)
+    def __init__(self, signum: Optional[int], where: str = ""):
+        self.signum = signum
         self.where = where
-        super().__init__(f"{signal_name(signum)} received{f' during {where}' if where else ''}")
+        what = signal_name(signum) if signum is not None else "another rank's stop signal"
+        super().__init__(f"{what} received{f' during {where}' if where else ''}")
 
     @property
     def exit_code(self) -> int:
         """128 + the signal number (130 SIGINT, 143 SIGTERM, 138 SIGUSR1)."""
-        return 128 + self.signum
+        return 128 + (self.signum if self.signum is not None else signal.SIGTERM)
 
 
 def signal_name(signum: int) -> str:
@@ -72,7 +73,7 @@ def poll(where: str) -> None:
     collective = _STATE["poll"]
     stop = collective(sig is not None) if collective is not None else sig is not None
     if stop:
-        raise StopRequested(sig if sig is not None else signal.SIGTERM, where)
+        raise StopRequested(sig, where)
 
 
 def record(signum, _frame) -> None:
@@ -89,7 +90,8 @@ def _raise(signum, _frame) -> None:
 
 @contextlib.contextmanager
 def handlers(handler: Callable) -> Iterator[None]:
-    """Install ``handler`` for :data:`STOP_SIGNALS` (the note reset), restoring the previous ones on exit."""
+    """Install ``handler`` for :data:`STOP_SIGNALS`, restoring the previous ones on exit (the note is
+    reset on entry and on exit: it never outlives the command that received it)."""
     reset()
     old = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:
@@ -97,6 +99,7 @@ def handlers(handler: Callable) -> Iterator[None]:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        reset()
 
 
 def raising() -> contextlib.AbstractContextManager:

@@ -270,3 +270,30 @@ def test_a_signal_to_one_rank_while_an_epoch_is_planned_stops_both_ranks_togethe
     ckpts = sorted(out.glob("checkpoints/step-*"))
     steps = [r["step"] for r in _records(out) if "loss" in r]
     assert [c.name for c in ckpts] == [f"step-{max(steps)}"] and not list(out.glob("checkpoints/*.tmp"))
+
+
+def test_the_stop_flag_its_collective_look_and_the_exit_codes():
+    import os
+
+    from alum_pretrain import stopping
+
+    with stopping.handlers(stopping.record):
+        stopping.poll("planning")  # nothing received: goes on
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stopping.requested() == signal.SIGUSR1
+        with pytest.raises(stopping.StopRequested) as exc:
+            stopping.poll("data planning")
+        assert exc.value.exit_code == 138 and str(exc.value) == "SIGUSR1 received during data planning"
+    assert stopping.requested() is None  # the note ends with the command
+    asked = []
+    stopping.set_poll(lambda flag: asked.append(flag) or True)  # another rank received one
+    try:
+        with pytest.raises(stopping.StopRequested, match="another rank's stop signal received during x"):
+            stopping.poll("x")
+    finally:
+        stopping.set_poll(None)
+    assert asked == [False]
+    with pytest.raises(stopping.StopRequested) as exc, stopping.raising():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # interrupted at once
+    assert exc.value.exit_code == 143 and isinstance(exc.value, BaseException) and not isinstance(exc.value, Exception)
