@@ -10,6 +10,7 @@ command is the library's own look at the stop flag (or its signal handler), not 
                  long planning)
     eval:K       the K-th validation pass of alum-train and later ones (per batch, 1 s)
     smooth       alum-train's smoothness evaluation (per batch, 1 s)
+    save         alum-train's checkpoint saves, while the weights are written (5 s each)
     export       alum-export, while the HF folder is written into its temporary folder (30 s)
     prep         alum-prep, while documents are cleaned (per document, 30 s; in the pool's workers too)
     finetune:E   alum-finetune / alum-bench, in every training step of epoch E (0-based) and later (30 s)
@@ -78,6 +79,10 @@ def install(phase: str) -> None:
 
         name = next(k for k in vars(SM) if k.endswith("measure_batch"))
         wrap(SM, name, lambda *a, **k: announce_and_sleep(1.0))
+    elif kind == "save":
+        from alum_pretrain import models
+
+        wrap(models, "save_model", lambda *a, **k: announce_and_sleep(5.0))
     elif kind == "export":
         from alum_pretrain import export
 

@@ -297,3 +297,14 @@ def test_the_stop_flag_its_collective_look_and_the_exit_codes():
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(30)  # interrupted at once
     assert exc.value.exit_code == 143 and isinstance(exc.value, BaseException) and not isinstance(exc.value, Exception)
+
+
+def test_a_signal_during_a_checkpoint_save_stops_right_after_it(small, tmp_path):
+    out = tmp_path / "run"
+    args = train_args(small, out, 50, "--train.eval_every=0", "--train.save_every=2")
+    rc, output, dt = stop_inside("save", "alum_pretrain.train", args, signal.SIGTERM, tmp_path)
+    assert rc == 0 and dt < 30, (rc, dt, output[-3000:])
+    assert "SIGTERM received: saved step 2" in output, output[-3000:]
+    # the save finished (atomic), and no further step was taken
+    assert [c.name for c in out.glob("checkpoints/step-*")] == ["step-2"] and not list(out.glob("checkpoints/*.tmp"))
+    assert max(r["step"] for r in _records(out) if "loss" in r) == 2
