@@ -6,9 +6,10 @@ Two ways of honouring one, chosen by the command:
   exits 0 between steps, and each long phase between steps (planning an epoch of data, an evaluation or
   smoothness pass) looks at the note at a fine grain - :func:`poll` per planning chunk, :func:`requested` per
   evaluation batch - and raises :class:`StopRequested`, which the loop turns into the same save-and-exit.
-* **stop at once** (``alum-export``, ``alum-prep``, ``alum-finetune``, ``alum-bench``, ``alum-smoothness``):
-  :func:`raising` installs a handler that raises :class:`StopRequested` wherever the program is; the
-  command's ``finally`` / :func:`alum_pretrain.atomic.atomic_dir` clean-up removes its temporary folders,
+* **stop at once** (``alum-export``, ``alum-prep``, ``alum-finetune``, ``alum-bench``, ``alum-eval-robust``,
+  ``alum-smoothness``): :func:`raising` installs a handler that raises :class:`StopRequested` wherever the
+  program is; the command's ``finally`` / :func:`alum_pretrain.atomic.atomic_dir` clean-up removes its
+  temporary folders,
   and ``main`` returns :attr:`StopRequested.exit_code` (128 + the signal number: 130 for SIGINT, 143 for
   SIGTERM, 138 for SIGUSR1, the shells' convention).
 
