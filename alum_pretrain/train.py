@@ -155,7 +155,7 @@ def loop(run, prog: Progress, pbar) -> bool:
 
 def stop_name() -> str:
     sig = stopping.requested()
-    return stopping.signal_name(sig) if sig is not None else "another rank's stop signal"
+    return f"signal {stopping.signal_name(sig)}" if sig is not None else "another rank's stop signal"
 
 
 def stop_in_phase(run, prog: Progress, stop: StopRequested) -> None:
