@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from . import stopping
 from .atomic import atomic_dir
 from .engine.checkpoint import CHECKPOINTS_DIR, MODEL_DIR, STATE_FILE, latest_checkpoint, list_checkpoints, step_of
 from .integrity import (IntegrityError, check_structure, first_nonfinite, safe_torch_load,
@@ -326,17 +327,21 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if Path(args.ckpt).is_file() and args.ckpt.endswith(".pt"):  # a fairseq checkpoint (fairseq engine)
-            from .fairseq_ext.export_hf import export_fairseq
+        with stopping.raising():  # a stop signal ends the export at once; its temporary folder is removed
+            if Path(args.ckpt).is_file() and args.ckpt.endswith(".pt"):  # a fairseq checkpoint (fairseq engine)
+                from .fairseq_ext.export_hf import export_fairseq
 
-            out = export_fairseq(args.ckpt, args.out, tokenizer=args.tokenizer, overwrite=args.overwrite,
-                                 trust=args.trust_checkpoint)
-        else:
-            out = export(args.ckpt, args.out, tokenizer=args.tokenizer, overwrite=args.overwrite,
-                         from_zero_shards=args.from_zero_shards, trust=args.trust_checkpoint)
+                out = export_fairseq(args.ckpt, args.out, tokenizer=args.tokenizer, overwrite=args.overwrite,
+                                     trust=args.trust_checkpoint)
+            else:
+                out = export(args.ckpt, args.out, tokenizer=args.tokenizer, overwrite=args.overwrite,
+                             from_zero_shards=args.from_zero_shards, trust=args.trust_checkpoint)
     except ValueError as e:
         print(f"alum-export: error: {e}", file=sys.stderr)
         return 2
+    except stopping.StopRequested as stop:
+        return stopping.report("alum-export", stop, f"{args.out} was not written (an existing one is unchanged); "
+                               "run the same command again")
     print(out)
     return 0
 

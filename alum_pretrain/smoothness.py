@@ -47,7 +47,7 @@ import math
 import re
 import sys
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -312,7 +312,8 @@ def _measure_batch(model, b: dict, j: int, cfg: SmoothnessConfig, temperature: f
 
 def measure_smoothness(model, batches: Iterable[Any], masker: Optional[TokenMasker] = None,
                        cfg: Optional[SmoothnessConfig] = None, *, temperature: float = 1.0,
-                       special_ids: Optional[Sequence[int]] = None, progress: bool = False) -> dict:
+                       special_ids: Optional[Sequence[int]] = None, progress: bool = False,
+                       check: Optional[Callable[[], None]] = None) -> dict:
     """Eval-mode adversarial vs random SymKL of ``model`` (a :class:`~alum_pretrain.models.PretrainModel`, or
     anything with its ``embed`` / ``heads_from_embeds``) on held-out ``batches``.
 
@@ -326,7 +327,8 @@ def measure_smoothness(model, batches: Iterable[Any], masker: Optional[TokenMask
     perturbed embeddings), ``config`` and ``results``: one dict per (norm, ε) with ``norm``, ``eps``,
     ``eps_mode``, ``ball``, ``radius_mean`` (mean absolute radius), ``adv_sym_kl`` (mean per masked token),
     ``adv_p50``/``adv_p90``/``adv_p99``/``adv_max``, ``rand_sym_kl`` and its quantiles ``rand_p50``...,
-    and ``ratio`` = adv_sym_kl / rand_sym_kl.
+    and ``ratio`` = adv_sym_kl / rand_sym_kl.  ``check``: called before each batch (e.g. to raise on a stop
+    signal, :func:`alum_pretrain.stopping.poll`).
     """
     cfg = cfg if cfg is not None else SmoothnessConfig()
     if not temperature > 0:
@@ -342,6 +344,8 @@ def measure_smoothness(model, batches: Iterable[Any], masker: Optional[TokenMask
     with _EvalMode(model):
         first = 0
         for j, batch in enumerate(batches):
+            if check is not None:
+                check()
             b = _prepare(batch, masker, cfg.mask_rate, first, special_ids, device)
             first += int(b["input_ids"].shape[0])
             if b["pos"].numel():

@@ -21,6 +21,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
+from . import stopping
 from .compat import check_positions
 from .masking import MaskingConfig, TokenMasker
 from .smoothness import (BALLS, EPS_MODES, SmoothnessConfig, fit_temperature, format_table, measure_smoothness,
@@ -296,10 +297,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        doc = run(args)
+        with stopping.raising():  # a stop signal ends the measurement at once (nothing is written)
+            doc = run(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"alum-smoothness: error: {e}", file=sys.stderr)
         return 2
+    except stopping.StopRequested as stop:
+        return stopping.report("alum-smoothness", stop, "nothing was written")
     screen = sys.stderr if args.json == "-" else sys.stdout
     print(format_table(doc["raw"], f"{args.model} on {doc['data']['path']} (dropout off, {doc['device']}, "
                                    f"{doc['dtype']}, seed {args.seed})"), file=screen)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from alum_pretrain import stopping
 from alum_pretrain.config import add_dataclass_arguments, dataclass_from_args
 
 from .config import PrepConfig
@@ -48,11 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = dataclass_from_args(PrepConfig, args)
-        m = prepare(cfg, overwrite=args.overwrite, command=["alum-prep", *argv])
+        with stopping.raising():  # SIGTERM/SIGUSR1/SIGINT stop at once; the pool and *.tmp files are removed
+            m = prepare(cfg, overwrite=args.overwrite, command=["alum-prep", *argv])
     except (ValueError, OSError) as e:
         print(f"alum-prep: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except stopping.StopRequested as stop:
+        return stopping.report("alum-prep", stop, "re-run the same command to resume")
+    except KeyboardInterrupt:  # a Ctrl-C from before the handlers were installed
         print("alum-prep: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
     c = m["counts"]

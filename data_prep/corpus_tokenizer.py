@@ -43,13 +43,15 @@ def databin_tokenizer(prep, files, tok_src: dict):
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(tdir))
-    hf, info = prep.given if prep.given is not None else _train(prep, files)
-    toks.save(hf, tdir)
-    if cfg.train_tokenizer and cfg.train_tokenizer.startswith("spm"):
-        shutil.copy(prep.out / "tokenizer_train.tmp" / "spm.model", tdir / "spm.model")
-    elif cfg.spm_model:
-        shutil.copy(cfg.spm_model, tdir / "spm.model")
-    shutil.rmtree(prep.out / "tokenizer_train.tmp", ignore_errors=True)
+    try:  # the training folder goes whether training ends, fails or is stopped by a signal
+        hf, info = prep.given if prep.given is not None else _train(prep, files)
+        toks.save(hf, tdir)
+        if cfg.train_tokenizer and cfg.train_tokenizer.startswith("spm"):
+            shutil.copy(prep.out / "tokenizer_train.tmp" / "spm.model", tdir / "spm.model")
+        elif cfg.spm_model:
+            shutil.copy(cfg.spm_model, tdir / "spm.model")
+    finally:
+        shutil.rmtree(prep.out / "tokenizer_train.tmp", ignore_errors=True)
     m["tokenizer"] = {
         **info,
         "source": tok_src.get("path") or f"trained on the corpus ({cfg.train_tokenizer})",

@@ -97,8 +97,9 @@ class Preparer:
 
         A fresh run that fails on bad input (any ``ValueError``: empty or garbled corpus, corrupt file, ...)
         or before completing any segment leaves nothing behind, not even the folders it created.  An
-        interrupted run (KeyboardInterrupt, kill) and a fresh run that fails for another reason (disk full)
-        after completing segments keep them for the resume, and so does a resumed run.
+        interrupted run (KeyboardInterrupt, a stop signal, kill) and a fresh run that fails for another reason
+        (disk full) after completing segments keep them for the resume, and so does a resumed run; an
+        interrupt also removes its ``*.tmp`` files (those of a kill are removed by the next run).
         """
         cfg = self.cfg
         files = list_inputs(cfg.inputs, cfg.format)
@@ -126,6 +127,10 @@ class Preparer:
                            "command to resume")
             if is_disk_full(e):
                 raise self._disk_full(e, len(done)) from e
+            raise
+        except BaseException:  # stopped (a signal, Ctrl-C): completed segments stay for the resume
+            if self.out.is_dir():
+                self._remove_tmp()
             raise
 
     def _disk_full(self, exc: BaseException, n_done: int) -> Exception:

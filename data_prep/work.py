@@ -24,6 +24,7 @@ from typing import Iterator
 
 import numpy as np
 
+from alum_pretrain import stopping
 from alum_pretrain.data.databin import FAIRSEQ_NSPECIAL
 
 from . import engines
@@ -80,6 +81,12 @@ def _init_worker(fmt: str, keep_headings: bool, min_doc_chars: int, tokenizer_fi
                 _W["kt"] = engines.load("kitoken", tokenizer_file)
             except engines.EngineUnavailable as e:
                 _W["kt_error"] = str(e)
+
+
+def _init_pool_worker(*initargs) -> None:
+    """A pool worker: the parent's stop-signal handlers are not inherited (it stops the pool itself)."""
+    stopping.child_defaults()
+    _init_worker(*initargs)
 
 
 def to_plain_text(fmt: str, raw: str, keep_headings: bool) -> str:
@@ -247,7 +254,8 @@ class Runner:
             ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
             os.environ.update(SINGLE_THREAD_ENV)
             self.board = Board(ctx)
-            self.pool = ctx.Pool(self.workers, initializer=_init_worker, initargs=(*self.initargs, self.board))
+            self.pool = ctx.Pool(self.workers, initializer=_init_pool_worker,
+                                 initargs=(*self.initargs, self.board))
         else:
             self.board = Board()
             _init_worker(*self.initargs, self.board)
@@ -284,10 +292,24 @@ class Runner:
             window.append((meta, self.pool.apply_async(fn, args)))
             if len(window) >= 2 * self.workers + 2:
                 m, r = window.popleft()
-                yield m, r.get()
+                yield m, _result(r)
         while window:
             m, r = window.popleft()
-            yield m, r.get()
+            yield m, _result(r)
+
+
+#: The longest wait for one chunk's result from a pool worker.  A chunk is at most CHUNK_DOCS documents /
+#: CHUNK_CHARS characters (seconds of work); a worker killed from outside (the OOM killer) loses its chunk
+#: and the pool never answers, so the wait is bounded and then a clear error instead of a hang.
+CHUNK_TIMEOUT_S = 3600.0
+
+
+def _result(r):
+    try:
+        return r.get(timeout=CHUNK_TIMEOUT_S)
+    except mp.TimeoutError:
+        raise TimeoutError(f"a worker gave no result for one chunk of documents in {CHUNK_TIMEOUT_S:.0f} s (killed, "
+                           "e.g. out of memory?); re-run the same command to resume, with fewer --workers") from None
 
 
 def chunks(items: Iterator[tuple[object, str]]) -> Iterator[tuple[list, list[str]]]:

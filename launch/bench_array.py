@@ -22,7 +22,7 @@ from pathlib import Path
 from alum_pretrain.atomic import write_text
 from alum_pretrain.config import add_dataclass_arguments, opt
 
-from .slurm import sbatch_resource_lines, env_pairs, submit
+from .slurm import SBATCH_TIMEOUT_S, sbatch_resource_lines, env_pairs, submit
 from .spec import Resources, check_job_name, shell_join
 
 
@@ -120,8 +120,12 @@ def _submit_after(script: Path, job: str) -> str:
     exe = shutil.which("sbatch")
     if exe is None:
         raise ValueError(f"sbatch: not found on PATH; submit {script} with --dependency=afterany:{job} yourself")
-    proc = subprocess.run([exe, "--parsable", f"--dependency=afterany:{job}", str(script)], capture_output=True,
-                          text=True)
+    try:  # bounded like launch.slurm.submit
+        proc = subprocess.run([exe, "--parsable", f"--dependency=afterany:{job}", str(script)], capture_output=True,
+                              text=True, timeout=SBATCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise ValueError(f"sbatch {script}: no answer in {SBATCH_TIMEOUT_S} s (is slurmctld up?); check "
+                         "`squeue --me` before submitting again") from None
     if proc.returncode != 0:
         raise ValueError(f"sbatch {script} failed (status {proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
     return proc.stdout.strip().split(";")[0]

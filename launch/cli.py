@@ -211,7 +211,26 @@ def cmd_local(run: RunOptions, local: LocalOptions, extra: list[str]) -> int:
     if run.dry_run:
         return 0
     rr.output_dir.mkdir(parents=True, exist_ok=True)
-    return subprocess.call(cmd)
+    return run_forwarding_stop_signals(cmd)
+
+
+def run_forwarding_stop_signals(cmd: list[str]) -> int:
+    """Run the training command in the foreground (as long as it trains: no time limit) and hand SIGTERM and
+    SIGUSR1 on to it, so that stopping ``alum-launch local`` saves and stops the run instead of leaving it
+    running without its launcher; returns its exit status.  Ctrl-C reaches the command from the terminal
+    itself (one process group), so the launcher ignores SIGINT rather than deliver it twice (a second Ctrl-C
+    stops alum-train without saving)."""
+    import signal
+
+    proc = subprocess.Popen(cmd)
+    forward = lambda signum, _frame: proc.send_signal(signum)  # noqa: E731
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    old[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def cmd_presets() -> int:

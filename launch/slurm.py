@@ -269,13 +269,22 @@ def write_script(res: Resources, job: Job) -> Path:
     return path
 
 
+#: The longest wait for ``sbatch`` to accept a script.
+SBATCH_TIMEOUT_S = 120
+
+
 def submit(script: Path, sbatch: str = "sbatch") -> str:
     """``sbatch --parsable SCRIPT`` -> the job id (ValueError with sbatch's message when it refuses)."""
     exe = shutil.which(sbatch)
     if exe is None:
         raise ValueError(f"{sbatch}: not found on PATH; run alum-launch on a SLURM login node, or use --dry-run "
                          f"and submit {script} yourself")
-    proc = subprocess.run([exe, "--parsable", str(script)], capture_output=True, text=True)
+    try:  # sbatch answers in seconds; a controller that does not answer is an error, not a hang
+        proc = subprocess.run([exe, "--parsable", str(script)], capture_output=True, text=True,
+                              timeout=SBATCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise ValueError(f"sbatch {script}: no answer in {SBATCH_TIMEOUT_S} s (is slurmctld up? `scontrol ping`); "
+                         "nothing was submitted, or check `squeue --me` before submitting again") from None
     if proc.returncode != 0:
         raise ValueError(f"sbatch {script} failed (status {proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
     return proc.stdout.strip().split(";")[0]

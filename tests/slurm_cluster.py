@@ -160,7 +160,7 @@ PartitionName=debug Nodes={",".join(self.node_names)} Default=YES MaxTime=INFINI
         os.chmod(d / "munge", 0o755)
         key = d / "munge" / "munge.key"
         subprocess.run([self._exe("mungekey"), "--create", "--keyfile", str(key), "--bits", "1024", "--force"],
-                       check=True, capture_output=True)
+                       check=True, capture_output=True, timeout=120)
         os.chmod(key, 0o600)
         self._setup_network()
         self._write_conf()
@@ -179,7 +179,8 @@ PartitionName=debug Nodes={",".join(self.node_names)} Default=YES MaxTime=INFINI
         state = ""
         while time.time() < deadline:
             self._check_alive()
-            r = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, env=self.env)
+            r = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, env=self.env,
+                               timeout=120)
             state = r.stdout.strip()
             if r.returncode == 0 and state.split() == ["idle"] * len(self.node_names):
                 return self
@@ -280,7 +281,7 @@ class NetnsSlurm(LocalSlurm):
 
     def _ip(self, *args: str, ns: str | None = None) -> None:
         argv = ["ip", *(["-n", ns] if ns else []), *args]
-        r = subprocess.run(argv, capture_output=True, text=True)
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)}: {r.stderr.strip()} (network namespaces unavailable here)")
 
@@ -317,5 +318,5 @@ class NetnsSlurm(LocalSlurm):
     def _teardown_network(self) -> None:
         for kind, name in reversed(self._net_up):
             argv = ["ip", "link", "del", name] if kind == "link" else ["ip", "netns", "del", name]
-            subprocess.run(argv, capture_output=True)
+            subprocess.run(argv, capture_output=True, timeout=120)
         self._net_up.clear()

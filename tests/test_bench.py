@@ -175,7 +175,7 @@ def test_cli_list_runs_and_errors(setup, tmp_path):
     d, cks, out, res, adv = setup
     r = subprocess.run([sys.executable, "-m", "alum_pretrain.finetune.bench", "--checkpoints", *cks,
                         "--suite", str(d / "suite.yaml"), "--out", str(out), "--list-runs"],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     rows = r.stdout.strip().splitlines()
     assert len(rows) == 8 and all("\tdone\t" in row for row in rows)
@@ -184,7 +184,7 @@ def test_cli_list_runs_and_errors(setup, tmp_path):
     bad.write_text(yaml.safe_dump({"seeds": [1], "tasks": [{"name": "x", "task": "rte", "train": "a", "dev": "b",
                                                              "finetune": {"run": {"seed": 3}}}]}))
     r = subprocess.run([sys.executable, "-m", "alum_pretrain.finetune.bench", "--checkpoints", cks[0],
-                        "--suite", str(bad), "--out", str(tmp_path / "o")], capture_output=True, text=True)
+                        "--suite", str(bad), "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and "finetune sets ['run.seed']" in r.stderr and str(bad) in r.stderr
 
 
@@ -236,7 +236,7 @@ def test_launch_bench_array_dry_run_and_task_command(setup, tmp_path):
     cache3.unlink()
     cache2.unlink()
     r = subprocess.run(["bash", "-c", cmd], env={**os.environ, "SLURM_ARRAY_TASK_ID": "3"}, capture_output=True,
-                       text=True)
+                       text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert cache3.is_file() and not cache2.is_file()
     rc = launch_main(["bench", "--suite", str(d / "suite.yaml"), "--checkpoints", *cks, "--out", str(out),

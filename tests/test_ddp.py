@@ -80,8 +80,9 @@ def test_sigterm_to_one_rank_stops_all_ranks_cleanly(tmp_path):
         if log.exists() and len(log.read_text().splitlines()) >= 3:
             break
         time.sleep(0.2)
-    assert proc.poll() is None, proc.communicate()[0][-3000:]
-    workers = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert proc.poll() is None, proc.communicate(timeout=60)[0][-3000:]
+    workers = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True,
+                             timeout=60).stdout.split()
     assert len(workers) == 2, workers
     os.kill(int(workers[-1]), signal.SIGTERM)
     output, _ = proc.communicate(timeout=180)

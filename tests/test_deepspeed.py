@@ -324,8 +324,9 @@ def test_sigusr1_to_one_rank_saves_all_shards_and_exits_0(ds_runs, tmp_path):
         if log.exists() and len(log.read_text().splitlines()) >= 3:
             break
         time.sleep(0.2)
-    assert proc.poll() is None, proc.communicate()[0][-3000:]
-    workers = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert proc.poll() is None, proc.communicate(timeout=60)[0][-3000:]
+    workers = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True,
+                             timeout=60).stdout.split()
     assert len(workers) == 2, workers
     os.kill(int(workers[-1]), signal.SIGUSR1)
     output, _ = proc.communicate(timeout=300)
@@ -397,6 +398,37 @@ def test_zero3_continual_run_matches_ddp(ds_runs, tmp_path):
         for key in ("loss", "mlm", "nsp", "adv"):
             assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-8), (x["step"], key, x[key], y[key])
         assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
+
+
+@requires_ds
+@pytest.mark.multirank
+def test_resume_override_lowers_the_lr_inside_the_zero2_engine(tmp_path):
+    """The NaN remedy under DeepSpeed: resuming from step 2 with half the LR and
+    ``--train.resume_override=optim.lr`` (2 ranks, gloo) makes the engine's own optimizer use half the
+    uninterrupted run's rate at every later step (the schedule keeps its shape), records the override, and
+    the next checkpoint's schedule carries the new base rate."""
+    databin = make_stdlib_databin(tmp_path / "db", n_docs=30)
+    out = tmp_path / "run"
+    base = train_args(databin, out, 5, "--train.batch_size=2", "--train.eval_every=0", "--train.save_every=2",
+                      "--optim.warmup_ratio=0.4", *Z2)
+    r = _torchrun(["-m", "alum_pretrain.train"], base)
+    assert r.returncode == 0, r.stderr[-4000:]
+    full = {x["step"]: x["lr"] for x in read_log(out)}
+    r = _torchrun(["-m", "alum_pretrain.train"], [*base, "--optim.lr=5e-4", "--train.resume_override=optim.lr",
+                                                 "--train.resume_from=2"])
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "resume override at step 2: --optim.lr 0.001 -> 0.0005" in r.stderr, r.stderr[-3000:]
+    recs = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if x.strip()]
+    assert [x for x in recs if x.get("kind") == "resume_override"] == [
+        {"step": 2, "kind": "resume_override", "key": "optim.lr", "was": 0.001, "now": 0.0005}]
+    first = next(i for i, x in enumerate(recs) if x.get("kind") == "resume_override")
+    resumed = {x["step"]: x["lr"] for x in recs[first:] if "lr" in x}
+    assert sorted(resumed) == [3, 4, 5]
+    for k in (3, 4, 5):  # the rate the engine's optimizer stepped with: half, at every step of the schedule
+        assert resumed[k] == pytest.approx(full[k] / 2, rel=1e-6), (k, resumed[k], full[k])
+    state = torch.load(out / "checkpoints" / "step-4" / "deepspeed" / "zero" / "mp_rank_00_model_states.pt",
+                       map_location="cpu", weights_only=False)
+    assert state["lr_scheduler"]["base_lrs"] == pytest.approx([5e-4] * len(state["lr_scheduler"]["base_lrs"]))
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -232,7 +232,7 @@ def test_sigterm_saves_and_exits_0_then_resume_completes(databin, tmp_path):
         if log.exists() and len(log.read_text().splitlines()) >= 3:
             break
         time.sleep(0.2)
-    assert proc.poll() is None, proc.communicate()[0]
+    assert proc.poll() is None, proc.communicate(timeout=60)[0]
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output
@@ -290,7 +290,8 @@ def test_variants_train(databin, tmp_path, extra):
 
 
 def test_the_loop_asks_the_stepper_not_the_engine():
-    """train() never branches on the engine: the run's stepper (DDP or DeepSpeed) does the engine's half."""
+    """train() and its loop never branch on the engine: the run's stepper (DDP or DeepSpeed) does the engine's
+    half."""
     import ast
     import inspect
     import textwrap
@@ -300,7 +301,7 @@ def test_the_loop_asks_the_stepper_not_the_engine():
     from alum_pretrain.engine import distributed as D
     from alum_pretrain.engine.stepper import DDPStepper, DeepSpeedStepper, make_stepper
 
-    tree = ast.parse(textwrap.dedent(inspect.getsource(T.train)))
+    tree = ast.parse(textwrap.dedent(inspect.getsource(T.train)) + textwrap.dedent(inspect.getsource(T.loop)))
     used = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
     used |= {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
     assert not used & {"engine", "DDP", "no_sync", "scaler", "DS", "optimizer", "scheduler"}

@@ -100,7 +100,7 @@ with atomic_dir(sys.argv[1]) as tmp:
 
 def test_a_killed_export_leaves_a_temp_folder_the_next_export_removes(trained, tmp_path, capsys):
     out = tmp_path / "hf"
-    subprocess.run([sys.executable, "-c", _KILLED_WRITE, str(out)], env=subprocess_env(), check=False)
+    subprocess.run([sys.executable, "-c", _KILLED_WRITE, str(out)], env=subprocess_env(), check=False, timeout=300)
     left = list(tmp_path.glob(".hf.*.tmp"))
     assert len(left) == 1 and not out.exists()
     assert _export([trained, out], capsys)[0] == 0

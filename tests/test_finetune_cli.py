@@ -149,6 +149,34 @@ def test_resume_refuses_a_changed_lr_or_training_file_and_records_what_was_used(
     assert json.loads((out / "results.json").read_text())["config"]["optim"]["lr"] == 1e-3
 
 
+def test_resume_refuses_a_training_file_changed_under_the_same_path(tiny_dir, sst_files, tmp_path):
+    from alum_pretrain.integrity import sha256_file
+
+    train0, dev, _ = sst_files
+    train = tmp_path / "train.tsv"  # the same path throughout; its content changes
+    train.write_bytes(Path(train0).read_bytes())
+    out = tmp_path / "r"
+    first = finetune(cfg_for(tiny_dir, train, dev, out, **{"run.stop_after_epochs": 1}))
+    was = "sha256:" + sha256_file(train)
+    assert first["data_fingerprints"]["data.train"] == was
+    assert first["data_fingerprints"]["data.dev"] == "sha256:" + sha256_file(dev)
+    before = (out / "results.json").read_bytes()
+    lines = train.read_text(encoding="utf-8").splitlines()
+    train.write_text("\n".join([lines[0], *lines[1:][::-1]]) + "\n", encoding="utf-8")  # same rows, other order
+    now = "sha256:" + sha256_file(train)
+    with pytest.raises(ValueError) as exc:
+        finetune(cfg_for(tiny_dir, train, dev, out))
+    msg = str(exc.value)
+    assert "--data.train has changed" in msg and was in msg and now in msg and "restore the original" in msg, msg
+    assert (out / "results.json").read_bytes() == before
+    assert main([f"--model={tiny_dir}", "--task=sst2", f"--train={train}", f"--dev={dev}", f"--out={out}",
+                 "--optim.batch_size=4", "--optim.epochs=2", "--optim.lr=1e-3", "--optim.warmup_ratio=0.1",
+                 "--data.max_length=32", "--run.progress=false", "--run.seed=3"]) == 2
+    train.write_bytes(Path(train0).read_bytes())  # restored: the resume goes on
+    res = finetune(cfg_for(tiny_dir, train, dev, out))
+    assert [h["epoch"] for h in res["history"]] == [0, 1] and res["data_fingerprints"]["data.train"] == was
+
+
 def test_pairs_and_regression_with_smart(tiny_dir, tmp_path):
     rows = [{"s1": f"a man plays {w}", "s2": f"someone plays {w}", "score": float(i % 5)}
             for i, w in enumerate(["guitar", "piano", "drums", "flute", "violin", "cello"])]

@@ -78,7 +78,7 @@ def test_every_srun_has_cpus_per_task(tmp_path, capsys, engine, cpus):
     for line in sruns:
         want = f"--cpus-per-task={cpus}" if cpus else '--cpus-per-task="${SLURM_CPUS_ON_NODE:-1}"'
         assert want in line, line
-    subprocess.run(["bash", "-n", "-c", script], check=True)
+    subprocess.run(["bash", "-n", "-c", script], check=True, timeout=60)
 
 
 def test_node_setup_picks_gloo_interface_and_writes_a_per_node_log(tmp_path, capsys):

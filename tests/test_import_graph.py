@@ -94,7 +94,8 @@ def test_corpus_preparation_does_not_load_torch():
 
     code = ("import sys, data_prep, data_prep.work, data_prep.cli, alum_pretrain.data, alum_pretrain.integrity; "
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                         timeout=300)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 

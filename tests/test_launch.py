@@ -148,7 +148,7 @@ def test_native_script_wiring(tmp_path, capsys, nodes):
     assert rc == 0, err
     path = tmp_path / "runs" / "bert-alum" / "slurm" / "bert-alum.sbatch"
     assert path.read_text() == script and os.access(path, os.X_OK)
-    subprocess.run(["bash", "-n", str(path)], check=True)
+    subprocess.run(["bash", "-n", str(path)], check=True, timeout=60)
     for line in (f"#SBATCH --nodes={nodes}", "#SBATCH --ntasks-per-node=1", "#SBATCH --gres=gpu:16",
                  "#SBATCH --time=48:00:00", "#SBATCH --partition=dgx2", "#SBATCH --account=nlp",
                  "#SBATCH --qos=high", "#SBATCH --constraint=volta32gb", "#SBATCH --cpus-per-task=96",
@@ -183,7 +183,7 @@ def test_cpu_script_has_no_gpus_and_one_process_per_node(tmp_path, capsys):
     run = _run_yaml(tmp_path)
     rc, script, err = run_launcher(["slurm", "--config", run, "--nodes", 2, "--gpus-per-node", 0, "--dry-run"], capsys)
     assert rc == 0, err
-    subprocess.run(["bash", "-n", "-c", script], check=True)
+    subprocess.run(["bash", "-n", "-c", script], check=True, timeout=60)
     assert "--gres" not in script and "NCCL_DEBUG" not in script
     tr = step_command(script)
     assert tr[tr.index("--nproc_per_node") + 1] == "1"
@@ -197,7 +197,7 @@ def test_fairseq_script_wiring(tmp_path, capsys, nodes):
     rc, script, err = run_launcher(["slurm", "--config", run, "--engine", "fairseq", "--nodes", nodes, "--dry-run"],
                                    capsys)
     assert rc == 0, err
-    subprocess.run(["bash", "-n", "-c", script], check=True)
+    subprocess.run(["bash", "-n", "-c", script], check=True, timeout=60)
     argv = step_command(script)
     fs = argv[argv.index("fairseq-train"):]
     assert fs[1] == str(tmp_path / "data-bin")

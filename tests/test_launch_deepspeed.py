@@ -35,7 +35,7 @@ def test_deepspeed_slurm_script_is_the_native_job_with_train_engine_deepspeed(tm
     assert rc == 0, err
     assert "DeepSpeed ZeRO-3 (train.engine=deepspeed)" in err
     path = tmp_path / "runs" / "ds" / "slurm" / "ds.sbatch"
-    subprocess.run(["bash", "-n", str(path)], check=True)
+    subprocess.run(["bash", "-n", str(path)], check=True, timeout=60)
     for line in ("#SBATCH --requeue", "trap on_stop_signal USR1", 'scontrol requeue "$SLURM_JOB_ID"',
                  f"#SBATCH --nodes={nodes}", "#SBATCH --ntasks-per-node=1"):
         assert line in script, line

@@ -427,7 +427,7 @@ def test_leftovers_of_a_killed_start_do_not_block(tmp_path, vocab, corpus, capsy
 
     out = tmp_path / "out"
     dead = subprocess.Popen(["true"])
-    dead.wait()  # a pid that no longer runs
+    dead.wait(timeout=60)  # a pid that no longer runs
     _stale_manifest(out, owner={"host": os.uname().nodename, "pid": dead.pid})
     m = run([corpus], out, vocab)
     assert m["status"] == "complete"

@@ -34,6 +34,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from .. import stopping
 from .databin import DataBin
 from .plans import PlanStats, group_by_length, pair_lengths, plan_blocks, plan_pairs, shard_rng
 from .samples import MODES, SampleBuilder
@@ -143,6 +144,7 @@ class PretrainLoader:
         stats = PlanStats()
         parts = []
         for shard in self.shards_for_epoch(epoch):
+            stopping.poll("data planning")
             sizes, docs = self.builder.dataset(shard).sizes, self.builder.doc_starts(shard)
             rng = shard_rng(self.seed, epoch, shard)
             if self.mode == "pairs":

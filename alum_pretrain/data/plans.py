@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import stopping
 from .databin import OffsetDataset
 
 log = logging.getLogger("alum_pretrain.data")
@@ -80,6 +81,9 @@ class PlanStats:
         self.single_sentence_docs += int((np.diff(doc_starts) == 1).sum())
 
 
+PLAN_CHUNK_DOCS = 4096  # documents planned between two looks at the stop flag (stopping.poll)
+
+
 def shard_rng(seed: int, epoch: int, shard: int) -> np.random.RandomState:
     """The generator of the plan of ``shard`` in (0-based) ``epoch``: the same on every rank and engine."""
     return np.random.RandomState([int(seed), int(epoch), int(shard), 0])
@@ -111,6 +115,8 @@ def plan_pairs(sizes: np.ndarray, doc_starts: np.ndarray, *, shard: int, rng: np
     walk = _PairWalk(sizes.tolist(), [int(x) for x in doc_starts], shard, rng, max_num_tokens, short_seq_prob,
                      nsp, stats)
     for d in range(num_docs):
+        if d % PLAN_CHUNK_DOCS == 0:  # a stop signal is honoured within one chunk of a long planning
+            stopping.poll("data planning")
         walk.document(d)
     return np.array(walk.rows, dtype=PAIR_DTYPE) if walk.rows else np.zeros(0, dtype=PAIR_DTYPE)
 

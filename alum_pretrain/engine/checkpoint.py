@@ -338,7 +338,10 @@ def apply_resume_overrides(run, state: dict) -> None:
 
     ``optim.lr``: every parameter group's base and current learning rate are scaled by new/old, so the
     schedule keeps its shape at the new peak; ``train.max_steps``: the schedule (built for the new length)
-    sets the current rate for the resumed step, and the masking curriculum follows the new length."""
+    sets the current rate for the resumed step, and the masking curriculum follows the new length.
+    Under DeepSpeed the same objects are changed after the engine restored them: ``run.optimizer`` is the
+    optimizer that ZeRO wraps (whose parameter groups its step uses and ``engine.get_lr()`` reports) and
+    ``run.scheduler`` is the engine's ``lr_scheduler``, saved with the new base rates at the next checkpoint."""
     saved = state["config"]
     changed = {k: (_get(saved, k), _get(config_to_dict(run.cfg), k)) for k in resume_overrides(run.cfg.train)}
     changed = {k: v for k, v in changed.items() if v[0] != v[1]}
@@ -372,9 +375,6 @@ def check_state(cfg: TrainConfig, global_batch: int, identity: dict | None, ckpt
     # With a recorded fingerprint the data-bin is compared by content, so it may have moved.
     ignore = SPEED_ONLY + (("data.path",) if state.get("identity") and identity is not None else ())
     ignore += tuple(resume_overrides(cfg.train))
-    if resume_overrides(cfg.train) and cfg.train.engine != "ddp":
-        raise ValueError(f"--train.resume_override={cfg.train.resume_override}: supported by the ddp engine "
-                         "only (DeepSpeed restores its own schedule); restore the original values")
     bad = diff_configs(saved, cfg, ignore=ignore)
     if bad:
         key = bad[0]

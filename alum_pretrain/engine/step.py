@@ -42,6 +42,7 @@ from ..adversarial import ALUMConfig
 from ..masking import IGNORE_INDEX, STREAM_EVAL_MASK, STREAM_MASK, TokenMasker
 from ..objective import Normalizers, pretrain_objective
 from ..passes import AdversarialPasses
+from .. import stopping
 from . import distributed as D
 
 
@@ -131,7 +132,11 @@ def mlm_eval_batch(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.T
 
 @torch.no_grad()
 def evaluate(run, step: int) -> dict:
-    """Validation MLM loss and accuracy at ``masking.eval_rate``, the same masks every time."""
+    """Validation MLM loss and accuracy at ``masking.eval_rate``, the same masks every time.
+
+    A stop signal (:mod:`alum_pretrain.stopping`) is looked at before every batch: the evaluation is cut
+    short and :class:`~alum_pretrain.stopping.StopRequested` raised on every rank (its record is not
+    logged; the loop then saves as between steps)."""
     cfg, env, model = run.cfg, run.env, run.model
     run.valid.load_state_dict(run.valid_state0)
     was_training = model.training
@@ -140,7 +145,7 @@ def evaluate(run, step: int) -> dict:
     autocast = torch.autocast(env.device.type, dtype=run.amp_dtype) if run.amp_dtype is not None else None
     B, W = cfg.train.batch_size, env.world_size
     for j, batch in enumerate(run.valid):
-        if j >= cfg.train.eval_batches:
+        if j >= cfg.train.eval_batches or stop_seen(run):
             break
         ids = (j * W + env.rank) * B + torch.arange(batch["input_ids"].shape[0])
         batch = run.to_device(run.masker(batch, cfg.masking.eval_rate, 0, ids, stream=STREAM_EVAL_MASK))
@@ -152,6 +157,7 @@ def evaluate(run, step: int) -> dict:
         totals += torch.stack([ce.float(), correct.float(), n.float()])
     model.train(was_training)
     ce, correct, n = D.all_reduce_device(env, totals).tolist()
+    stopping.poll("evaluation")  # every rank, once: a rank that stopped early stops them all
     if n > 0:
         rec = {"step": step, "kind": "valid", "valid_mlm": ce / n, "valid_acc": correct / n, "valid_masked_tokens": n}
     else:  # a mean over no token is no number: null in log.jsonl, never a loss of 0 or an accuracy of 0
@@ -161,6 +167,15 @@ def evaluate(run, step: int) -> dict:
     if smoothness_due(cfg.train, step):
         rec.update(smoothness(run))
     return rec
+
+
+def stop_seen(run) -> bool:
+    """Whether to cut an evaluation pass short: this rank's stop flag; under ZeRO-3, whose forwards gather
+    weights from every rank, any rank's (a collective per batch, so every rank stops at the same one)."""
+    flag = stopping.requested() is not None
+    if run.engine is not None and run.cfg.deepspeed.zero_stage == 3:
+        return D.any_rank(run.env, flag)
+    return flag
 
 
 def smoothness_due(tc, step: int) -> bool:
@@ -189,7 +204,12 @@ def smoothness(run) -> dict:
                         if k in batch})  # on the host: measure_smoothness moves what it uses
     scfg = SmoothnessConfig(epsilons=tuple(float(x) for x in tc.smooth_eps.split(",") if x.strip()),
                             eps_mode=tc.smooth_eps_mode, mask_rate=run.cfg.masking.eval_rate, seed=tc.seed)
-    flat = flat_metrics(measure_smoothness(run.model, batches, run.masker, scfg))  # the run's masker, eval stream
+    # The stop flag per batch, on every rank at once when every rank measures as many batches.
+    same = len(set(D.gather_objects(env, len(batches)))) == 1
+    check = (lambda: stopping.poll("smoothness evaluation")) if same else None
+    flat = flat_metrics(measure_smoothness(run.model, batches, run.masker, scfg,  # the run's masker, eval stream
+                                           check=check))
+    stopping.poll("smoothness evaluation")
     keys = sorted(flat)
     mean = D.all_reduce_device(env, torch.tensor([flat[k] for k in keys], dtype=torch.float64,
                                                  device=env.device)).tolist()

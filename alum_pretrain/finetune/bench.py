@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from .. import stopping
 from ..atomic import write_json, write_text
 from ..runlock import lock_folder
 from ..config import add_dataclass_arguments, config_to_dict, dataclass_from_args, opt
@@ -176,8 +177,11 @@ def main(argv=None) -> int:
                 state = "done" if finished_results(r) is not None else "todo"
                 print(f"{r.index}\t{r.checkpoint}\t{r.task.name}\t{r.method}\tseed {r.seed}\t{state}\t{r.dir}")
             return 0
-        res = bench(args.suite, args.checkpoints, args.out, run_index=args.run_index, device=args.device,
-                    progress=args.progress)
+        with stopping.raising():  # a stop signal ends the bench at once; finished runs are kept
+            res = bench(args.suite, args.checkpoints, args.out, run_index=args.run_index, device=args.device,
+                        progress=args.progress)
+    except stopping.StopRequested as stop:
+        return stopping.report("alum-bench", stop, "finished runs are kept; the same command runs the others")
     except ValueError as exc:
         print(f"alum-bench: error: {exc}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 
+from .. import stopping
 from ..config import parse_config
 from .config import ALIASES, FinetuneConfig
 
@@ -30,7 +31,11 @@ def main(argv=None) -> int:
     from .trainer import finetune
 
     try:
-        res = finetune(cfg)
+        with stopping.raising():  # a stop signal ends the run at once; OUT/checkpoint.pt keeps the last epoch
+            res = finetune(cfg)
+    except stopping.StopRequested as stop:
+        return stopping.report("alum-finetune", stop, f"{cfg.run.out}/checkpoint.pt holds the last finished "
+                               "epoch; the same command resumes from it")
     except ValueError as exc:
         print(f"alum-finetune: error: {exc}", file=sys.stderr)
         return 2

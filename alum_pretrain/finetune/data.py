@@ -11,6 +11,7 @@ strings against the task's label list (``0``/``1`` for SST-2, ``entailment``/``n
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import sys
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
+from ..integrity import sha256_file
 from .tasks import TaskSpec
 
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
@@ -265,3 +267,38 @@ def substitution_candidates(tokenizer, examples: Sequence[Example], enc: Encoded
                 subs.append((positions, cands))
         out.append(subs)
     return out
+
+
+# ---- what a run was trained on -----------------------------------------------------------------------
+
+#: The data files whose content defines a fine-tuning result (the dev set picks the best epoch).
+FINGERPRINTED = ("data.train", "data.dev")
+
+
+def data_fingerprints(cfg) -> dict[str, str]:
+    """``{"data.train": "sha256:…", "data.dev": …}``: the SHA-256 of each data file's bytes (of every file,
+    by relative name, for a folder), recorded in ``OUT/checkpoint.pt`` and ``results.json`` so that a resume
+    can tell a file changed under the same path."""
+    out = {}
+    for key in FINGERPRINTED:
+        section, name = key.split(".")
+        path = Path(str(getattr(getattr(cfg, section), name) or ""))
+        if path.is_file():
+            out[key] = "sha256:" + sha256_file(path)
+        elif path.is_dir():
+            h = hashlib.sha256()
+            for f in sorted(p for p in path.rglob("*") if p.is_file()):
+                h.update(f"{f.relative_to(path).as_posix()}\0{sha256_file(f)}\n".encode())
+            out[key] = "sha256-tree:" + h.hexdigest()
+    return out
+
+
+def check_same_data(saved: Optional[dict], now: dict[str, str], where) -> None:
+    """ValueError naming the file, both fingerprints and the way out when a data file that a checkpoint
+    (``where``) was trained on has other content now; nothing to compare for a checkpoint without them."""
+    for key, was in (saved or {}).items():
+        if key in now and now[key] != was:
+            raise ValueError(
+                f"{where}: cannot resume: --{key} has changed since the checkpoint was written (its content was "
+                f"{was}, it is {now[key]} now); restore the original file to resume, or start over with another "
+                "--out or --run.resume=never")

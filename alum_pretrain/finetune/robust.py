@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .. import stopping
 from ..compat import check_positions
 from ..atomic import write_text
 from ..config import config_to_dict, opt, parse_config, section
@@ -295,7 +296,10 @@ def main(argv=None) -> int:
                        + "\n\nShorthands: --model = --model.path, --task = --data.task, --data = --data.file, "
                          "--out = --run.out.", aliases=ALIASES)
     try:
-        report = evaluate_robustness(cfg)
+        with stopping.raising():  # a stop signal ends the evaluation at once
+            report = evaluate_robustness(cfg)
+    except stopping.StopRequested as stop:
+        return stopping.report("alum-eval-robust", stop, "the same command evaluates again")
     except ValueError as exc:
         print(f"alum-eval-robust: error: {exc}", file=sys.stderr)
         return 2

@@ -4,7 +4,8 @@ Reads top to bottom: :func:`finetune` builds the model, data, optimizer/schedule
 loops over epochs calling ``method.train_step`` per minibatch; after each epoch it evaluates the dev set
 with the task metric, saves the best model (an HF folder under ``OUT/best``) and its dev predictions,
 and writes a resumable checkpoint (``OUT/checkpoint.pt``: model, optimizer, scheduler, method state,
-RNG states, epoch, history).  Multi-process (``torchrun``): each process trains on its shard of every
+RNG states, epoch, history, the SHA-256 of the training and dev files: a resume refuses other settings or
+changed data, :func:`check_same_settings`).  Multi-process (``torchrun``): each process trains on its shard of every
 epoch and gradients are averaged by ``TrainContext.optimizer_step``; rank 0 evaluates and writes.
 """
 
@@ -18,6 +19,7 @@ import random
 import time
 from pathlib import Path
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, NamedTuple, Optional
 
 import numpy as np
@@ -30,7 +32,8 @@ from ..atomic import atomic_dir, atomic_file, write_text
 from ..compat import bad_value, check_alum, check_positions
 from ..config import config_to_dict
 from .config import FinetuneConfig, amp_dtype
-from .data import EncodedDataset, Example, collate, encode, read_examples, substitution_candidates
+from .data import (EncodedDataset, Example, check_same_data, collate, data_fingerprints, encode, read_examples,
+                   substitution_candidates)
 from ..integrity import (IntegrityError, first_nonfinite, previous_path, safe_torch_load, torch_save_verified,
                          verify_file)
 from .methods import Method, TrainContext, build_method
@@ -215,7 +218,8 @@ def _setup_distributed(device_pref: str) -> tuple[int, int, torch.device]:
     if device_pref == "cuda" and not torch.cuda.is_available():
         raise ValueError("--run.device=cuda but no CUDA device is available")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        # collectives (and the barrier after each epoch) fail after 30 min instead of waiting forever on a dead rank
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30))
     rank = dist.get_rank() if dist.is_initialized() else 0
     if use_cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -420,6 +424,7 @@ def _resume(job: _Job) -> tuple[int, list, Optional[dict]]:
             raise ValueError(f"{ckpt_path} was written by a run with {key}={was[key]!r}, this run has "
                              f"{now[key]!r}: use another --out or --run.resume=never")
     check_same_settings(state["config"], cfg, ckpt_path)
+    check_same_data(state.get("data_fingerprints"), data_fingerprints(cfg), ckpt_path)
     job.model.load_state_dict(state["model"])
     job.optimizer.load_state_dict(state["optimizer"])
     job.scheduler.load_state_dict(state["scheduler"])
@@ -487,6 +492,7 @@ def _end_epoch(job: _Job, epoch: int, last_logged: dict, history: list, best: Op
                         "scheduler": job.scheduler.state_dict(), "method": job.method.state_dict(),
                         "rng": _rng_state(), "epoch": epoch, "history": history, "best": best,
                         "optimizer_steps": job.ctx.optimizer_steps, "config": config_to_dict(cfg),
+                        "data_fingerprints": data_fingerprints(cfg),
                         "scaler": job.ctx.scaler.state_dict() if job.ctx.scaler is not None else None},
                        job.ckpt_path)
     return best
@@ -529,7 +535,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     results = {"task": job.spec.name, "method": cfg.run.method, "metric": job.spec.metric, "best": best,
                "history": history, "optimizer_steps": job.ctx.optimizer_steps,
                "median_step_seconds": float(np.median(step_times)) if step_times else None,
-               "config": config_to_dict(cfg)}
+               "config": config_to_dict(cfg), "data_fingerprints": data_fingerprints(cfg)}
     finished = end_epoch == cfg.optim.epochs
     results["finished"] = finished
     if job.rank == 0:
