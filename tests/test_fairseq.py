@@ -293,6 +293,15 @@ def test_criterion_alum_equals_core(databin, mode):
 
 @pytest.mark.fairseq
 @requires_fairseq
+def test_samples_longer_than_the_models_positions_are_refused_by_flag(databin):
+    """--tokens-per-sample beyond the model's --max-positions: a clear error naming both flags at model build,
+    not fairseq's size filter or an index error in the position embedding."""
+    with pytest.raises(ValueError, match=r"--tokens-per-sample=64: .*positions for 32 tokens.*--max-positions"):
+        _setup(databin, "--max-positions", "32")
+
+
+@pytest.mark.fairseq
+@requires_fairseq
 def test_every_native_knob_is_a_fairseq_option(databin, monkeypatch):
     """alum.* / masking.* of alum-train -> --<section>-<field> (alum_pretrain.knobs.to_argv) -> the real fairseq
     parser -> the criterion's ALUMConfig and the task's MaskingConfig == the native configs; the old spellings

@@ -53,7 +53,7 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
 
 from alum_pretrain import knobs
-from alum_pretrain.compat import check_masking
+from alum_pretrain.compat import bad_value, check_masking
 from alum_pretrain.data import indexed
 from alum_pretrain.data.databin import MANIFEST, DataBin
 from alum_pretrain.data.tokens import build_token_tables
@@ -266,6 +266,12 @@ class AlumMaskedLMTask(FairseqTask):
 
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
+        limit = model.max_positions() if hasattr(model, "max_positions") else None
+        if isinstance(limit, int) and self.cfg.tokens_per_sample > limit:
+            raise bad_value("--tokens-per-sample", self.cfg.tokens_per_sample,
+                            f"the {type(model).__name__} model has positions for {limit} tokens per sequence "
+                            "(--max-positions), so longer samples would index past its position table",
+                            f"use --tokens-per-sample={limit} or less, or raise --max-positions for a new model")
         if self.cfg.sample_mode == "pairs":
             if not hasattr(model, "register_classification_head"):
                 raise ValueError(f"--sample-mode pairs needs a model with classification heads (RoBERTa); "
