@@ -188,6 +188,10 @@ FINETUNE_CASES = {
     "empty training file": (["--train", "{root}/empty.tsv"], "--data.train", "no example"),
     "SMART ascent that cannot move": (["--method", "smart", "--smart.step_size=0"], "--smart.step_size",
                                       "would not move delta"),
+    "FreeLB adversary that never moves": (["--method", "freelb", "--freelb.adv_lr=0", "--freelb.adv_init_mag=0"],
+                                          "--freelb.adv_lr", "delta stays 0"),
+    "PGD adversary that never moves": (["--method", "pgd", "--pgd.adv_lr=0", "--pgd.adv_init_mag=0"],
+                                       "--pgd.adv_lr", "plain fine-tuning"),
     "tokenizer larger than the embedding": (["--model", "{few_rows}"], "--model.path", "embeds only 500"),
 }
 

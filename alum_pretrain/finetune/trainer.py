@@ -312,6 +312,13 @@ def check_finetune_inputs(cfg: FinetuneConfig) -> Inputs:
                         "give a dev file with labelled examples")
     if cfg.run.method in ("smart", "alum"):
         check_alum(cfg.smart, section="smart")
+    if cfg.run.method in ("freelb", "pgd", "freeat"):
+        adv = getattr(cfg, cfg.run.method)
+        if adv.adv_lr == 0 and adv.adv_init_mag == 0:
+            raise bad_value(f"{cfg.run.method}.adv_lr", adv.adv_lr,
+                            f"with --{cfg.run.method}.adv_init_mag=0 too, delta stays 0 in every ascent step, so "
+                            f"{cfg.run.method} would be plain fine-tuning at {adv.adv_steps}x the cost",
+                            "give a step size > 0 (or use --method plain)")
     return Inputs(spec, tokenizer, train_ex, dev_ex)
 
 
