@@ -4,7 +4,7 @@ Every case ends in an exact outcome: the resumed run's final weights and logged 
 to an uninterrupted run's and its log holds every step once; or a fallback to the named previous checkpoint;
 or an error naming the file and the reason.  Seeded (train.seed=1), tiny preset, 6 steps, every run (in this
 process or a child) with ``engine_helpers.THREADS`` intra-op threads: another thread count rounds float
-reductions differently (1 vs 2 threads: 1.5e-7 to 8.5e-7 apart after these 6 steps).
+reductions differently (1 vs 2 threads: 1.0e-6 apart after these 6 steps).
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def test_resume_under_another_thread_count_is_equal_within_rounding(databin, ref
     """The one case where a CPU resume is not bit-identical: another intra-op thread count (a requeue on a node
     with other cores, OMP_NUM_THREADS set in one job script only).  Float reductions split over 2 threads
     instead of 1 round differently; the run says so, and stays within float rounding of the uninterrupted one
-    (1 vs 2 threads for all 6 steps: 1.5e-7 to 8.5e-7 measured; one lost or repeated step moves ~1e-3)."""
+    (1 vs 2 threads for all 6 steps: 1.0e-6 measured; one lost or repeated step moves ~1e-3)."""
     out = _interrupted_copy(reference, tmp_path, keep_upto=2)
     assert run_train(databin, out, STEPS, *ARGS, "--train.keep_last=3", threads=2) == 0
     assert "intra-op threads changed (1 when saved -> 2 now)" in capsys.readouterr().err
