@@ -102,7 +102,7 @@ def test_kill9_at_seven_points_then_rerun_equals_uninterrupted(databin, referenc
 
 
 def test_resume_under_another_thread_count_is_equal_within_rounding(databin, reference, tmp_path, capsys):
-    """The one case where a CPU resume is not bit-identical: another intra-op thread count (a requeue on a node
+    """A CPU resume that is not bit-identical: one under another intra-op thread count (a requeue on a node
     with other cores, OMP_NUM_THREADS set in one job script only).  Float reductions split over 2 threads
     instead of 1 round differently; the run says so, and stays within float rounding of the uninterrupted one
     (1 vs 2 threads for all 6 steps: 1.0e-6 measured; one lost or repeated step moves ~1e-3)."""
