@@ -7,6 +7,7 @@ tokenized with a small WordPiece vocabulary trained on it, written by ``tests/da
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -17,6 +18,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+#: intra-op threads of every training run a test starts, in this process (:func:`run_train`) or in a child
+#: (:func:`subprocess_env`): float reductions split over another number of threads round differently, so
+#: runs compared bit for bit must use the same count (1: also the fastest for tiny models on shared cores)
+THREADS = 1
 #: multi-process parity runs: dropout draws are per process, so runs agree only without dropout
 PARITY = ("--model.dropout=0", "--alum.epsilon=1e-3", "--alum.noise_std=1e-3", "--train.eval_every=3",
           "--train.keep_last=5")
@@ -39,20 +44,52 @@ def split_sentences(paragraph: str) -> list[str]:
     return [s for s in _SENT.split(paragraph) if s.strip()]
 
 
-def make_stdlib_databin(out: Path, n_docs: int = 120, vocab_size: int = 1000, permute_seed: int | None = None) -> Path:
-    """``permute_seed``: the same tokens under other ids (another vocabulary of the same size)."""
-    from tokenizers import BertWordPieceTokenizer
-    from transformers import BertTokenizerFast
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+#: the WordPiece vocabularies of the test data-bins, ``{"N_DOCS-VOCAB_SIZE": [token, ...]}`` (specials left out)
+VOCABS = Path(__file__).resolve().with_name("stdlib_vocabs.json")
+#: the (n_docs, vocab_size) pairs the tests use: ``python tests/engine_helpers.py`` writes VOCABS for them
+VOCAB_KEYS = ((120, 1000), (60, 1000), (40, 1000), (30, 1000), (20, 1000), (60, 600), (60, 400), (40, 400))
 
+
+def stdlib_docs(n_docs: int) -> list[list[str]]:
+    """The first ``n_docs`` standard-library documents (the demo's corpus) as lists of sentences."""
     from alum_pretrain.demo import stdlib_documents
-    from data_prep.tokenizer import canonical_vocab
-    from databin_factory import make_databin
 
-    docs = [[s for p in d for s in split_sentences(p)] for d in stdlib_documents(max_docs=n_docs)]
+    return [[s for p in d for s in split_sentences(p)] for d in stdlib_documents(max_docs=n_docs)]
+
+
+def train_vocab(docs: list[list[str]], vocab_size: int) -> list[str]:
+    """A WordPiece vocabulary trained on ``docs`` by ``tokenizers``: its tokens but the specials, sorted."""
+    from tokenizers import BertWordPieceTokenizer
+
     wp = BertWordPieceTokenizer(lowercase=True)
     wp.train_from_iterator((s for d in docs for s in d), vocab_size=vocab_size, min_frequency=2,
-                           special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], show_progress=False)
-    vocab = canonical_vocab(wp.get_vocab(with_added_tokens=False), 5)  # one numbering in every process
+                           special_tokens=SPECIALS, show_progress=False)
+    return sorted(t for t in wp.get_vocab() if t not in SPECIALS)
+
+
+def stdlib_vocab(n_docs: int, vocab_size: int, docs: list[list[str]]) -> dict[str, int]:
+    """``token -> id`` for a test data-bin: the specials, then the tokens sorted as strings.
+
+    Stored in :data:`VOCABS` rather than trained per process: the WordPiece trainer of ``tokenizers`` breaks
+    ties between merges of equal count in hash order, which changes from process to process - the ids (73
+    of 1000 moved between two builds) and, at 400 tokens, the set itself (6 tokens) - so every test session
+    trained on other data: other weights, other float rounding, other margins.  A pair not stored is trained."""
+    stored = json.loads(VOCABS.read_text(encoding="utf-8")) if VOCABS.exists() else {}
+    tokens = stored.get(f"{n_docs}-{vocab_size}") or train_vocab(docs, vocab_size)
+    return {t: i for i, t in enumerate(SPECIALS + tokens)}
+
+
+def make_stdlib_databin(out: Path, n_docs: int = 120, vocab_size: int = 1000, permute_seed: int | None = None) -> Path:
+    """A data-bin of ``n_docs`` standard-library documents (12 of them the valid split), the same bytes in
+    every process (:func:`stdlib_vocab`).  ``permute_seed``: the same tokens under other ids (another
+    vocabulary of the same size)."""
+    from transformers import BertTokenizerFast
+
+    from databin_factory import make_databin
+
+    docs = stdlib_docs(n_docs)
+    vocab = stdlib_vocab(n_docs, vocab_size, docs)
     if permute_seed is not None:
         import random
 
@@ -67,16 +104,30 @@ def train_args(databin: Path, out: Path, steps: int, *extra: str) -> list[str]:
     return [f"--data.path={databin}", f"--train.output_dir={out}", f"--train.max_steps={steps}", *COMMON, *extra]
 
 
-def run_train(databin: Path, out: Path, steps: int, *extra: str) -> int:
+@contextlib.contextmanager
+def pinned_threads(n: int = THREADS):
+    """torch's intra-op thread count set to ``n`` inside the block, restored after it."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def run_train(databin: Path, out: Path, steps: int, *extra: str, threads: int = THREADS) -> int:
+    """``alum-train`` in this process with ``threads`` intra-op threads, whatever the caller's (a
+    module-scoped fixture runs before the function-scoped ``one_thread`` fixture, under the default count)."""
     from alum_pretrain.train import main
 
-    return main(train_args(databin, out, steps, *extra))
+    with pinned_threads(threads):
+        return main(train_args(databin, out, steps, *extra))
 
 
 def subprocess_env(*extra_paths: Path, **env: str) -> dict:
-    """The environment of a child Python: this checkout (then ``extra_paths``) first on PYTHONPATH, one thread."""
+    """The environment of a child Python: this checkout (then ``extra_paths``) first on PYTHONPATH, :data:`THREADS`."""
     path = os.pathsep.join([str(ROOT), *map(str, extra_paths), os.environ.get("PYTHONPATH", "")])
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **env}
+    return {**os.environ, "OMP_NUM_THREADS": str(THREADS), "PYTHONPATH": path, **env}
 
 
 def torchrun(script: list[str], args: list[str], timeout: int = 300, nproc: int = 2,
@@ -111,3 +162,9 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
 def max_weight_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+if __name__ == "__main__":  # (re)write VOCABS: python tests/engine_helpers.py
+    VOCABS.write_text(json.dumps({f"{n}-{v}": train_vocab(stdlib_docs(n), v) for n, v in VOCAB_KEYS}, indent=0)
+                      + "\n", encoding="utf-8")
+    print(f"wrote {VOCABS}")

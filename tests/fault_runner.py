@@ -103,7 +103,9 @@ if __name__ == "__main__":
     assert sep == "--", "usage: fault_runner.py FAULT -- ARGS"
     import torch
 
-    torch.set_num_threads(1)
+    from engine_helpers import THREADS  # the thread count of the uninterrupted run it is compared with
+
+    torch.set_num_threads(THREADS)
     install(fault)
     from alum_pretrain.train import main
 

@@ -326,11 +326,25 @@ def restore(run) -> int:
         set_rng_state(rngs[env.rank])
     else:
         run.logger.info(f"world size changed ({len(rngs)} -> {env.world_size}): dropout RNG streams are re-seeded")
+    note_thread_change(run, state)
     if chosen is not None and env.is_main:
         set_aside_newer(run, int(state["step"]))
     run.logger.resume_at(int(state["step"]))
     run.logger.info(f"resumed from {ckpt} at step {state['step']}")
     return int(state["step"])
+
+
+def note_thread_change(run, state: dict) -> None:
+    """Say so when a CPU run resumes with another intra-op thread count than its checkpoint was written with.
+
+    The run continues correctly, but float reductions (matmuls, sums) split over another number of threads
+    round differently, so it is no longer bit-identical to an uninterrupted run (1 vs 2 threads: up to ~1e-6
+    in the weights of a 6-step tiny run); at the same count a resumed run is bit-identical."""
+    saved = state.get("intra_op_threads")
+    if run.env.device.type == "cpu" and saved is not None and int(saved) != torch.get_num_threads():
+        run.logger.info(f"intra-op threads changed ({int(saved)} when saved -> {torch.get_num_threads()} now): the "
+                        "resumed run matches an uninterrupted one to float rounding, not bit for bit (set "
+                        "OMP_NUM_THREADS to the old count for bit-identity)")
 
 
 def apply_resume_overrides(run, state: dict) -> None:

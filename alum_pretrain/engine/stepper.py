@@ -164,6 +164,7 @@ class DDPStepper(Stepper):
             "world_size": run.env.world_size,
             "config": config_to_dict(run.cfg),
             "identity": run.identity,  # the data-bin and tokenizer fingerprint (alum_pretrain.run_identity)
+            "intra_op_threads": torch.get_num_threads(),  # CPU float reductions round per thread count
         }
 
     def load(self, ckpt: Path, state: dict) -> None:
