@@ -200,7 +200,8 @@ def test_a_signal_during_finetuning_keeps_the_last_epoch_and_exits_143(tmp_path,
     (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + rows + "\n")
     out = tmp_path / "ft"
     args = [f"--model={model}", "--task=sst2", f"--train={tmp_path / 'train.tsv'}", f"--dev={tmp_path / 'train.tsv'}",
-            f"--out={out}", "--optim.epochs=3", "--optim.batch_size=4", "--run.progress=false"]
+            f"--out={out}", "--optim.epochs=3", "--optim.batch_size=4", "--data.max_length=32",
+            "--run.progress=false"]
     rc, output, dt = stop_inside("finetune:1", "alum_pretrain.finetune.cli", args, signal.SIGTERM, tmp_path)
     assert rc == 128 + signal.SIGTERM and dt < 15, (rc, dt, output[-3000:])  # a step would take 30 s
     assert "alum-finetune: stopped: SIGTERM received" in output and "checkpoint.pt" in output, output[-2000:]
