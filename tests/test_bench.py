@@ -171,6 +171,22 @@ def test_changed_suite_refused_and_run_index(setup, tmp_path):
         B.bench(str(d / "suite.yaml"), cks, str(out), run_index=8, device="cpu", progress=False)
 
 
+def test_changed_task_file_refused(setup):
+    """A finished run is reused only on the data it was trained on: the same path with other content is
+    refused naming the file and both fingerprints (its dev figures describe data no longer there)."""
+    d, cks, out, res, adv = setup
+    f = d / "data" / "rte-dev.tsv"
+    original = f.read_bytes()
+    try:
+        f.write_bytes(original.replace(b"\n", b"\n", 1) + original.splitlines(keepends=True)[1])  # one row more
+        with pytest.raises(ValueError, match=r"finished on other data \(--data.dev: sha256:[0-9a-f]{64} -> sha256:"):
+            B.bench(str(d / "suite.yaml"), cks, str(out), device="cpu", progress=False)
+    finally:
+        f.write_bytes(original)
+    again = B.bench(str(d / "suite.yaml"), cks, str(out), run_index=5, device="cpu", progress=False)
+    assert again["runs"][0]["reused"]
+
+
 def test_cli_list_runs_and_errors(setup, tmp_path):
     d, cks, out, res, adv = setup
     r = subprocess.run([sys.executable, "-m", "alum_pretrain.finetune.bench", "--checkpoints", *cks,

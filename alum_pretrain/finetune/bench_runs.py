@@ -16,6 +16,7 @@ from ..atomic import atomic_file, write_json
 from ..config import config_from_dict, config_to_dict
 from .bench_suite import RobustSetSpec, Suite, TaskEntry, deep_merge, flatten_keys
 from .config import FinetuneConfig
+from .data import data_fingerprints
 from .robust_sets import LabelledSet, map_labels, model_labels
 from .tasks import get_task
 
@@ -110,6 +111,12 @@ def finished_results(run: Run) -> Optional[dict]:
         shown = "; ".join(f"{k}: {was.get(k)!r} -> {now.get(k)!r}" for k in diff[:6])
         raise ValueError(f"{run.dir} finished with other settings ({shown}); delete that folder to redo it, "
                          "or use another --out")
+    saved, current = res.get("data_fingerprints") or {}, data_fingerprints(run.cfg)
+    changed = [k for k in sorted(saved) if k in current and current[k] != saved[k]]
+    if changed:  # same paths, other content: its results describe data that is no longer there
+        shown = "; ".join(f"--{k}: {saved[k]} -> {current[k]}" for k in changed)
+        raise ValueError(f"{run.dir} finished on other data ({shown}); restore the files, delete that folder "
+                         "to redo it, or use another --out")
     return res
 
 
