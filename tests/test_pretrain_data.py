@@ -327,8 +327,9 @@ def test_resume_mid_epoch_continues_exactly(databin, mode):
     assert resumed.epoch == 1
 
 
-def test_resume_with_another_world_size_continues_at_the_same_sample(databin):
-    kw = dict(mode="blocks", max_seq_len=MAX_LEN, seed=1, pad_to_max_len=True)
+def assert_two_ranks_resume_one(databin, **kw):
+    """A 1-process loader stopped after 2 batches of 8, resumed by 2 ranks with batches of 4: the ranks'
+    halves, side by side, are the 1-process run's batches 3 and 4 (``kw`` must give equal shapes)."""
     ref = take(build_loader(databin, "train", batch_size=8, **kw), 4)  # 32 samples
     first = build_loader(databin, "train", batch_size=8, **kw)
     take(first, 2)  # 16 samples consumed
@@ -340,6 +341,10 @@ def test_resume_with_another_world_size_continues_at_the_same_sample(databin):
     for g in range(2):
         joined = torch.cat([halves[0][g]["input_ids"], halves[1][g]["input_ids"]])
         assert torch.equal(joined, ref[2 + g]["input_ids"])
+
+
+def test_resume_with_another_world_size_continues_at_the_same_sample(databin):
+    assert_two_ranks_resume_one(databin, mode="blocks", max_seq_len=MAX_LEN, seed=1, pad_to_max_len=True)
 
 
 def test_resume_refuses_a_different_seed(databin):
@@ -480,18 +485,7 @@ def test_grouped_resume_mid_epoch_continues_exactly(databin):
 
 
 def test_grouped_resume_with_another_world_size_keeps_the_epoch(databin):
-    kw = dict(seed=1, **GROUPED, )
-    kw["pad_to_max_len"] = True  # equal shapes, so rank halves concatenate
-    ref = take(build_loader(databin, "train", batch_size=8, **kw), 4)
-    first = build_loader(databin, "train", batch_size=8, **kw)
-    take(first, 2)
-    halves = []
-    for r in range(2):
-        ld = build_loader(databin, "train", batch_size=4, rank=r, world_size=2, **kw)
-        ld.load_state_dict(first.state_dict())
-        halves.append(take(ld, 2))
-    for g in range(2):
-        assert torch.equal(torch.cat([halves[0][g]["input_ids"], halves[1][g]["input_ids"]]), ref[2 + g]["input_ids"])
+    assert_two_ranks_resume_one(databin, seed=1, **{**GROUPED, "pad_to_max_len": True})  # equal shapes
 
 
 def test_resume_refuses_a_different_grouping(databin):
