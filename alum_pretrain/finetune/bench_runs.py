@@ -4,7 +4,6 @@ it finished with the same settings, and the evaluation of its best model on the 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -14,9 +13,10 @@ from typing import Optional
 
 from ..atomic import atomic_file, write_json
 from ..config import config_from_dict, config_to_dict
+from ..integrity import sha256_file
 from .bench_suite import RobustSetSpec, Suite, TaskEntry, deep_merge, flatten_keys
 from .config import FinetuneConfig
-from .data import data_fingerprints
+from .data import changed_data, data_fingerprints
 from .robust_sets import LabelledSet, map_labels, model_labels
 from .tasks import get_task
 
@@ -111,21 +111,13 @@ def finished_results(run: Run) -> Optional[dict]:
         shown = "; ".join(f"{k}: {was.get(k)!r} -> {now.get(k)!r}" for k in diff[:6])
         raise ValueError(f"{run.dir} finished with other settings ({shown}); delete that folder to redo it, "
                          "or use another --out")
-    saved, current = res.get("data_fingerprints") or {}, data_fingerprints(run.cfg)
-    changed = [k for k in sorted(saved) if k in current and current[k] != saved[k]]
+    saved, current = res.get("data_fingerprints"), data_fingerprints(run.cfg)
+    changed = changed_data(saved, current)
     if changed:  # same paths, other content: its results describe data that is no longer there
         shown = "; ".join(f"--{k}: {saved[k]} -> {current[k]}" for k in changed)
         raise ValueError(f"{run.dir} finished on other data ({shown}); restore the files, delete that folder "
                          "to redo it, or use another --out")
     return res
-
-
-def _file_fingerprint(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _model_fingerprint(best: Path) -> list:
@@ -149,7 +141,7 @@ def evaluate_set(run: Run, spec: RobustSetSpec, lset: LabelledSet, *, device: st
                          what=f"robust set {spec.name!r} ({spec.file})")
     edir = run.dir / "eval"
     edir.mkdir(exist_ok=True)
-    fp = {"set": {k: v for k, v in spec.__dict__.items() if k != "where"}, "file_sha256": _file_fingerprint(Path(spec.file)),
+    fp = {"set": {k: v for k, v in spec.__dict__.items() if k != "where"}, "file_sha256": sha256_file(spec.file),
           "model": _model_fingerprint(best), "max_length": run.cfg.data.max_length, "mapping": mapping}
     fp = json.loads(json.dumps(fp))
     cache = edir / f"{spec.name}.json"

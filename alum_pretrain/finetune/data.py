@@ -293,12 +293,19 @@ def data_fingerprints(cfg) -> dict[str, str]:
     return out
 
 
+def changed_data(saved: Optional[dict], now: dict[str, str]) -> list[str]:
+    """The keys of :func:`data_fingerprints` whose file has other content ``now`` than when ``saved`` was
+    recorded (none for a record without fingerprints)."""
+    return [key for key in (saved or {}) if key in now and now[key] != saved[key]]
+
+
 def check_same_data(saved: Optional[dict], now: dict[str, str], where) -> None:
     """ValueError naming the file, both fingerprints and the way out when a data file that a checkpoint
     (``where``) was trained on has other content now; nothing to compare for a checkpoint without them."""
-    for key, was in (saved or {}).items():
-        if key in now and now[key] != was:
-            raise ValueError(
-                f"{where}: cannot resume: --{key} has changed since the checkpoint was written (its content was "
-                f"{was}, it is {now[key]} now); restore the original file to resume, or start over with another "
-                "--out or --run.resume=never")
+    changed = changed_data(saved, now)
+    if changed:
+        key = changed[0]
+        raise ValueError(
+            f"{where}: cannot resume: --{key} has changed since the checkpoint was written (its content was "
+            f"{saved[key]}, it is {now[key]} now); restore the original file to resume, or start over with another "
+            "--out or --run.resume=never")
