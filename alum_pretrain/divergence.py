@@ -20,6 +20,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .precision import work_dtype
 
@@ -40,17 +41,79 @@ Logits = Optional[torch.Tensor]
 LogitsTuple = Union[torch.Tensor, Sequence[Logits]]  # one head, or a tuple of heads (None = head absent)
 
 
-def _row_log_probs(who: str, p_logits: torch.Tensor, q_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row-wise log-softmax of two same-shape ``(..., C)`` logit tensors in the work dtype (float32 or
-    float64): ``(N, C)`` each, N = the product of the leading dimensions."""
+def _check_pair(who: str, p_logits: torch.Tensor, q_logits: torch.Tensor) -> None:
     if p_logits.shape != q_logits.shape:
         raise ValueError(f"{who}: shapes differ: p {tuple(p_logits.shape)} vs q {tuple(q_logits.shape)}")
     if p_logits.dim() == 0:
         raise ValueError(f"{who}: logits need a class dimension (..., C)")
-    c = p_logits.shape[-1]
-    dt = work_dtype(torch.promote_types(p_logits.dtype, q_logits.dtype))
-    return (F.log_softmax(p_logits.to(dt).reshape(-1, c), dim=-1),
-            F.log_softmax(q_logits.to(dt).reshape(-1, c), dim=-1))
+
+
+class _SymKL(torch.autograd.Function):
+    """Both SymKL forms as one autograd node with their closed-form gradients.
+
+    Forward, per row (P = softmax(p), Q = softmax(q), D = log P - log Q): ``sum_c (P - Q) D`` =
+    KL(P||Q) + KL(Q||P), averaged over rows.  Backward (``g`` = upstream gradient / rows):
+
+    * ``ce`` (KL(sg Q || P) + KL(sg P || Q)): ``dp = (P - Q) g``, ``dq = (Q - P) g``;
+    * ``kl`` (KL(P || sg Q) + KL(Q || sg P)): ``dp = P (D - KL(P||Q)) g``, ``dq = Q (-D - KL(Q||P)) g``.
+
+    Autograd through the unfused expression (two log-softmaxes, exps, differences, products and their
+    backwards) made about 20 passes over the ``(N, V)`` masked-token logits per divergence; this makes 8
+    forward and 1-2 backward, and keeps one ``(N, V)`` tensor for the backward (three for ``kl``).  Not twice
+    differentiable (nothing here needs it)."""
+
+    @staticmethod
+    def forward(ctx, p_logits: torch.Tensor, q_logits: torch.Tensor, ce_form: bool) -> torch.Tensor:
+        c = p_logits.shape[-1]
+        dt = work_dtype(torch.promote_types(p_logits.dtype, q_logits.dtype))
+        logp = F.log_softmax(p_logits.to(dt).reshape(-1, c), dim=-1)  # (N, C)
+        logq = F.log_softmax(q_logits.to(dt).reshape(-1, c), dim=-1)  # (N, C)
+        n = logp.shape[0]
+        P = logp.exp()
+        D = logp.sub_(logq)  # log P - log Q (logp's storage)
+        Q = logq.exp_()  # (logq's storage)
+        ctx.ce_form, ctx.n, ctx.shapes = ce_form, n, (p_logits.shape, q_logits.shape)
+        ctx.dtypes = (p_logits.dtype, q_logits.dtype)
+        if ce_form:
+            pmq = P.sub_(Q)  # P - Q
+            ctx.save_for_backward(pmq)
+            return (pmq * D).sum(-1).sum() / n
+        kl_pq = (P * D).sum(-1, keepdim=True)  # (N, 1) KL(P||Q) per row
+        kl_qp = -(Q * D).sum(-1, keepdim=True)  # (N, 1) KL(Q||P) per row
+        ctx.save_for_backward(P, Q, D, kl_pq, kl_qp)
+        return (kl_pq + kl_qp).sum() / n
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        s = grad / ctx.n
+        need_p, need_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dp = dq = None
+        if ctx.ce_form:
+            (pmq,) = ctx.saved_tensors
+            if need_p:
+                dp = pmq * s
+            if need_q:
+                dq = pmq * -s
+        else:
+            P, Q, D, kl_pq, kl_qp = ctx.saved_tensors
+            if need_p:
+                dp = P * (D - kl_pq) * s
+            if need_q:
+                dq = Q * (D.neg() - kl_qp) * s
+        if dp is not None:
+            dp = dp.reshape(ctx.shapes[0]).to(ctx.dtypes[0])
+        if dq is not None:
+            dq = dq.reshape(ctx.shapes[1]).to(ctx.dtypes[1])
+        return dp, dq, None
+
+
+def _sym_kl(who: str, p_logits: torch.Tensor, q_logits: torch.Tensor, ce_form: bool) -> torch.Tensor:
+    _check_pair(who, p_logits, q_logits)
+    if p_logits.numel() == 0:  # zero rows: a differentiable 0 in the work dtype, not NaN
+        dt = work_dtype(torch.promote_types(p_logits.dtype, q_logits.dtype))
+        return (p_logits.to(dt).sum() + q_logits.to(dt).sum()) * 0.0
+    return _SymKL.apply(p_logits, q_logits, ce_form)
 
 
 def symmetric_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
@@ -62,16 +125,7 @@ def symmetric_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor
     and ``q`` only through the second (``sg`` = stop-gradient), so with ``q`` detached only ``KL(p||q)`` drives ``p``.
     With zero rows (e.g. no masked token) the result is a differentiable 0, not NaN.
     """
-    logp, logq = _row_log_probs("symmetric_kl", p_logits, q_logits)  # (N, C) each
-    n = logp.shape[0]
-    if n == 0:
-        return (logp.sum() + logq.sum()) * 0.0
-    lp_sg, lq_sg = logp.detach(), logq.detach()
-    # KL(p || sg q) = sum_c p_c (log p_c - log q_c): gradient into p only.
-    kl_pq = (logp.exp() * (logp - lq_sg)).sum(-1)  # (N,)
-    # KL(q || sg p): gradient into q only.
-    kl_qp = (logq.exp() * (logq - lp_sg)).sum(-1)  # (N,)
-    return (kl_pq + kl_qp).sum() / n
+    return _sym_kl("symmetric_kl", p_logits, q_logits, ce_form=False)
 
 
 def symmetric_kl_ce(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
@@ -81,14 +135,7 @@ def symmetric_kl_ce(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Ten
     :func:`symmetric_kl`; the gradient w.r.t. ``p``'s logits is ``p - q`` (per row, before the mean), the
     softmax cross-entropy gradient, and symmetrically for ``q``.  Zero rows give a differentiable 0.
     """
-    logp, logq = _row_log_probs("symmetric_kl_ce", p_logits, q_logits)  # (N, C) each
-    n = logp.shape[0]
-    if n == 0:
-        return (logp.sum() + logq.sum()) * 0.0
-    lp_sg, lq_sg = logp.detach(), logq.detach()
-    kl_q_p = (lq_sg.exp() * (lq_sg - logp)).sum(-1)  # KL(sg q || p): gradient into p only, (N,)
-    kl_p_q = (lp_sg.exp() * (lp_sg - logq)).sum(-1)  # KL(sg p || q): gradient into q only, (N,)
-    return (kl_q_p + kl_p_q).sum() / n
+    return _sym_kl("symmetric_kl_ce", p_logits, q_logits, ce_form=True)
 
 
 def get_divergence(name: str) -> "Divergence":

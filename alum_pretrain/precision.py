@@ -99,7 +99,8 @@ def scale_free_input_grad(
         gmax = torch.stack([g.abs().reshape(b, -1).amax(1) if g.numel() else g.new_zeros(b)
                             for _, g in pairs]).amax(0)  # (B,)
     else:
-        gmax = torch.stack([g.abs().amax() if g.numel() else g.new_zeros(()) for _, g in pairs]).amax()  # 0-dim
+        gmax = torch.stack([torch.linalg.vector_norm(g, float("inf")) if g.numel() else g.new_zeros(())
+                            for _, g in pairs]).amax()  # 0-dim (max |g|)
     finite_z = torch.isfinite(gmax).all()
     # A zero (or non-finite) output gradient: scale 1 (the result is 0, resp. flagged below).
     safe = torch.where(torch.isfinite(gmax) & (gmax > 0), gmax, torch.ones_like(gmax))
