@@ -5,7 +5,8 @@
 
 Times three steps (masking on the host + host->device copy, forward, backward, clip, AdamW step each; fp16
 adds the GradScaler's unscale/step/update as in alum-train) on a padded sentence-pair batch, interleaved in
-rounds so that drift in machine load hits all three alike, and reports the median:
+rounds so that drift in machine load hits all three alike, and reports the median (on CPU of every step, on
+GPU, whose steps are queued asynchronously, of the per-round means):
 
 (a) ``hf``        HF ``BertForPreTraining(..., labels=, next_sentence_label=)``: full (B, T, V) logits
 (b) ``standard``  the project's step (:class:`alum_pretrain.engine.step.PretrainStep`, ALUM off): the LM
