@@ -22,6 +22,13 @@ losses of every timed step must agree within 1e-5 (``compile_losses_max_diff``; 
 ``compile_speedup_standard`` / ``compile_speedup_alum``: eager / compiled median step time;
 ``alum_over_standard_compiled``: the ALUM/standard ratio with both compiled.
 
+``--phases``: where an ALUM step's time goes - the standard step's forward and backward, and the ALUM step
+cut into its phases (clean forward, random start, noisy forward, input-only ascent backward with the
+divergence, projected step, adversarial forward, symmetric KL, backward through both graphs), each the
+median over ``--phase-steps`` steps of the library functions the step calls, in the step's order, on the
+benchmark's model and batch (optimizer step excluded); lines ``phase_ms_<name>=`` and
+``phases_alum_over_standard=`` (the ratio without the optimizer step).
+
 Goals: ``standard_speedup_vs_hf`` >= 1.3 and ``alum_over_standard`` <= 2.75.  The last lines are
 ``standard_speedup_vs_hf=``, ``alum_over_standard=`` and (with compile) ``compile_speedup_standard=``,
 ``compile_speedup_alum=``.
@@ -38,6 +45,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -89,6 +97,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10 if cuda else 3, help="steps per method per round")
     p.add_argument("--warmup", type=int, default=3 if cuda else 1)
     p.add_argument("--no-compile", action="store_true", help="skip the train.compile comparison")
+    p.add_argument("--phases", action="store_true", help="also time the phases of the ALUM step (docstring)")
+    p.add_argument("--phase-steps", type=int, default=20, help="steps timed per phase with --phases")
     p.add_argument("--compile-steps", type=int, default=10 if cuda else 4,
                    help="timed steps per variant and round in the compile comparison")
     args = p.parse_args(argv)
@@ -188,9 +198,79 @@ def main(argv=None) -> int:
     print("spread (min-max ms): " + ", ".join(f"{k} {1e3 * min(v):.1f}-{1e3 * max(v):.1f}" for k, v in times.items()))
     print(f"standard_speedup_vs_hf={med['hf'] / med['standard']:.3f}")
     print(f"alum_over_standard={med['alum'] / med['standard']:.3f}")
+    if args.phases:
+        phase_figures(args, dev, model, step_alum.alum, masked_batch, fwd)
     if args.no_compile:
         return 0
     return compile_figures(args, dev, batch, mask_id, pad_id, masker, amp)
+
+
+def phase_figures(args, dev, model, cfg: ALUMConfig, masked_batch, fwd) -> None:
+    """``--phases`` (module docstring): the standard and the ALUM step cut where their time goes."""
+    from alum_pretrain.adversarial import ascent_step, init_delta, perturb
+    from alum_pretrain.divergence import get_divergence
+    from alum_pretrain.precision import scale_free_input_grad
+
+    divergence = get_divergence(cfg.divergence)
+    B = args.batch_size
+    sample_ids = torch.arange(B, device=dev)
+    times: dict[str, list[float]] = {}
+    clock = {"t": 0.0}
+
+    def mark(name=None):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        if name is not None:
+            times.setdefault(name, []).append(now - clock["t"])
+        clock["t"] = now
+
+    def heads(d, e, nsp):
+        return model.heads_from_embeds(e, d["attention_mask"], d["token_type_ids"], d["masked_pos"], nsp)
+
+    def task_loss(d, mlm_logits, nsp_logits, N):
+        return (F.cross_entropy(mlm_logits.float(), d["mlm_targets"], reduction="sum") / N
+                + F.cross_entropy(nsp_logits.float(), d["next_sentence_label"], reduction="sum") / B)
+
+    for i in range(args.warmup + args.phase_steps):
+        d, N = masked_batch()
+        pad = d["attention_mask"].bool()
+        mark()
+        mlm, nsp = fwd(lambda: heads(d, model.embed(d["input_ids"], d["token_type_ids"]), True))
+        loss = task_loss(d, mlm, nsp, N)
+        mark("standard_forward")
+        loss.backward()
+        mark("standard_backward")
+        model.zero_grad(set_to_none=True)
+        d, N = masked_batch()
+        mark()
+        e = fwd(lambda: model.embed(d["input_ids"], d["token_type_ids"]))
+        mlm, nsp = fwd(lambda: heads(d, e, True))
+        loss = task_loss(d, mlm, nsp, N)
+        mark("alum_clean_forward")
+        delta = init_delta(e, pad, cfg.noise_std, SampleNoise(0, i, sample_ids)).requires_grad_(True)
+        mark("alum_random_start")
+        (adv, _) = fwd(lambda: heads(d, perturb(e.detach(), delta), False))
+        mark("alum_noisy_forward")
+        g, _ = scale_free_input_grad([adv], lambda o: divergence(o[0], mlm.detach()), delta)
+        mark("alum_ascent_backward")
+        delta = ascent_step(delta.detach(), g, cfg, pad).detach()
+        mark("alum_ascent_step")
+        (adv, _) = fwd(lambda: heads(d, perturb(e, delta), False))
+        mark("alum_adversarial_forward")
+        loss = loss + cfg.alpha * divergence(adv, mlm)
+        mark("alum_symmetric_kl")
+        loss.backward()
+        mark("alum_backward_both_graphs")
+        model.zero_grad(set_to_none=True)
+        if i < args.warmup:
+            times.clear()
+    med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    for k, v in med.items():
+        print(f"phase_ms_{k}={v:.1f}")
+    std = med["standard_forward"] + med["standard_backward"]
+    alum = sum(v for k, v in med.items() if k.startswith("alum_"))
+    print(f"phases_alum_over_standard={alum / std:.3f} (no optimizer step; median of {args.phase_steps} steps each)")
 
 
 def compile_figures(args, dev, batch, mask_id, pad_id, masker, amp) -> int:
