@@ -45,7 +45,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -209,6 +208,7 @@ def phase_figures(args, dev, model, cfg: ALUMConfig, masked_batch, fwd) -> None:
     """``--phases`` (module docstring): the standard and the ALUM step cut where their time goes."""
     from alum_pretrain.adversarial import ascent_step, init_delta, perturb
     from alum_pretrain.divergence import get_divergence
+    from alum_pretrain.objective import Normalizers, pretrain_objective
     from alum_pretrain.precision import scale_free_input_grad
 
     divergence = get_divergence(cfg.divergence)
@@ -228,16 +228,18 @@ def phase_figures(args, dev, model, cfg: ALUMConfig, masked_batch, fwd) -> None:
     def heads(d, e, nsp):
         return model.heads_from_embeds(e, d["attention_mask"], d["token_type_ids"], d["masked_pos"], nsp)
 
-    def task_loss(d, mlm_logits, nsp_logits, N):
-        return (F.cross_entropy(mlm_logits.float(), d["mlm_targets"], reduction="sum") / N
-                + F.cross_entropy(nsp_logits.float(), d["next_sentence_label"], reduction="sum") / B)
+    def task_loss(d, e, logits, N):
+        """The step's own MLM + NSP loss (:func:`alum_pretrain.objective.pretrain_objective`, ALUM off)."""
+        return pretrain_objective(lambda x, nsp: heads(d, x, nsp), e, logits, mlm_targets=d["mlm_targets"],
+                                  nsp_labels=d["next_sentence_label"], pad_mask=d["attention_mask"].bool(),
+                                  alum=cfg, alum_on=False, norm=Normalizers(mlm=N, nsp=float(B)))[0]
 
     for i in range(args.warmup + args.phase_steps):
         d, N = masked_batch()
         pad = d["attention_mask"].bool()
         mark()
-        mlm, nsp = fwd(lambda: heads(d, model.embed(d["input_ids"], d["token_type_ids"]), True))
-        loss = task_loss(d, mlm, nsp, N)
+        e = fwd(lambda: model.embed(d["input_ids"], d["token_type_ids"]))
+        loss = task_loss(d, e, fwd(lambda: heads(d, e, True)), N)
         mark("standard_forward")
         loss.backward()
         mark("standard_backward")
@@ -246,7 +248,7 @@ def phase_figures(args, dev, model, cfg: ALUMConfig, masked_batch, fwd) -> None:
         mark()
         e = fwd(lambda: model.embed(d["input_ids"], d["token_type_ids"]))
         mlm, nsp = fwd(lambda: heads(d, e, True))
-        loss = task_loss(d, mlm, nsp, N)
+        loss = task_loss(d, e, (mlm, nsp), N)
         mark("alum_clean_forward")
         delta = init_delta(e, pad, cfg.noise_std, SampleNoise(0, i, sample_ids)).requires_grad_(True)
         mark("alum_random_start")
