@@ -623,17 +623,24 @@ def test_symmetric_kl_value_and_gradients_equal_autograd_of_the_reference(form, 
             assert mine.grad is None
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("form", ["sym_kl_ce", "sym_kl"])
-def test_symmetric_kl_gradients_come_back_in_the_input_dtype(form):
+def test_symmetric_kl_gradients_come_back_in_the_input_dtype(form, dtype):
+    """16-bit logits (what autocast gives the heads): float32 value, gradients in the logits' dtype equal to
+    the float32 computation's, also when computed under CPU autocast."""
     g = torch.Generator().manual_seed(4)
-    p = (torch.randn(5, 40, generator=g) * 3).to(torch.bfloat16).requires_grad_()
-    q = (torch.randn(5, 40, generator=g) * 3).to(torch.bfloat16).requires_grad_()
-    get_divergence(form)(p, q).backward()
+    p = (torch.randn(5, 40, generator=g) * 3).to(dtype).requires_grad_()
+    q = (torch.randn(5, 40, generator=g) * 3).to(dtype).requires_grad_()
+    with torch.autocast("cpu", dtype=dtype):
+        out = get_divergence(form)(p, q)
+    out.backward()
     p32, q32 = p.detach().float().requires_grad_(), q.detach().float().requires_grad_()
-    get_divergence(form)(p32, q32).backward()
-    assert p.grad.dtype == q.grad.dtype == torch.bfloat16
-    torch.testing.assert_close(p.grad, p32.grad.to(torch.bfloat16))
-    torch.testing.assert_close(q.grad, q32.grad.to(torch.bfloat16))
+    want = get_divergence(form)(p32, q32)
+    want.backward()
+    assert out.dtype == torch.float32 and out.item() == want.item()
+    assert p.grad.dtype == q.grad.dtype == dtype
+    torch.testing.assert_close(p.grad, p32.grad.to(dtype))
+    torch.testing.assert_close(q.grad, q32.grad.to(dtype))
 
 
 def test_symmetric_kl_float32_under_bf16_inputs():
